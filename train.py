@@ -1,0 +1,102 @@
+"""Train a flower classifier: a new head on a pretrained torchvision backbone.
+
+usage: python train.py DATA_DIR [--arch densenet121] [--epochs 10] [--save_dir DIR] ...
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXAMPLES = """examples:
+  python train.py flowers --arch efficientnet_lite0 --epochs 5 --save_dir runs/lite0
+  python train.py flowers --arch resnet50 --hidden_units 1024 256 --learning_rate 0.003 --gpu
+  python train.py flowers --arch vgg16 --weights ~/vgg16-397923af.pth   # offline, local weights
+
+DATA_DIR holds train/ and valid/ (and optionally test/), each with one folder per class.
+"""
+
+
+def hidden_units(value: str) -> int:
+    """argparse type: a non-negative layer width (0 means no hidden layer)."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{n} is negative")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of train.py."""
+    p = argparse.ArgumentParser(
+        prog="train.py", description=__doc__.splitlines()[0], epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data_dir", metavar="DATA_DIR", help="folder with train/, valid/ and optionally test/")
+    p.add_argument("--save_dir", "--save-dir", default=".",
+                   help="where checkpoint.pth is written (default: current directory)")
+    p.add_argument("--arch", default="densenet121",
+                   help="any torchvision classification model (e.g. resnet50, vit_b_16) or efficientnet_lite0, "
+                        "whose weights install with pip and work offline (default: %(default)s)")
+    p.add_argument("--weights", default="DEFAULT",
+                   help="DEFAULT (the arch's best ImageNet weights), a torchvision weight name such as "
+                        "IMAGENET1K_V1, a path to a local .pth state dict, or none for random init "
+                        "(default: %(default)s)")
+    p.add_argument("--learning_rate", "--learning-rate", type=float, default=0.001,
+                   help="Adam learning rate for the head (default: %(default)s)")
+    p.add_argument("--hidden_units", "--hidden-units", type=hidden_units, nargs="+", default=[512],
+                   help="hidden layer widths of the head, one number per layer; 0 gives a single linear "
+                        "layer (default: 512)")
+    p.add_argument("--dropout", type=float, default=0.2,
+                   help="dropout probability in the head (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=10, help="training epochs (default: %(default)s)")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=64,
+                   help="images per batch (default: %(default)s)")
+    p.add_argument("--gpu", action="store_true", help="train on CUDA; fails if there is no CUDA device")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                   help="device to train on; auto picks CUDA, then MPS, then CPU (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--num_workers", "--num-workers", type=int, default=0,
+                   help="image-decoding worker processes (default: %(default)s, decode in the main process)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, train, save; return the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.epochs < 1:
+        parser.error("--epochs must be at least 1")
+    if args.batch_size < 1:
+        parser.error("--batch_size must be at least 1")
+    if not 0 <= args.dropout < 1:
+        parser.error("--dropout must be in [0, 1)")
+    if args.learning_rate <= 0:
+        parser.error("--learning_rate must be positive")
+    if args.num_workers < 0:
+        parser.error("--num_workers must be 0 or more")
+    if args.gpu and args.device not in ("auto", "cuda"):
+        parser.error(f"--gpu asks for CUDA but --device is {args.device}; pass one of them")
+
+    from data_utils import FlowerclfError  # imported here so --help stays instant
+    import engine
+
+    hidden = [h for h in args.hidden_units if h > 0]
+    cfg = engine.TrainConfig(
+        data_dir=args.data_dir, save_dir=args.save_dir, arch=args.arch, weights=args.weights,
+        hidden_units=hidden, dropout=args.dropout, learning_rate=args.learning_rate, epochs=args.epochs,
+        batch_size=args.batch_size, device=args.device, gpu=args.gpu, seed=args.seed,
+        num_workers=args.num_workers)
+    try:
+        engine.train(cfg)
+    except FlowerclfError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
