@@ -209,3 +209,12 @@ class ImageDataset:
 
     def __getitem__(self, i: int):
         return self.transform(load_rgb(self.files[i])), self.labels[i]
+
+
+def train_transform(pp: Preprocess):
+    """Random-crop + flip augmentation for training, ending in the same normalization."""
+    from torchvision import transforms as T  # torchvision only where augmentation is used
+
+    crop = T.RandomResizedCrop(pp.crop_size, interpolation=T.InterpolationMode(pp.interpolation))
+    augment = T.Compose([crop, T.RandomHorizontalFlip()])
+    return lambda img: normalize(augment(img), pp)

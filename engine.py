@@ -1,19 +1,33 @@
-"""Training and evaluation loops of flowerclf (used by train.py and the benchmarks)."""
+"""Training and evaluation loops of flowerclf (used by train.py and the benchmarks).
+
+Two paths share one epoch loop (`fit`):
+- frozen backbone (default): features are computed once per image (and per augmented
+  view), cached in memory and on disk, and the head trains on them in seconds;
+- `unfreeze`: the last N backbone stages train too, on decoded images, with a lower
+  learning rate for the backbone, warm-up + cosine schedule and optional AMP.
+"""
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Callable
 
 import torch
+import torchvision
 from torch import nn
 from tqdm import tqdm
 
 import data_utils as du
 import model_utils as mu
+
+CACHE_DIRNAME = ".feature_cache"
 
 
 @dataclass
@@ -33,35 +47,100 @@ class TrainConfig:
     gpu: bool = False
     seed: int = 0
     num_workers: int = 0
+    cache: bool = True
+    augment_views: int = 0
+    unfreeze: int | str = 0
+    backbone_lr_ratio: float = 0.1
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    amp: bool = False
+    compile: bool = False
 
 
-def make_loader(images: du.ImageSet, preprocess: du.Preprocess, batch_size: int, num_workers: int,
-                device: torch.device) -> torch.utils.data.DataLoader:
-    """Ordered loader of eval-transformed images."""
-    dataset = du.ImageDataset(images.files, images.labels, partial(du.preprocess_image, pp=preprocess))
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                       pin_memory=device.type == "cuda", persistent_workers=False)
+# ---------------------------------------------------------------- loaders and AMP
 
+def make_loader(images: du.ImageSet, transform, batch_size: int, num_workers: int, device: torch.device,
+                shuffle: bool = False, generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
+    """DataLoader over `images` with `transform` (PIL RGB -> CHW float32 array)."""
+    dataset = du.ImageDataset(images.files, images.labels, transform)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                                       num_workers=num_workers, pin_memory=device.type == "cuda")
+
+
+def eval_transform(preprocess: du.Preprocess):
+    """The deterministic resize + center-crop + normalize transform."""
+    return partial(du.preprocess_image, pp=preprocess)
+
+
+def autocast(device: torch.device, enabled: bool):
+    """The one mixed-precision context: bf16 where supported (CPU, recent GPUs), else fp16."""
+    if not enabled:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype(device))
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """bf16 unless on a CUDA device without bf16 support."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """Channels-last lets oneDNN/cuDNN pick faster conv kernels (1.6x for efficientnet_lite0, 2 CPU cores)."""
+    return model.to(memory_format=torch.channels_last)
+
+
+# ---------------------------------------------------------------- features
 
 @torch.inference_mode()
-def extract_features(backbone: nn.Module, loader, device: torch.device, desc: str = "features"):
+def extract_features(backbone: nn.Module, loader, device: torch.device, desc: str = "features",
+                     amp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the frozen backbone once over `loader`; return (features, labels) on the CPU."""
-    # channels-last lets oneDNN/cuDNN pick faster conv kernels: 1.6x for efficientnet_lite0 on 2 CPU cores
-    backbone.eval().to(memory_format=torch.channels_last)
+    to_channels_last(backbone.eval())
     feats, labels = [], []
     for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        feats.append(backbone(x).float().cpu())
+        with autocast(device, amp):
+            feats.append(backbone(x).float().cpu())
         labels.append(torch.as_tensor(y))
     return torch.cat(feats), torch.cat(labels)
 
 
+def feature_key(images: du.ImageSet, spec: mu.ModelSpec, preprocess: du.Preprocess, view: int | None,
+                seed: int, amp: bool) -> str:
+    """Hash of everything that changes the features; nothing about the head or the optimizer."""
+    files = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in images.files]
+    blob = json.dumps({"files": files, "labels": images.labels, "arch": spec.arch, "weights": spec.weights,
+                       "preprocess": preprocess.to_dict(), "view": view, "seed": seed if view is not None else None,
+                       "amp": amp, "torch": torch.__version__, "torchvision": torchvision.__version__})
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def cached_features(backbone: nn.Module, images: du.ImageSet, transform, key: str | None, cache_dir: str,
+                    cfg: TrainConfig, device: torch.device, desc: str, log: Callable[[str], None]):
+    """Features of `images` from the disk cache when `key` is there, else computed (and stored)."""
+    path = os.path.join(cache_dir, f"{key}.pt") if key else None
+    if path and os.path.isfile(path):
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            return data["features"], data["labels"]
+        except Exception:  # a damaged cache file is only a miss
+            log(f"warning: ignoring unreadable feature cache {path}")
+    loader = make_loader(images, transform, cfg.batch_size, cfg.num_workers, device)
+    feats = extract_features(backbone, loader, device, desc, amp=cfg.amp)
+    if path:
+        mu.atomic_save({"features": feats[0], "labels": feats[1]}, path)
+    return feats
+
+
+# ---------------------------------------------------------------- one epoch
+
 def train_head_epoch(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor,
                      optimizer: torch.optim.Optimizer, batch_size: int, generator: torch.Generator,
-                     device: torch.device) -> dict[str, float]:
+                     device: torch.device, loss_fn: nn.Module) -> dict[str, float]:
     """One epoch of the head over cached features, in a seeded random order."""
     head.train()
-    loss_fn = nn.CrossEntropyLoss()
     order = torch.randperm(len(labels), generator=generator)
     total = 0.0
     for start in range(0, len(order), batch_size):
@@ -75,6 +154,34 @@ def train_head_epoch(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor,
     return {"loss": total / len(order)}
 
 
+def set_train_mode(model: nn.Sequential) -> None:
+    """Train mode for what trains; frozen modules stay in eval so their BatchNorm statistics hold."""
+    model.train()
+    for module in model.backbone.modules():
+        if not any(p.requires_grad for p in module.parameters()):
+            module.eval()
+
+
+def finetune_epoch(model: nn.Sequential, loader, optimizer, scheduler, scaler, loss_fn: nn.Module,
+                   device: torch.device, amp: bool) -> dict[str, float]:
+    """One epoch over images with part of the backbone trainable."""
+    set_train_mode(model)
+    total, count = 0.0, 0
+    for x, y in tqdm(loader, desc="train", unit="batch", leave=False, disable=None):
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        y = torch.as_tensor(y).to(device, non_blocking=True)
+        with autocast(device, amp):
+            loss = loss_fn(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        total += loss.item() * len(y)  # note: a sync point; one per batch is cheap next to the step
+        count += len(y)
+    return {"loss": total / count}
+
+
 @torch.inference_mode()
 def evaluate_features(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, device: torch.device,
                       batch_size: int = 1024) -> dict[str, float]:
@@ -83,6 +190,19 @@ def evaluate_features(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor
     logits = torch.cat([head(feats[i:i + batch_size].to(device)).float().cpu()
                         for i in range(0, len(labels), batch_size)])
     return metrics_from_logits(logits, labels)
+
+
+@torch.inference_mode()
+def evaluate_images(model: nn.Module, loader, device: torch.device, amp: bool = False) -> dict[str, float]:
+    """Loss, top-1 and top-5 accuracy of the whole model on a loader of images."""
+    model.eval()
+    logits, labels = [], []
+    for x, y in tqdm(loader, desc="eval", unit="batch", leave=False, disable=None):
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            logits.append(model(x).float().cpu())
+        labels.append(torch.as_tensor(y))
+    return metrics_from_logits(torch.cat(logits), torch.cat(labels))
 
 
 def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -96,57 +216,131 @@ def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict[str,
     }
 
 
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR factor: linear warm-up to 1, then cosine decay to 0."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+# ---------------------------------------------------------------- the run
+
 def format_epoch(epoch: int, epochs: int, train: dict, valid: dict, seconds: float) -> str:
     """The one line printed after each epoch."""
     return (f"epoch {epoch}/{epochs}  train loss {train['loss']:.4f}  valid loss {valid['loss']:.4f}  "
             f"valid acc {100 * valid['acc']:.2f}%  {seconds:.1f}s")
 
 
+def fit(epochs: int, train_epoch: Callable[[], dict], evaluate: Callable[[], dict], trained: nn.Module,
+        lr: Callable[[], float], log: Callable[[str], None]) -> tuple[dict, list[dict]]:
+    """The epoch loop both paths share: train, validate, log, keep the best state of `trained`."""
+    best = {"acc": -1.0}
+    history = []
+    for epoch in range(1, epochs + 1):
+        t0 = time.perf_counter()
+        rate = lr()
+        tr = train_epoch()
+        va = evaluate()
+        seconds = time.perf_counter() - t0
+        history.append({"epoch": epoch, "train_loss": tr["loss"], "valid_loss": va["loss"],
+                        "valid_acc": va["acc"], "seconds": seconds, "lr": rate})
+        log(format_epoch(epoch, epochs, tr, va, seconds))
+        if va["acc"] > best["acc"]:
+            best = {"epoch": epoch, "acc": va["acc"], "loss": va["loss"],
+                    "state": copy.deepcopy(trained.state_dict())}
+    trained.load_state_dict(best["state"])
+    return best, history
+
+
+def _frozen_path(model, spec, preprocess, splits, cfg, device, log):
+    """Cache features once, train the head on them; return (best, history, test metrics)."""
+    cache_dir = os.path.join(cfg.save_dir, CACHE_DIRNAME)
+    key = (lambda images, view: feature_key(images, spec, preprocess, view, cfg.seed, cfg.amp)) \
+        if cfg.cache else (lambda images, view: None)
+    started = time.perf_counter()
+    feats = {}
+    for name, images in splits.items():
+        feats[name] = cached_features(model.backbone, images, eval_transform(preprocess), key(images, None),
+                                      cache_dir, cfg, device, f"features {name}", log)
+    if cfg.augment_views:
+        augment = du.train_transform(preprocess)
+        views = []
+        for view in range(cfg.augment_views):
+            torch.manual_seed(cfg.seed * 1000 + view)  # each view is its own reproducible draw
+            views.append(cached_features(model.backbone, splits["train"], augment, key(splits["train"], view),
+                                         cache_dir, cfg, device, f"features train view {view + 1}", log))
+        feats["train"] = tuple(torch.cat(parts) for parts in zip(*views))
+    log(f"features ready in {time.perf_counter() - started:.1f}s")
+
+    head = model.head.to(device)
+    optimizer = torch.optim.Adam(head.parameters(), lr=cfg.learning_rate)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    best, history = fit(
+        cfg.epochs,
+        lambda: train_head_epoch(head, *feats["train"], optimizer, cfg.batch_size, generator, device, loss_fn),
+        lambda: evaluate_features(head, *feats["valid"], device),
+        head, lambda: optimizer.param_groups[0]["lr"], log)
+    test = evaluate_features(head, *feats["test"], device) if "test" in feats else None
+    return best, history, test
+
+
+def _finetune_path(model, preprocess, splits, cfg, device, log):
+    """Train the last stages of the backbone with the head; return (best, history, test metrics)."""
+    names = mu.unfreeze_last(model.backbone, cfg.unfreeze)
+    log(f"fine-tuning backbone stages: {', '.join(names) or 'none'}")
+    to_channels_last(model)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    train_loader = make_loader(splits["train"], du.train_transform(preprocess), cfg.batch_size, cfg.num_workers,
+                               device, shuffle=True, generator=generator)
+    loaders = {n: make_loader(s, eval_transform(preprocess), cfg.batch_size, cfg.num_workers, device)
+               for n, s in splits.items() if n != "train"}
+    backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([
+        {"params": model.head.parameters(), "lr": cfg.learning_rate},
+        {"params": backbone_params, "lr": cfg.learning_rate * cfg.backbone_lr_ratio}], weight_decay=1e-4)
+    steps = cfg.epochs * len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(steps, min(steps, max(1, round(cfg.warmup_epochs * len(train_loader))))))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and amp_dtype(device) == torch.float16)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    runner = torch.compile(model) if cfg.compile else model
+    best, history = fit(
+        cfg.epochs,
+        lambda: finetune_epoch(runner, train_loader, optimizer, scheduler, scaler, loss_fn, device, cfg.amp),
+        lambda: evaluate_images(runner, loaders["valid"], device, cfg.amp),
+        model, lambda: optimizer.param_groups[0]["lr"], log)
+    test = evaluate_images(runner, loaders["test"], device, cfg.amp) if "test" in loaders else None
+    return best, history, test
+
+
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
-    """Train a head on a frozen pretrained backbone, save the best epoch; return the results."""
+    """Train a new head (and optionally the last backbone stages), save the best epoch; return the results."""
     torch.manual_seed(cfg.seed)
     device = mu.resolve_device(cfg.device, cfg.gpu)
     splits = du.scan_data_dir(cfg.data_dir)
     class_to_idx = splits["train"].class_to_idx
-    spec = mu.ModelSpec(cfg.arch, cfg.weights, list(cfg.hidden_units), cfg.dropout, len(class_to_idx))
+    spec = mu.ModelSpec(cfg.arch, mu.resolve_weights(cfg.arch, cfg.weights).spec, list(cfg.hidden_units),
+                        cfg.dropout, len(class_to_idx))
     model, preprocess = mu.build_model(spec)
-    spec.weights = mu.resolve_weights(cfg.arch, cfg.weights).spec  # record "IMAGENET1K_V1", not "DEFAULT"
     mu.freeze(model.backbone)
     model.to(device)
     log(f"{cfg.arch} on {device}: " + ", ".join(f"{len(s)} {n}" for n, s in splits.items())
         + f" images, {len(class_to_idx)} classes")
 
-    started = time.perf_counter()
-    feats = {name: extract_features(model.backbone, make_loader(s, preprocess, cfg.batch_size, cfg.num_workers,
-                                                                device), device, desc=f"features {name}")
-             for name, s in splits.items()}
-    log(f"features extracted in {time.perf_counter() - started:.1f}s")
-
-    head = model.head
-    optimizer = torch.optim.Adam(head.parameters(), lr=cfg.learning_rate)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    best = {"acc": -1.0}
-    history = []
-    for epoch in tqdm(range(1, cfg.epochs + 1), desc="epochs", unit="epoch", leave=False, disable=None):
-        t0 = time.perf_counter()
-        tr = train_head_epoch(head, *feats["train"], optimizer, cfg.batch_size, generator, device)
-        va = evaluate_features(head, *feats["valid"], device)
-        history.append({"epoch": epoch, "train_loss": tr["loss"], "valid_loss": va["loss"],
-                        "valid_acc": va["acc"], "seconds": time.perf_counter() - t0})
-        log(format_epoch(epoch, cfg.epochs, tr, va, history[-1]["seconds"]))
-        if va["acc"] > best["acc"]:
-            best = {"epoch": epoch, "acc": va["acc"], "loss": va["loss"], "head": copy.deepcopy(head.state_dict())}
-
-    head.load_state_dict(best["head"])
+    path = _finetune_path if cfg.unfreeze else partial(_frozen_path, spec=spec)
+    best, history, test = path(model=model, preprocess=preprocess, splits=splits, cfg=cfg, device=device, log=log)
     metrics = {"valid_loss": best["loss"], "valid_acc": best["acc"]}
-    if "test" in feats:
-        te = evaluate_features(head, *feats["test"], device)
-        metrics.update(test_loss=te["loss"], test_acc=te["acc"], test_top5=te["top5"])
-        log(f"test accuracy: top-1 {100 * te['acc']:.2f}%  top-5 {100 * te['top5']:.2f}%  "
+    if test is not None:
+        metrics.update(test_loss=test["loss"], test_acc=test["acc"], test_top5=test["top5"])
+        log(f"test accuracy: top-1 {100 * test['acc']:.2f}%  top-5 {100 * test['top5']:.2f}%  "
             f"(best epoch {best['epoch']})")
     ckpt = mu.make_checkpoint(model, spec, preprocess, class_to_idx, epoch=best["epoch"], metrics=metrics,
                               history=history, args=asdict(cfg))
-    path = os.path.join(cfg.save_dir, "checkpoint.pth")
-    mu.atomic_save(ckpt, path)
-    log(f"saved {path} (epoch {best['epoch']}, valid acc {100 * best['acc']:.2f}%)")
-    return {"checkpoint": path, "metrics": metrics, "history": history, "epoch": best["epoch"]}
+    out = os.path.join(cfg.save_dir, "checkpoint.pth")
+    mu.atomic_save(ckpt, out)
+    log(f"saved {out} (epoch {best['epoch']}, valid acc {100 * best['acc']:.2f}%)")
+    return {"checkpoint": out, "metrics": metrics, "history": history, "epoch": best["epoch"]}

@@ -11,6 +11,7 @@ EXAMPLES = """examples:
   python train.py flowers --arch efficientnet_lite0 --epochs 5 --save_dir runs/lite0
   python train.py flowers --arch resnet50 --hidden_units 1024 256 --learning_rate 0.003 --gpu
   python train.py flowers --arch vgg16 --weights ~/vgg16-397923af.pth   # offline, local weights
+  python train.py flowers --arch resnet50 --unfreeze 2 --amp --gpu        # fine-tune the last 2 stages
 
 DATA_DIR holds train/ and valid/ (and optionally test/), each with one folder per class.
 """
@@ -58,7 +59,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--num_workers", "--num-workers", type=int, default=0,
                    help="image-decoding worker processes (default: %(default)s, decode in the main process)")
+    g = p.add_argument_group("speed and fine-tuning")
+    g.add_argument("--no_cache", "--no-cache", dest="cache", action="store_false",
+                   help="do not keep backbone features on disk under SAVE_DIR/.feature_cache (they are "
+                        "still computed once per run); by default a rerun with other head settings skips "
+                        "the backbone entirely")
+    g.add_argument("--augment_views", "--augment-views", type=int, default=0, metavar="K",
+                   help="store K random-crop+flip views of each training image and train on all of them; "
+                        "each view costs one backbone pass over train/ (default: 0, center crop only)")
+    g.add_argument("--unfreeze", type=unfreeze, default=0, metavar="N|all",
+                   help="also train the last N backbone stages (or all); trains on images instead of "
+                        "cached features, so each epoch costs a full pass (default: 0, frozen backbone)")
+    g.add_argument("--backbone_lr_ratio", "--backbone-lr-ratio", type=float, default=0.1,
+                   help="with --unfreeze: backbone learning rate = learning_rate x this (default: %(default)s)")
+    g.add_argument("--warmup_epochs", "--warmup-epochs", type=float, default=1.0,
+                   help="with --unfreeze: linear warm-up before the cosine decay (default: %(default)s)")
+    g.add_argument("--label_smoothing", "--label-smoothing", type=float, default=0.0,
+                   help="label smoothing of the cross-entropy loss (default: %(default)s)")
+    g.add_argument("--amp", action="store_true",
+                   help="mixed precision: bf16 (fp16 on GPUs without bf16) for backbone passes")
+    g.add_argument("--compile", action="store_true", help="with --unfreeze: torch.compile the model")
     return p
+
+
+def unfreeze(value: str) -> int | str:
+    """argparse type: a number of stages, or 'all'."""
+    if value == "all":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a number of stages nor 'all'") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{n} is negative")
+    return n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--num_workers must be 0 or more")
     if args.gpu and args.device not in ("auto", "cuda"):
         parser.error(f"--gpu asks for CUDA but --device is {args.device}; pass one of them")
+    if args.augment_views < 0:
+        parser.error("--augment_views must be 0 or more")
+    if args.augment_views and args.unfreeze:
+        parser.error("--augment_views is for the frozen, cached path; --unfreeze augments every epoch already")
+    if args.compile and not args.unfreeze:
+        parser.error("--compile applies to --unfreeze training (the frozen path trains a small head)")
 
     from data_utils import FlowerclfError  # imported here so --help stays instant
     import engine
@@ -86,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         data_dir=args.data_dir, save_dir=args.save_dir, arch=args.arch, weights=args.weights,
         hidden_units=hidden, dropout=args.dropout, learning_rate=args.learning_rate, epochs=args.epochs,
         batch_size=args.batch_size, device=args.device, gpu=args.gpu, seed=args.seed,
-        num_workers=args.num_workers)
+        num_workers=args.num_workers, cache=args.cache, augment_views=args.augment_views,
+        unfreeze=args.unfreeze, backbone_lr_ratio=args.backbone_lr_ratio, warmup_epochs=args.warmup_epochs,
+        label_smoothing=args.label_smoothing, amp=args.amp, compile=args.compile)
     try:
         engine.train(cfg)
     except FlowerclfError as e:
