@@ -1,0 +1,126 @@
+"""Side by side in one process: the classic training loop, our default train.py, and the floor.
+
+usage: python benchmarks/bench_train.py DATA_DIR [--arch efficientnet_lite0] [--epochs 5]
+
+classic: the frozen backbone runs again on every image in every epoch (MLP head of 500
+         hidden units + dropout 0.2, Adam lr 0.003, batch 64, RandomRotation(30) +
+         RandomResizedCrop + flip, validation once per epoch), then the test split.
+ours:    engine.train with train.py's defaults, in an empty save dir (a cold feature cache).
+floor:   one inference pass over train + valid + test at the best batch size.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+from torch import nn
+from torchvision import transforms as T
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data_utils as du  # noqa: E402
+import engine  # noqa: E402
+import model_utils as mu  # noqa: E402
+
+
+def classic(data_dir: str, arch: str, epochs: int, device: torch.device) -> dict:
+    """The loop of the classic flower-classifier project, faithfully: model.train() and all."""
+    torch.manual_seed(0)
+    splits = du.scan_data_dir(data_dir)
+    n_classes = len(splits["train"].class_to_idx)
+    model, pp = mu.build_model(mu.ModelSpec(arch, "DEFAULT", [], 0.0, n_classes))
+    mu.freeze(model.backbone)
+    model.head = nn.Sequential(nn.Linear(model.head[-1].in_features, 500), nn.ReLU(), nn.Dropout(0.2),
+                               nn.Linear(500, n_classes), nn.LogSoftmax(dim=1))
+    model.to(device)
+    interp = T.InterpolationMode(pp.interpolation)
+    augment = T.Compose([T.RandomRotation(30), T.RandomResizedCrop(pp.crop_size, interpolation=interp),
+                         T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(pp.mean, pp.std)])
+    plain = T.Compose([T.Resize(pp.resize_size, interpolation=interp), T.CenterCrop(pp.crop_size),
+                       T.ToTensor(), T.Normalize(pp.mean, pp.std)])
+    loader = lambda s, t, shuffle: torch.utils.data.DataLoader(  # noqa: E731
+        du.ImageDataset(s.files, s.labels, t), batch_size=64, shuffle=shuffle)
+    train, valid = loader(splits["train"], augment, True), loader(splits["valid"], plain, False)
+    criterion = nn.NLLLoss()
+    optimizer = torch.optim.Adam(model.head.parameters(), lr=0.003)
+
+    def accuracy(data):
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for x, y in data:
+                correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
+        return correct / len(data.dataset)
+
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        model.train()
+        for x, y in train:
+            optimizer.zero_grad()
+            loss = criterion(model(x.to(device)), y.to(device))
+            loss.backward()
+            optimizer.step()
+        valid_acc = accuracy(valid)
+        print(f"  classic epoch {epoch + 1}: valid acc {100 * valid_acc:.2f}%", flush=True)
+    test_acc = accuracy(loader(splits["test"], plain, False)) if "test" in splits else float("nan")
+    return {"seconds": time.perf_counter() - start, "valid_acc": valid_acc, "test_acc": test_acc}
+
+
+def ours(data_dir: str, arch: str, epochs: int) -> dict:
+    """train.py's defaults, cold cache."""
+    with tempfile.TemporaryDirectory() as save:
+        start = time.perf_counter()
+        result = engine.train(engine.TrainConfig(data_dir=data_dir, save_dir=save, arch=arch, epochs=epochs),
+                              log=lambda line: print("  ours", line, flush=True))
+        seconds = time.perf_counter() - start
+    m = result["metrics"]
+    return {"seconds": seconds, "valid_acc": m["valid_acc"], "test_acc": m.get("test_acc", float("nan"))}
+
+
+def floor(data_dir: str, arch: str, device: torch.device) -> dict:
+    """One inference pass over every image at the fastest of a few batch sizes."""
+    splits = du.scan_data_dir(data_dir)
+    model, pp = mu.build_model(mu.ModelSpec(arch, "DEFAULT", [], 0.0, 2))
+    everything = du.ImageSet("all", sum((s.files for s in splits.values()), []),
+                             sum((s.labels for s in splits.values()), []))
+    probe = du.ImageSet("probe", everything.files[:192], everything.labels[:192])
+    rates = {}
+    for bs in (16, 32, 64):
+        loader = engine.make_loader(probe, engine.eval_transform(pp), bs, 0, device)
+        t = time.perf_counter()
+        engine.extract_features(model.backbone, loader, device)
+        rates[bs] = len(probe) / (time.perf_counter() - t)
+    best = max(rates, key=rates.get)
+    loader = engine.make_loader(everything, engine.eval_transform(pp), best, 0, device)
+    start = time.perf_counter()
+    engine.extract_features(model.backbone, loader, device)
+    return {"seconds": time.perf_counter() - start, "batch_size": best, "images": len(everything)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("data_dir", help="ImageFolder tree with train/, valid/, test/")
+    p.add_argument("--arch", default="efficientnet_lite0", help="backbone (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=5, help="epochs for both loops (default: %(default)s)")
+    args = p.parse_args(argv)
+    device = mu.resolve_device("auto")
+    n_train = len(du.scan_split(os.path.join(args.data_dir, "train")))
+    print(f"{args.arch}, {args.epochs} epochs, {device}, {torch.get_num_threads()} threads", flush=True)
+    results = {"classic": classic(args.data_dir, args.arch, args.epochs, device),
+               "ours": ours(args.data_dir, args.arch, args.epochs)}
+    fl = floor(args.data_dir, args.arch, device)
+    print(f"\n{'loop':8s} {'wall s':>8s} {'train img/s':>12s} {'valid acc':>10s} {'test acc':>9s}")
+    for name, r in results.items():
+        print(f"{name:8s} {r['seconds']:8.1f} {args.epochs * n_train / r['seconds']:12.1f} "
+              f"{100 * r['valid_acc']:9.2f}% {100 * r['test_acc']:8.2f}%")
+    print(f"floor    {fl['seconds']:8.1f}  (one pass over {fl['images']} images, batch {fl['batch_size']})")
+    print(f"\nours is {results['classic']['seconds'] / results['ours']['seconds']:.1f}x faster than classic, "
+          f"{results['ours']['seconds'] / fl['seconds']:.2f}x the floor")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
