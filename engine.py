@@ -15,7 +15,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Callable
 
@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import data_utils as du
 import model_utils as mu
+import report
 
 CACHE_DIRNAME = ".feature_cache"
 
@@ -43,6 +44,7 @@ class TrainConfig:
     learning_rate: float = 0.001
     epochs: int = 10
     batch_size: int = 64
+    feature_batch_size: int = 0  # 0: auto, see resolve_feature_batch_size
     device: str = "auto"
     gpu: bool = False
     seed: int = 0
@@ -55,6 +57,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     amp: bool = False
     compile: bool = False
+    category_names: str | None = None
 
 
 # ---------------------------------------------------------------- loaders and AMP
@@ -127,7 +130,7 @@ def cached_features(backbone: nn.Module, images: du.ImageSet, transform, key: st
             return data["features"], data["labels"]
         except Exception:  # a damaged cache file is only a miss
             log(f"warning: ignoring unreadable feature cache {path}")
-    loader = make_loader(images, transform, cfg.batch_size, cfg.num_workers, device)
+    loader = make_loader(images, transform, cfg.feature_batch_size, cfg.num_workers, device)
     feats = extract_features(backbone, loader, device, desc, amp=cfg.amp)
     if path:
         mu.atomic_save({"features": feats[0], "labels": feats[1]}, path)
@@ -183,26 +186,19 @@ def finetune_epoch(model: nn.Sequential, loader, optimizer, scheduler, scaler, l
 
 
 @torch.inference_mode()
-def evaluate_features(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, device: torch.device,
-                      batch_size: int = 1024) -> dict[str, float]:
-    """Loss, top-1 and top-5 accuracy of `head` on cached features."""
+def features_logits(head: nn.Module, feats: torch.Tensor, device: torch.device,
+                    batch_size: int = 1024) -> torch.Tensor:
+    """Logits of `head` on cached features, on the CPU."""
     head.eval()
-    logits = torch.cat([head(feats[i:i + batch_size].to(device)).float().cpu()
-                        for i in range(0, len(labels), batch_size)])
-    return metrics_from_logits(logits, labels)
+    return torch.cat([head(feats[i:i + batch_size].to(device)).float().cpu()
+                      for i in range(0, len(feats), batch_size)])
 
 
-@torch.inference_mode()
-def evaluate_images(model: nn.Module, loader, device: torch.device, amp: bool = False) -> dict[str, float]:
-    """Loss, top-1 and top-5 accuracy of the whole model on a loader of images."""
-    model.eval()
-    logits, labels = [], []
-    for x, y in tqdm(loader, desc="eval", unit="batch", leave=False, disable=None):
-        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
-            logits.append(model(x).float().cpu())
-        labels.append(torch.as_tensor(y))
-    return metrics_from_logits(torch.cat(logits), torch.cat(labels))
+def split_logits(model: nn.Sequential, loader, device: torch.device, amp: bool = False,
+                 desc: str = "eval") -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of a whole split, computed as training computes them: backbone, then head."""
+    feats, labels = extract_features(model.backbone, loader, device, desc, amp=amp)
+    return features_logits(model.head, feats, device), labels
 
 
 def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -282,9 +278,9 @@ def _frozen_path(model, spec, preprocess, splits, cfg, device, log):
     best, history = fit(
         cfg.epochs,
         lambda: train_head_epoch(head, *feats["train"], optimizer, cfg.batch_size, generator, device, loss_fn),
-        lambda: evaluate_features(head, *feats["valid"], device),
+        lambda: metrics_from_logits(features_logits(head, feats["valid"][0], device), feats["valid"][1]),
         head, lambda: optimizer.param_groups[0]["lr"], log)
-    test = evaluate_features(head, *feats["test"], device) if "test" in feats else None
+    test = (features_logits(head, feats["test"][0], device), feats["test"][1]) if "test" in feats else None
     return best, history, test
 
 
@@ -296,7 +292,7 @@ def _finetune_path(model, preprocess, splits, cfg, device, log):
     generator = torch.Generator().manual_seed(cfg.seed)
     train_loader = make_loader(splits["train"], du.train_transform(preprocess), cfg.batch_size, cfg.num_workers,
                                device, shuffle=True, generator=generator)
-    loaders = {n: make_loader(s, eval_transform(preprocess), cfg.batch_size, cfg.num_workers, device)
+    loaders = {n: make_loader(s, eval_transform(preprocess), cfg.feature_batch_size, cfg.num_workers, device)
                for n, s in splits.items() if n != "train"}
     backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([
@@ -311,17 +307,25 @@ def _finetune_path(model, preprocess, splits, cfg, device, log):
     best, history = fit(
         cfg.epochs,
         lambda: finetune_epoch(runner, train_loader, optimizer, scheduler, scaler, loss_fn, device, cfg.amp),
-        lambda: evaluate_images(runner, loaders["valid"], device, cfg.amp),
+        lambda: metrics_from_logits(*split_logits(model, loaders["valid"], device, cfg.amp)),
         model, lambda: optimizer.param_groups[0]["lr"], log)
-    test = evaluate_images(runner, loaders["test"], device, cfg.amp) if "test" in loaders else None
+    test = split_logits(model, loaders["test"], device, cfg.amp, "test") if "test" in loaders else None
     return best, history, test
+
+
+def resolve_feature_batch_size(requested: int, device: torch.device) -> int:
+    """Batch size of inference passes. On a CPU small batches stay in cache: efficientnet_lite0 on 2 cores
+    ran 67 img/s at 8, 57 at 16, 45 at 64, 31 at 128 (benchmarks/bench_train.py probes this too)."""
+    return requested or (8 if device.type == "cpu" else 128)
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     """Train a new head (and optionally the last backbone stages), save the best epoch; return the results."""
     torch.manual_seed(cfg.seed)
     device = mu.resolve_device(cfg.device, cfg.gpu)
+    cfg = replace(cfg, feature_batch_size=resolve_feature_batch_size(cfg.feature_batch_size, device))
     splits = du.scan_data_dir(cfg.data_dir)
+    names = du.load_category_names(cfg.category_names)  # fail before training, not after
     class_to_idx = splits["train"].class_to_idx
     spec = mu.ModelSpec(cfg.arch, mu.resolve_weights(cfg.arch, cfg.weights).spec, list(cfg.hidden_units),
                         cfg.dropout, len(class_to_idx))
@@ -335,12 +339,19 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     best, history, test = path(model=model, preprocess=preprocess, splits=splits, cfg=cfg, device=device, log=log)
     metrics = {"valid_loss": best["loss"], "valid_acc": best["acc"]}
     if test is not None:
-        metrics.update(test_loss=test["loss"], test_acc=test["acc"], test_top5=test["top5"])
-        log(f"test accuracy: top-1 {100 * test['acc']:.2f}%  top-5 {100 * test['top5']:.2f}%  "
+        m = metrics_from_logits(*test)
+        metrics.update(test_loss=m["loss"], test_acc=m["acc"], test_top5=m["top5"])
+        log(f"test accuracy: top-1 {100 * m['acc']:.2f}%  top-5 {100 * m['top5']:.2f}%  "
             f"(best epoch {best['epoch']})")
     ckpt = mu.make_checkpoint(model, spec, preprocess, class_to_idx, epoch=best["epoch"], metrics=metrics,
                               history=history, args=asdict(cfg))
     out = os.path.join(cfg.save_dir, "checkpoint.pth")
     mu.atomic_save(ckpt, out)
     log(f"saved {out} (epoch {best['epoch']}, valid acc {100 * best['acc']:.2f}%)")
+    written = report.write_history(history, cfg.save_dir)
+    if test is not None:
+        classes = sorted(class_to_idx, key=class_to_idx.get)
+        written += report.write_report(report.classification_report(
+            test[0].numpy(), test[1].numpy(), classes, names), cfg.save_dir)
+    log("wrote " + ", ".join(os.path.basename(p) for p in written))
     return {"checkpoint": out, "metrics": metrics, "history": history, "epoch": best["epoch"]}

@@ -11,6 +11,7 @@ import sys
 EXAMPLES = """examples:
   python predict.py rose.jpg checkpoint.pth
   python predict.py photos/ checkpoint.pth --top_k 3 --category_names cat_to_name.json --json
+  python predict.py rose.jpg checkpoint.pth --category_names cat_to_name.json --plot rose_top5.png
 """
 
 
@@ -28,24 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
                    help="device to run on; auto picks CUDA, then MPS, then CPU (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of text")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="also save the sanity-check figure: each image above a bar chart of its top-k names")
     return p
-
-
-def load_category_names(path: str | None) -> dict[str, str]:
-    """Read a {class: name} JSON mapping; {} when no path is given."""
-    from data_utils import FlowerclfError
-    if path is None:
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            names = json.load(f)
-    except OSError as e:
-        raise FlowerclfError(f"--category_names {path} cannot be read ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise FlowerclfError(f"--category_names {path} is not valid JSON ({e})") from None
-    if not isinstance(names, dict):
-        raise FlowerclfError(f"--category_names {path} must hold a JSON object {{\"1\": \"pink primrose\", ...}}")
-    return {str(k): str(v) for k, v in names.items()}
 
 
 def format_text(results: list[dict]) -> str:
@@ -69,11 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--gpu asks for CUDA but --device is {args.device}; pass one of them")
     *inputs, checkpoint = args.paths
 
+    import data_utils as du
     from data_utils import FlowerclfError
     import inference
 
     try:
-        names = load_category_names(args.category_names)
+        names = du.load_category_names(args.category_names)
         predictor = inference.Predictor.from_checkpoint(checkpoint, args.device, args.gpu)
         results, errors = predictor.predict_paths(inputs, args.top_k, names)
     except FlowerclfError as e:
@@ -81,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if results:
         print(json.dumps(results, indent=2) if args.json else format_text(results))
+    if args.plot and results:
+        import report
+        report.plot_predictions([du.load_rgb(r["image"]) for r in results], results, args.plot)
     for err in errors:
         print(f"error: {err}", file=sys.stderr)
     # some inputs failed: 1 when others were predicted, 2 when nothing was

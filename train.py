@@ -5,6 +5,7 @@ usage: python train.py DATA_DIR [--arch densenet121] [--epochs 10] [--save_dir D
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 EXAMPLES = """examples:
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=10, help="training epochs (default: %(default)s)")
     p.add_argument("--batch_size", "--batch-size", type=int, default=64,
                    help="images per batch (default: %(default)s)")
+    p.add_argument("--category_names", "--category-names", metavar="JSON",
+                   help="JSON mapping class folders to names (e.g. cat_to_name.json), used in the test "
+                        "report and confusion matrix")
     p.add_argument("--gpu", action="store_true", help="train on CUDA; fails if there is no CUDA device")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
                    help="device to train on; auto picks CUDA, then MPS, then CPU (default: %(default)s)")
@@ -76,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --unfreeze: linear warm-up before the cosine decay (default: %(default)s)")
     g.add_argument("--label_smoothing", "--label-smoothing", type=float, default=0.0,
                    help="label smoothing of the cross-entropy loss (default: %(default)s)")
+    g.add_argument("--feature_batch_size", "--feature-batch-size", type=int, default=0, metavar="N",
+                   help="batch size of backbone inference passes (default: 0 = auto: 8 on a CPU, where small "
+                        "batches are fastest, 128 on a GPU)")
     g.add_argument("--amp", action="store_true",
                    help="mixed precision: bf16 (fp16 on GPUs without bf16) for backbone passes")
     g.add_argument("--compile", action="store_true", help="with --unfreeze: torch.compile the model")
@@ -111,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--num_workers must be 0 or more")
     if args.gpu and args.device not in ("auto", "cuda"):
         parser.error(f"--gpu asks for CUDA but --device is {args.device}; pass one of them")
+    if args.feature_batch_size < 0:
+        parser.error("--feature_batch_size must be 0 (auto) or more")
     if args.augment_views < 0:
         parser.error("--augment_views must be 0 or more")
     if args.augment_views and args.unfreeze:
@@ -121,14 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     from data_utils import FlowerclfError  # imported here so --help stays instant
     import engine
 
-    hidden = [h for h in args.hidden_units if h > 0]
-    cfg = engine.TrainConfig(
-        data_dir=args.data_dir, save_dir=args.save_dir, arch=args.arch, weights=args.weights,
-        hidden_units=hidden, dropout=args.dropout, learning_rate=args.learning_rate, epochs=args.epochs,
-        batch_size=args.batch_size, device=args.device, gpu=args.gpu, seed=args.seed,
-        num_workers=args.num_workers, cache=args.cache, augment_views=args.augment_views,
-        unfreeze=args.unfreeze, backbone_lr_ratio=args.backbone_lr_ratio, warmup_epochs=args.warmup_epochs,
-        label_smoothing=args.label_smoothing, amp=args.amp, compile=args.compile)
+    args.hidden_units = [h for h in args.hidden_units if h > 0]  # "0" means no hidden layer
+    cfg = engine.TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(engine.TrainConfig)})
     try:
         engine.train(cfg)
     except FlowerclfError as e:

@@ -88,7 +88,7 @@ def floor(data_dir: str, arch: str, device: torch.device) -> dict:
                              sum((s.labels for s in splits.values()), []))
     probe = du.ImageSet("probe", everything.files[:192], everything.labels[:192])
     rates = {}
-    for bs in (16, 32, 64):
+    for bs in (4, 8, 16, 32, 64):
         loader = engine.make_loader(probe, engine.eval_transform(pp), bs, 0, device)
         t = time.perf_counter()
         engine.extract_features(model.backbone, loader, device)

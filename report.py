@@ -1,0 +1,144 @@
+"""What the model learned, as files: history, curves, test report, confusion matrix, prediction figures.
+
+numpy and matplotlib only (Agg backend: no display needed); matplotlib is imported when a plot is drawn.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def write_json(obj, path: str) -> None:
+    """JSON to `path` via a temp file and rename, so a crash never leaves half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def write_history(history: list[dict], save_dir: str) -> list[str]:
+    """history.json, history.csv and training_curves.png; returns the paths written."""
+    paths = [os.path.join(save_dir, n) for n in ("history.json", "history.csv", "training_curves.png")]
+    write_json(history, paths[0])
+    with open(paths[1], "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax_loss.plot(epochs, [h["valid_loss"] for h in history], "o-", label="valid")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax_loss.legend()
+    ax_acc.plot(epochs, [100 * h["valid_acc"] for h in history], "o-", color="tab:green")
+    ax_acc.set(xlabel="epoch", ylabel="valid accuracy (%)", title="Validation accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(paths[2], dpi=100)
+    plt.close(fig)
+    return paths
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
+    """counts[true, predicted]."""
+    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(cm, (labels, predicted), 1)
+    return cm
+
+
+def classification_report(logits: np.ndarray, labels: np.ndarray, classes: list[str],
+                          names: dict[str, str] | None = None, most_confused: int = 10) -> dict:
+    """Top-1/top-5 accuracy, per-class precision/recall/F1/support, the most confused pairs."""
+    names = names or {}
+    logits, labels = np.asarray(logits), np.asarray(labels)
+    k = min(5, logits.shape[1])
+    topk = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    cm = confusion_matrix(labels, topk[:, 0], len(classes))
+    tp = np.diag(cm).astype(float)
+    predicted, support = cm.sum(axis=0), cm.sum(axis=1)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp),
+                   where=(precision + recall) > 0)
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    pairs = sorted(((int(off[i, j]), i, j) for i, j in zip(*np.nonzero(off))), key=lambda t: (-t[0], t[1], t[2]))
+    label = lambda i: names.get(classes[i], classes[i])  # noqa: E731
+    return {
+        "images": int(len(labels)),
+        "top1": float((topk[:, 0] == labels).mean()),
+        "top5": float((topk == labels[:, None]).any(axis=1).mean()),
+        "per_class": [{"class": c, "name": label(i), "precision": float(precision[i]), "recall": float(recall[i]),
+                       "f1": float(f1[i]), "support": int(support[i])} for i, c in enumerate(classes)],
+        "most_confused": [{"true": label(i), "predicted": label(j), "count": n} for n, i, j in pairs[:most_confused]],
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def plot_confusion_matrix(cm: np.ndarray, labels: list[str], path: str) -> None:
+    """Row-normalized confusion matrix; readable from 2 to 102+ classes (figure grows, font shrinks)."""
+    plt = _pyplot()
+    cm = np.asarray(cm, dtype=float)
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    n = len(labels)
+    side = min(40.0, max(5.0, 0.22 * n + 3))
+    font = max(4.0, min(10.0, 420 / max(n, 1) / 2))
+    fig, ax = plt.subplots(figsize=(side, side))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), labels, rotation=90, fontsize=font)
+    ax.set_yticks(range(n), labels, fontsize=font)
+    ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix (each row sums to 1)")
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                if norm[i, j] > 0:
+                    ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=font,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(report: dict, save_dir: str, stem: str = "test") -> list[str]:
+    """STEM_report.json and confusion_matrix.png (the latter prefixed by STEM unless it is 'test')."""
+    paths = [os.path.join(save_dir, f"{stem}_report.json"),
+             os.path.join(save_dir, "confusion_matrix.png" if stem == "test" else f"{stem}_confusion_matrix.png")]
+    write_json(report, paths[0])
+    plot_confusion_matrix(np.array(report["confusion_matrix"]), [c["name"] for c in report["per_class"]], paths[1])
+    return paths
+
+
+def plot_predictions(images: list, results: list[dict], path: str) -> None:
+    """The classic sanity check: each image above a bar chart of its top-k names; a column per image."""
+    plt = _pyplot()
+    n = len(results)
+    fig, axes = plt.subplots(2, n, figsize=(4.2 * n, 7.5), squeeze=False,
+                             gridspec_kw={"height_ratios": [1.2, 1]})
+    for col, (img, result) in enumerate(zip(images, results)):
+        preds = result["predictions"]
+        top_ax, bar_ax = axes[0][col], axes[1][col]
+        top_ax.imshow(img)
+        top_ax.set_title(preds[0]["name"], fontsize=12)
+        top_ax.axis("off")
+        bar_ax.barh(range(len(preds)), [100 * p["probability"] for p in preds], color="tab:blue")
+        bar_ax.set_yticks(range(len(preds)), [p["name"] for p in preds])
+        bar_ax.invert_yaxis()
+        bar_ax.set_xlim(0, 100)
+        bar_ax.set_xlabel("probability (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
