@@ -95,7 +95,7 @@ def plot_confusion_matrix(cm: np.ndarray, labels: list[str], path: str) -> None:
     norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
     n = len(labels)
     side = min(40.0, max(5.0, 0.22 * n + 3))
-    font = max(4.0, min(10.0, 420 / max(n, 1) / 2))
+    font = min(10.0, 0.35 * side * 72 / max(n, 1))  # about a third of a cell
     fig, ax = plt.subplots(figsize=(side, side))
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(n), labels, rotation=90, fontsize=font)
