@@ -8,6 +8,8 @@ import numpy as np
 
 import data_utils as du
 
+ONNX_METADATA_KEY = "flowerclf"  # the metadata_props entry holding the checkpoint's plain-data description
+
 
 @dataclass
 class Predictor:
@@ -33,6 +35,47 @@ class Predictor:
 
         classes = sorted(ckpt["class_to_idx"], key=ckpt["class_to_idx"].get)
         return cls(probabilities, classes, du.Preprocess.from_dict(ckpt["preprocess"]))
+
+    @classmethod
+    def from_onnx(cls, path: str) -> "Predictor":
+        """An ONNX Runtime predictor from model.onnx (train.py --export onnx): no torch involved."""
+        import json
+        import os
+
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise du.FlowerclfError("predicting with an .onnx model needs onnxruntime: "
+                                    "pip install -r requirements-predict.txt") from None
+        if not os.path.isfile(path):
+            raise du.FlowerclfError(f"model {path} does not exist")
+        try:
+            session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            meta = json.loads(session.get_modelmeta().custom_metadata_map[ONNX_METADATA_KEY])
+        except KeyError:
+            raise du.FlowerclfError(f"{path} is an ONNX model without flowerclf metadata; export it with "
+                                    f"python export.py CHECKPOINT") from None
+        except Exception as e:  # onnxruntime raises its own exception types for unreadable files
+            raise du.FlowerclfError(f"{path} is not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from None
+        name = session.get_inputs()[0].name
+
+        def probabilities(batch: np.ndarray) -> np.ndarray:
+            logits = session.run(None, {name: batch})[0].astype(np.float64)
+            e = np.exp(logits - logits.max(axis=1, keepdims=True))
+            return e / e.sum(axis=1, keepdims=True)
+
+        classes = sorted(meta["class_to_idx"], key=meta["class_to_idx"].get)
+        return cls(probabilities, classes, du.Preprocess.from_dict(meta["preprocess"]))
+
+    @classmethod
+    def load(cls, path: str, device: str = "auto", gpu: bool = False) -> "Predictor":
+        """A predictor for a checkpoint.pth (torch) or a model.onnx (ONNX Runtime, CPU)."""
+        if path.lower().endswith(".onnx"):
+            if gpu or device not in ("auto", "cpu"):
+                raise du.FlowerclfError(f"{path} runs on ONNX Runtime's CPU provider; drop --gpu/--device "
+                                        f"or use checkpoint.pth")
+            return cls.from_onnx(path)
+        return cls.from_checkpoint(path, device, gpu)
 
     def predict_paths(self, inputs: list[str], top_k: int, names: dict[str, str] | None = None
                       ) -> tuple[list[dict], list[str]]:

@@ -1,11 +1,16 @@
 """Model side of flowerclf: the backbone registry, heads, devices and checkpoints."""
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
+import json
 import os
 import re
 import socket
 import tempfile
 import urllib.error
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
@@ -15,6 +20,7 @@ import torchvision
 from torch import nn
 
 from data_utils import FlowerclfError, Preprocess
+from inference import ONNX_METADATA_KEY
 
 CHECKPOINT_FORMAT = "flowerclf-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -408,3 +414,55 @@ def load_model(path: str, device: torch.device | str = "cpu") -> tuple[nn.Sequen
         raise FlowerclfError(f"{path} does not match its own architecture {spec.arch}: "
                              f"{str(e).splitlines()[0]}") from None
     return model.to(device).eval(), ckpt
+
+
+# ---------------------------------------------------------------- ONNX
+
+def state_fingerprint(module: nn.Module) -> str:
+    """Hash of a module's weights: identifies the network a cache entry came from, whatever its origin."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def export_onnx(module: nn.Module, path: str, crop_size: int, metadata: dict | None = None) -> str:
+    """Export `module` (images -> outputs) to ONNX with a dynamic batch axis; write atomically."""
+    import onnx
+
+    module = module.eval().to(device="cpu", memory_format=torch.contiguous_format)
+    example = (torch.randn(2, 3, crop_size, crop_size),)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, example, tmp, dynamo=True, input_names=["images"], output_names=["outputs"],
+                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), verbose=False)
+        if metadata:
+            proto = onnx.load(tmp)
+            for key, value in metadata.items():
+                entry = proto.metadata_props.add()
+                entry.key, entry.value = key, value
+            onnx.save(proto, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def export_checkpoint_onnx(checkpoint: str, out: str | None = None) -> str:
+    """model.onnx (backbone + head) next to a checkpoint, with what prediction needs in its metadata."""
+    model, ckpt = load_model(checkpoint, "cpu")
+    out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "model.onnx")
+    meta = {key: ckpt[key] for key in ("format", "version", "model", "preprocess", "class_to_idx")}
+    try:
+        return export_onnx(model, out, ckpt["preprocess"]["crop_size"], {ONNX_METADATA_KEY: json.dumps(meta)})
+    except FlowerclfError:
+        raise
+    except Exception as e:  # exporter failures are many and varied; all mean "this arch does not export"
+        raise FlowerclfError(f"ONNX export of {ckpt['model']['arch']} failed ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None

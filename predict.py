@@ -12,6 +12,7 @@ EXAMPLES = """examples:
   python predict.py rose.jpg checkpoint.pth
   python predict.py photos/ checkpoint.pth --top_k 3 --category_names cat_to_name.json --json
   python predict.py rose.jpg checkpoint.pth --category_names cat_to_name.json --plot rose_top5.png
+  python predict.py rose.jpg model.onnx --top_k 3          # torch-free, from train.py --export onnx
 """
 
 
@@ -21,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="predict.py", description=__doc__.splitlines()[0], epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", metavar="IMAGE ... CHECKPOINT",
-                   help="one or more images or folders of images, then the checkpoint.pth")
+                   help="one or more images or folders of images, then checkpoint.pth (torch) or model.onnx "
+                        "(ONNX Runtime: starts in a fraction of a second, needs no torch)")
     p.add_argument("--top_k", "--top-k", type=int, default=5, help="how many classes to show (default: %(default)s)")
     p.add_argument("--category_names", "--category-names", metavar="JSON",
                    help="JSON file mapping class folder names to display names, e.g. cat_to_name.json")
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         names = du.load_category_names(args.category_names)
-        predictor = inference.Predictor.from_checkpoint(checkpoint, args.device, args.gpu)
+        predictor = inference.Predictor.load(checkpoint, args.device, args.gpu)
         results, errors = predictor.predict_paths(inputs, args.top_k, names)
     except FlowerclfError as e:
         print(f"error: {e}", file=sys.stderr)

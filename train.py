@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--feature_batch_size", "--feature-batch-size", type=int, default=0, metavar="N",
                    help="batch size of backbone inference passes (default: 0 = auto: 8 on a CPU, where small "
                         "batches are fastest, 128 on a GPU)")
+    g.add_argument("--engine", choices=("auto", "torch", "onnxruntime"), default="auto",
+                   help="runtime of the frozen backbone's feature pass: auto uses ONNX Runtime on a CPU (the "
+                        "backbone is exported once and cached in ~/.cache/flowerclf or $FLOWERCLF_CACHE) and "
+                        "torch elsewhere; a failed export falls back to torch (default: %(default)s)")
+    g.add_argument("--export", choices=("onnx",),
+                   help="also write SAVE_DIR/model.onnx, which predict.py runs without torch")
     g.add_argument("--amp", action="store_true",
                    help="mixed precision: bf16 (fp16 on GPUs without bf16) for backbone passes")
     g.add_argument("--compile", action="store_true", help="with --unfreeze: torch.compile the model")

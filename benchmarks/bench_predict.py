@@ -1,11 +1,12 @@
-"""Cold-start cost of one prediction: predict.py vs the least a torch script must do.
+"""Cold-start cost of one prediction: predict.py on torch, the least a torch script must do, and ONNX.
 
 usage: python benchmarks/bench_predict.py CHECKPOINT IMAGE [--repeats 5]
 
-Both run as fresh processes, alternately, and the medians are compared. The floor
-script imports torch, torchvision (and timm, which efficientnet_lite0 needs), loads the
-same checkpoint with weights_only=True, builds the network by hand and runs one
-forward pass on the image. It knows only efficientnet_lite0 checkpoints.
+All run as fresh processes, in turn, and the medians are compared. The floor script
+imports torch, torchvision (and timm, which efficientnet_lite0 needs), loads the same
+checkpoint with weights_only=True, builds the network by hand and runs one forward pass
+on the image; it knows only efficientnet_lite0 checkpoints. The ONNX run is predict.py
+on the checkpoint exported by export.py (into a temporary folder).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +35,7 @@ if not spec["hidden_units"] and spec["dropout"] > 0:
     layers.append(torch.nn.Dropout(spec["dropout"]))
 layers.append(torch.nn.Linear(width, spec["num_classes"]))
 model = torch.nn.Sequential(backbone, torch.nn.Sequential(*layers))
-state = {k.replace("backbone.", "0.", 1).replace("head.", "1.", 1): v for k, v in ckpt["state_dict"].items()}
+state = {("0." if k.startswith("backbone.") else "1.") + k.split(".", 1)[1]: v for k, v in ckpt["state_dict"].items()}
 model.load_state_dict(state)
 tf = T.Compose([T.Resize(pp["resize_size"], T.InterpolationMode(pp["interpolation"])),
                 T.CenterCrop(pp["crop_size"]), T.ToTensor(), T.Normalize(pp["mean"], pp["std"])])
@@ -56,16 +58,22 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="runs of each (default: %(default)s)")
     args = p.parse_args(argv)
     ckpt, image = os.path.abspath(args.checkpoint), os.path.abspath(args.image)
-    runs = {"predict.py": [sys.executable, os.path.join(ROOT, "predict.py"), image, ckpt],
-            "floor": [sys.executable, "-c", FLOOR, ckpt, image]}
-    times = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, cmd in runs.items():
-            times[name].append(timed(cmd))
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx = os.path.join(tmp, "model.onnx")
+        subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), ckpt, "--out", onnx], check=True,
+                       stdout=subprocess.DEVNULL)
+        predict = [sys.executable, os.path.join(ROOT, "predict.py"), image]
+        runs = {"torch": predict + [ckpt], "floor": [sys.executable, "-c", FLOOR, ckpt, image], "onnx": predict + [onnx]}
+        times = {name: [] for name in runs}
+        for _ in range(args.repeats):
+            for name, cmd in runs.items():
+                times[name].append(timed(cmd))
+    median = {name: statistics.median(t) for name, t in times.items()}
+    labels = {"torch": "predict.py CHECKPOINT", "floor": "floor script", "onnx": "predict.py model.onnx"}
     for name, t in times.items():
-        print(f"{name:11s} median {statistics.median(t):.2f}s  (runs: {', '.join(f'{x:.2f}' for x in t)})")
-    ratio = statistics.median(times["predict.py"]) / statistics.median(times["floor"])
-    print(f"predict.py takes {ratio:.2f}x the floor")
+        print(f"{labels[name]:22s} median {median[name]:.2f}s  (runs: {', '.join(f'{x:.2f}' for x in t)})")
+    print(f"predict.py on torch takes {median['torch'] / median['floor']:.2f}x the floor; "
+          f"through ONNX it is {median['torch'] / median['onnx']:.1f}x faster than on torch")
     return 0
 
 

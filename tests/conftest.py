@@ -34,3 +34,9 @@ def make_image_folder(root, classes=("1", "2", "3"), per_class=None, size=16, se
 def image_folder(tmp_path):
     """A 3-class ImageFolder with train/valid/test splits of 16-pixel images."""
     return make_image_folder(tmp_path / "data")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _onnx_cache(tmp_path_factory):
+    """Exported backbones go to a per-session folder, never the user's ~/.cache."""
+    os.environ["FLOWERCLF_CACHE"] = str(tmp_path_factory.mktemp("flowerclf-cache"))

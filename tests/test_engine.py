@@ -20,7 +20,7 @@ def _count_passes(monkeypatch):
     real = engine.extract_features
 
     def counting(*a, **k):
-        calls.append(k.get("desc", a[3] if len(a) > 3 else ""))
+        calls.append(k.get("desc", a[2] if len(a) > 2 else ""))
         return real(*a, **k)
     monkeypatch.setattr(engine, "extract_features", counting)
     return calls
