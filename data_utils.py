@@ -77,21 +77,98 @@ def scan_split(root: str | os.PathLike, class_to_idx: dict[str, int] | None = No
     return images
 
 
-def scan_data_dir(data_dir: str | os.PathLike) -> dict[str, ImageSet]:
-    """Scan DATA_DIR/train, DATA_DIR/valid and (when present) DATA_DIR/test."""
+def scan_data_dir(data_dir: str | os.PathLike, valid_split: float = 0.0, seed: int = 0) -> dict[str, ImageSet]:
+    """Scan DATA_DIR/train, DATA_DIR/valid (or carve it from train/) and, when present, DATA_DIR/test."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FlowerclfError(f"data directory {data_dir} does not exist")
-    for split in ("train", "valid"):
-        if not (data_dir / split).is_dir():
-            raise FlowerclfError(
-                f"{data_dir}/ has no {split}/ folder; expected {data_dir}/train/CLASS/*.jpg "
-                f"and {data_dir}/valid/CLASS/*.jpg")
+    if not (data_dir / "train").is_dir():
+        raise FlowerclfError(f"{data_dir}/ has no train/ folder; expected {data_dir}/train/CLASS/*.jpg "
+                             f"and {data_dir}/valid/CLASS/*.jpg")
+    has_valid = (data_dir / "valid").is_dir()
+    if has_valid and valid_split:
+        raise FlowerclfError(f"{data_dir}/valid/ exists, so --valid_split is not needed; drop one of them")
+    if not has_valid and not valid_split:
+        raise FlowerclfError(f"{data_dir}/ has no valid/ folder; add {data_dir}/valid/CLASS/*.jpg, or pass "
+                             f"--valid_split 0.2 to set aside part of train/")
     sets = {"train": scan_split(data_dir / "train")}
+    empty = [c for c, i in sets["train"].class_to_idx.items() if i not in set(sets["train"].labels)]
+    if empty:
+        raise FlowerclfError(f"train/ class folders {empty} have no images; add images or remove the folders")
+    if valid_split:
+        sets["train"], sets["valid"] = split_off(sets["train"], valid_split, seed)
     for split in ("valid", "test"):
         if (data_dir / split).is_dir():
             sets[split] = scan_split(data_dir / split, sets["train"].class_to_idx)
     return sets
+
+
+def split_off(images: ImageSet, fraction: float, seed: int = 0) -> tuple[ImageSet, ImageSet]:
+    """A stratified, seeded (rest, held-out) split: each class with 2+ images gives about `fraction`."""
+    if not 0 < fraction < 1:
+        raise FlowerclfError(f"--valid_split {fraction} must be between 0 and 1")
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(images.labels)
+    held = set()
+    for label in np.unique(labels):
+        idx = np.flatnonzero(labels == label)
+        if len(idx) >= 2:
+            held.update(rng.choice(idx, size=max(1, int(round(len(idx) * fraction))), replace=False).tolist())
+    parts = ([i for i in range(len(labels)) if i not in held], sorted(held))
+    return tuple(ImageSet(images.root, [images.files[i] for i in p], [images.labels[i] for i in p],
+                          dict(images.class_to_idx)) for p in parts)
+
+
+def check_image(path: str, full: bool) -> str | None:
+    """What is wrong with one image file, or None. `full` decodes it (catches truncation)."""
+    import warnings
+    try:
+        if os.path.getsize(path) == 0:
+            return "is empty (0 bytes)"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if full:
+                    img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return f"is too large to decode safely (over {Image.MAX_IMAGE_PIXELS} pixels)"
+    except UnidentifiedImageError:
+        return "is not an image PIL can read"
+    except (OSError, SyntaxError, ValueError) as e:
+        return f"cannot be decoded ({e})"
+    return None
+
+
+def check_splits(splits: dict[str, ImageSet], full: bool = False, skip_bad: bool = False
+                 ) -> tuple[dict[str, ImageSet], list[str]]:
+    """Check every image; return the splits (bad files left out when `skip_bad`) and warning lines.
+
+    Without `skip_bad`, bad files raise one error with a line per file.
+    """
+    warnings_, problems = [], []
+    train_classes = set(splits["train"].class_to_idx)
+    for name, images in splits.items():
+        if name != "train":
+            missing = sorted(train_classes - {c for c, i in images.class_to_idx.items() if i in set(images.labels)})
+            if missing:
+                warnings_.append(f"warning: {name}/ has no images of classes {missing[:10]}"
+                                 f"{' ...' if len(missing) > 10 else ''} that train/ has")
+        keep = []
+        for i, f in enumerate(images.files):
+            problem = check_image(f, full)
+            if problem:
+                problems.append(f"{f} {problem}")
+            else:
+                keep.append(i)
+        if skip_bad and len(keep) < len(images.files):
+            splits[name] = ImageSet(images.root, [images.files[i] for i in keep], [images.labels[i] for i in keep],
+                                    images.class_to_idx)
+            if not keep:
+                raise FlowerclfError(f"{name}/ has no readable images left")
+    if problems and not skip_bad:
+        raise FlowerclfError(f"{len(problems)} bad image file(s); fix or remove them, or pass --skip_bad_images "
+                             f"to leave them out:\n" + "\n".join(problems))
+    return splits, warnings_ + [f"warning: skipped {p}" for p in problems]
 
 
 def list_images(paths: list[str]) -> list[str]:

@@ -29,6 +29,7 @@ import model_utils as mu
 import report
 
 CACHE_DIRNAME = ".feature_cache"
+RESUME_FORMAT = "flowerclf-resume"
 
 
 @dataclass
@@ -60,6 +61,9 @@ class TrainConfig:
     category_names: str | None = None
     engine: str = "auto"
     export: str | None = None
+    valid_split: float = 0.0
+    skip_bad_images: bool = False
+    resume: bool = False
 
 
 # ---------------------------------------------------------------- loaders and AMP
@@ -203,6 +207,7 @@ def train_head_epoch(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor,
         idx = order[start:start + batch_size]
         x, y = feats[idx].to(device), labels[idx].to(device)
         loss = loss_fn(head(x), y)
+        check_finite(loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -228,12 +233,13 @@ def finetune_epoch(model: nn.Sequential, loader, optimizer, scheduler, scaler, l
         y = torch.as_tensor(y).to(device, non_blocking=True)
         with autocast(device, amp):
             loss = loss_fn(model(x), y)
+        check_finite(loss)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        total += loss.item() * len(y)  # note: a sync point; one per batch is cheap next to the step
+        total += loss.item() * len(y)
         count += len(y)
     return {"loss": total / count}
 
@@ -283,29 +289,31 @@ def format_epoch(epoch: int, epochs: int, train: dict, valid: dict, seconds: flo
             f"valid acc {100 * valid['acc']:.2f}%  {seconds:.1f}s")
 
 
-def fit(epochs: int, train_epoch: Callable[[], dict], evaluate: Callable[[], dict], trained: nn.Module,
-        lr: Callable[[], float], log: Callable[[str], None]) -> tuple[dict, list[dict]]:
-    """The epoch loop both paths share: train, validate, log, keep the best state of `trained`."""
-    best = {"acc": -1.0}
-    history = []
-    for epoch in range(1, epochs + 1):
-        t0 = time.perf_counter()
-        rate = lr()
-        tr = train_epoch()
-        va = evaluate()
-        seconds = time.perf_counter() - t0
-        history.append({"epoch": epoch, "train_loss": tr["loss"], "valid_loss": va["loss"],
-                        "valid_acc": va["acc"], "seconds": seconds, "lr": rate})
-        log(format_epoch(epoch, epochs, tr, va, seconds))
-        if va["acc"] > best["acc"]:
-            best = {"epoch": epoch, "acc": va["acc"], "loss": va["loss"],
-                    "state": copy.deepcopy(trained.state_dict())}
-    trained.load_state_dict(best["state"])
-    return best, history
+class NonFiniteLoss(du.FlowerclfError):
+    """The training loss became NaN or infinite."""
 
 
-def _frozen_path(model, spec, preprocess, splits, cfg, device, log):
-    """Cache features once, train the head on them; return (best, history, test metrics)."""
+def check_finite(loss: torch.Tensor) -> None:
+    """Stop on a NaN or infinite loss (note: a CPU-GPU sync point, once per batch)."""
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(f"the training loss became {loss.item()}; lower --learning_rate (or drop --amp)")
+
+
+@dataclass
+class Plan:
+    """What a training path hands the shared epoch loop."""
+
+    trained: nn.Module                    # the part whose weights change: the head, or the whole model
+    train_epoch: Callable[[], dict]
+    validate: Callable[[], dict]
+    test_logits: Callable[[], tuple] | None
+    stateful: dict                        # optimizer, scheduler, scaler...: objects with state_dict()
+    generator: torch.Generator            # the order of training batches
+    engine: str
+
+
+def _frozen_plan(model, spec, preprocess, splits, cfg, device, log) -> Plan:
+    """Cache features once; the head trains on them."""
     cache_dir = os.path.join(cfg.save_dir, CACHE_DIRNAME)
     started = time.perf_counter()
     fingerprint = mu.state_fingerprint(model.backbone)
@@ -321,10 +329,12 @@ def _frozen_path(model, spec, preprocess, splits, cfg, device, log):
     if cfg.augment_views:
         augment = du.train_transform(preprocess)
         views = []
+        rng = torch.get_rng_state()
         for view in range(cfg.augment_views):
             torch.manual_seed(cfg.seed * 1000 + view)  # each view is its own reproducible draw
             views.append(cached_features(forward, splits["train"], augment, key(splits["train"], view),
                                          cache_dir, cfg, device, f"features train view {view + 1}", log))
+        torch.set_rng_state(rng)  # so a cache hit and a miss leave training on the same random stream
         feats["train"] = tuple(torch.cat(parts) for parts in zip(*views))
     log(f"features ready in {time.perf_counter() - started:.1f}s")
 
@@ -332,17 +342,16 @@ def _frozen_path(model, spec, preprocess, splits, cfg, device, log):
     optimizer = torch.optim.Adam(head.parameters(), lr=cfg.learning_rate)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     generator = torch.Generator().manual_seed(cfg.seed)
-    best, history = fit(
-        cfg.epochs,
+    return Plan(
+        head,
         lambda: train_head_epoch(head, *feats["train"], optimizer, cfg.batch_size, generator, device, loss_fn),
         lambda: metrics_from_logits(features_logits(head, feats["valid"][0], device), feats["valid"][1]),
-        head, lambda: optimizer.param_groups[0]["lr"], log)
-    test = (features_logits(head, feats["test"][0], device), feats["test"][1]) if "test" in feats else None
-    return best, history, test, engine
+        (lambda: (features_logits(head, feats["test"][0], device), feats["test"][1])) if "test" in feats else None,
+        {"optimizer": optimizer}, generator, engine)
 
 
-def _finetune_path(model, preprocess, splits, cfg, device, log):
-    """Train the last stages of the backbone with the head; return (best, history, test metrics)."""
+def _finetune_plan(model, preprocess, splits, cfg, device, log) -> Plan:
+    """The last stages of the backbone train with the head, on augmented images."""
     names = mu.unfreeze_last(model.backbone, cfg.unfreeze)
     log(f"fine-tuning backbone stages: {', '.join(names) or 'none'}")
     to_channels_last(model)
@@ -361,13 +370,12 @@ def _finetune_path(model, preprocess, splits, cfg, device, log):
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and amp_dtype(device) == torch.float16)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     runner = torch.compile(model) if cfg.compile else model
-    best, history = fit(
-        cfg.epochs,
+    return Plan(
+        model,
         lambda: finetune_epoch(runner, train_loader, optimizer, scheduler, scaler, loss_fn, device, cfg.amp),
         lambda: metrics_from_logits(*split_logits(model, loaders["valid"], device, cfg.amp)),
-        model, lambda: optimizer.param_groups[0]["lr"], log)
-    test = split_logits(model, loaders["test"], device, cfg.amp, "test") if "test" in loaders else None
-    return best, history, test, "torch"
+        (lambda: split_logits(model, loaders["test"], device, cfg.amp, "test")) if "test" in loaders else None,
+        {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}, generator, "torch")
 
 
 def resolve_feature_batch_size(requested: int, device: torch.device) -> int:
@@ -376,12 +384,70 @@ def resolve_feature_batch_size(requested: int, device: torch.device) -> int:
     return requested or (8 if device.type == "cpu" else 128)
 
 
+def _cpu_state(state: dict) -> dict:
+    return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
+def resume_state(plan: Plan, spec: mu.ModelSpec, class_to_idx: dict, epoch: int, history: list, best: dict,
+                 args: dict) -> dict:
+    """checkpoint_last.pth: everything needed to continue exactly where this epoch ended (plain data)."""
+    return {
+        "format": RESUME_FORMAT, "version": mu.CHECKPOINT_VERSION, "model": spec.to_dict(),
+        "class_to_idx": dict(class_to_idx), "unfreeze": args["unfreeze"], "epoch": epoch, "history": history,
+        "best": {k: best[k] for k in ("epoch", "acc", "loss")}, "best_state": best["state"],
+        "trained_state": _cpu_state(plan.trained.state_dict()),
+        "stateful": {name: obj.state_dict() for name, obj in plan.stateful.items()},
+        "generator": plan.generator.get_state(), "rng": torch.get_rng_state(), "args": args,
+    }
+
+
+def restore(path: str, plan: Plan, spec: mu.ModelSpec, class_to_idx: dict, unfreeze) -> tuple[int, list, dict]:
+    """Load checkpoint_last.pth into `plan`; return (next epoch, history, best)."""
+    if not os.path.isfile(path):
+        raise du.FlowerclfError(f"--resume: {path} does not exist; train without --resume first")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle refusals, truncation: all mean "cannot resume from this"
+        raise du.FlowerclfError(f"--resume: {path} is not loadable ({type(e).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        raise du.FlowerclfError(f"--resume: {path} is not a train.py resume state")
+    if state["class_to_idx"] != class_to_idx:
+        raise du.FlowerclfError(f"--resume: {path} was made for classes {sorted(state['class_to_idx'])[:8]}, "
+                                f"but the data has {sorted(class_to_idx)[:8]}; use another --save_dir")
+    if state["model"] != spec.to_dict() or state["unfreeze"] != unfreeze:
+        raise du.FlowerclfError(f"--resume: {path} was made with other model settings ({state['model']}, "
+                                f"unfreeze {state['unfreeze']}); pass the same --arch, --weights, "
+                                f"--hidden_units, --dropout and --unfreeze")
+    plan.trained.load_state_dict(state["trained_state"])
+    for name, obj in plan.stateful.items():
+        obj.load_state_dict(state["stateful"][name])
+    plan.generator.set_state(state["generator"])
+    torch.set_rng_state(state["rng"])
+    return state["epoch"] + 1, state["history"], dict(state["best"], state=state["best_state"])
+
+
+def check_data(cfg: TrainConfig) -> str:
+    """train.py --check: scan DATA_DIR, decode every image; a report, or an error listing each bad file."""
+    splits = du.scan_data_dir(cfg.data_dir, cfg.valid_split, cfg.seed)
+    splits, warnings_ = du.check_splits(splits, full=True, skip_bad=cfg.skip_bad_images)
+    summary = (f"{cfg.data_dir}: " + ", ".join(f"{len(s)} {n}" for n, s in splits.items())
+               + f" images, {len(splits['train'].class_to_idx)} classes, all readable")
+    return "\n".join(warnings_ + [summary])
+
+
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
-    """Train a new head (and optionally the last backbone stages), save the best epoch; return the results."""
+    """Train a new head (and optionally the last backbone stages), save the best epoch; return the results.
+
+    checkpoint.pth is rewritten whenever validation accuracy improves and checkpoint_last.pth
+    after every epoch (both atomically), so a crash or Ctrl-C loses at most the running epoch.
+    """
     torch.manual_seed(cfg.seed)
     device = mu.resolve_device(cfg.device, cfg.gpu)
     cfg = replace(cfg, feature_batch_size=resolve_feature_batch_size(cfg.feature_batch_size, device))
-    splits = du.scan_data_dir(cfg.data_dir)
+    splits = du.scan_data_dir(cfg.data_dir, cfg.valid_split, cfg.seed)
+    splits, warnings_ = du.check_splits(splits, full=cfg.skip_bad_images, skip_bad=cfg.skip_bad_images)
+    for line in warnings_:
+        log(line)
     names = du.load_category_names(cfg.category_names)  # fail before training, not after
     class_to_idx = splits["train"].class_to_idx
     spec = mu.ModelSpec(cfg.arch, mu.resolve_weights(cfg.arch, cfg.weights).spec, list(cfg.hidden_units),
@@ -392,20 +458,50 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     log(f"{cfg.arch} on {device}: " + ", ".join(f"{len(s)} {n}" for n, s in splits.items())
         + f" images, {len(class_to_idx)} classes")
 
-    path = _finetune_path if cfg.unfreeze else partial(_frozen_path, spec=spec)
-    best, history, test, used = path(model=model, preprocess=preprocess, splits=splits, cfg=cfg, device=device,
-                                     log=log)
-    cfg = replace(cfg, engine=used)  # recorded, so evaluate.py recomputes features the same way
+    if cfg.unfreeze:
+        plan = _finetune_plan(model, preprocess, splits, cfg, device, log)
+    else:
+        plan = _frozen_plan(model, spec, preprocess, splits, cfg, device, log)
+    cfg = replace(cfg, engine=plan.engine)  # recorded, so evaluate.py recomputes features the same way
+    args = asdict(cfg)
+    out, last = os.path.join(cfg.save_dir, "checkpoint.pth"), os.path.join(cfg.save_dir, "checkpoint_last.pth")
+    start, history, best = 1, [], {"epoch": 0, "acc": -1.0, "loss": math.inf, "state": None}
+    if cfg.resume:
+        start, history, best = restore(last, plan, spec, class_to_idx, cfg.unfreeze)
+        log(f"resuming after epoch {start - 1} (best so far: epoch {best['epoch']})")
+
+    def save(path: str, epoch: int, **extra) -> None:
+        mu.atomic_save(mu.make_checkpoint(model, spec, preprocess, class_to_idx, epoch=epoch, history=history,
+                                          args=args, **extra), path)
+
+    for epoch in range(start, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        rate = plan.stateful["optimizer"].param_groups[0]["lr"]
+        try:
+            tr = plan.train_epoch()
+        except NonFiniteLoss as e:
+            kept = f"{out} keeps epoch {best['epoch']}, the best so far" if best["epoch"] else "no checkpoint was saved"
+            raise du.FlowerclfError(f"{e} (epoch {epoch}); {kept}") from None
+        va = plan.validate()
+        seconds = time.perf_counter() - t0
+        history.append({"epoch": epoch, "train_loss": tr["loss"], "valid_loss": va["loss"], "valid_acc": va["acc"],
+                        "seconds": seconds, "lr": rate})
+        log(format_epoch(epoch, cfg.epochs, tr, va, seconds))
+        if va["acc"] > best["acc"]:
+            best = {"epoch": epoch, "acc": va["acc"], "loss": va["loss"],
+                    "state": _cpu_state(copy.deepcopy(plan.trained.state_dict()))}
+            save(out, epoch, metrics={"valid_loss": va["loss"], "valid_acc": va["acc"]})
+        mu.atomic_save(resume_state(plan, spec, class_to_idx, epoch, history, best, args), last)
+
+    plan.trained.load_state_dict(best["state"])
     metrics = {"valid_loss": best["loss"], "valid_acc": best["acc"]}
+    test = plan.test_logits() if plan.test_logits else None
     if test is not None:
         m = metrics_from_logits(*test)
         metrics.update(test_loss=m["loss"], test_acc=m["acc"], test_top5=m["top5"])
         log(f"test accuracy: top-1 {100 * m['acc']:.2f}%  top-5 {100 * m['top5']:.2f}%  "
             f"(best epoch {best['epoch']})")
-    ckpt = mu.make_checkpoint(model, spec, preprocess, class_to_idx, epoch=best["epoch"], metrics=metrics,
-                              history=history, args=asdict(cfg))
-    out = os.path.join(cfg.save_dir, "checkpoint.pth")
-    mu.atomic_save(ckpt, out)
+    save(out, best["epoch"], metrics=metrics)
     log(f"saved {out} (epoch {best['epoch']}, valid acc {100 * best['acc']:.2f}%)")
     written = report.write_history(history, cfg.save_dir)
     if test is not None:

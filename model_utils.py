@@ -385,8 +385,45 @@ def make_checkpoint(model: nn.Sequential, spec: ModelSpec, preprocess: Preproces
     }
 
 
+def _is_classic(ckpt) -> bool:
+    """A checkpoint of the classic flower-classifier project: arch name, state_dict, class mapping."""
+    return (isinstance(ckpt, dict) and "format" not in ckpt and isinstance(ckpt.get("arch"), str)
+            and isinstance(ckpt.get("state_dict"), dict)
+            and isinstance(ckpt.get("class_to_idx", ckpt.get("label_idx")), dict))
+
+
+def load_classic(ckpt: dict, path: str) -> tuple[nn.Sequential, dict]:
+    """Rebuild a classic checkpoint: torchvision arch whose classifier is a stack of Linear layers."""
+    arch, state = ckpt["arch"], ckpt["state_dict"]
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise FlowerclfError(f"{path} is a classic checkpoint for arch {arch!r}, which torchvision does not know")
+    model = build_imagenet_model(arch, resolve_weights(arch, "none"))
+    attr = next((a for a in CLASSIFIER_ATTRS if any(k.startswith(a + ".") for k in state)
+                 and isinstance(getattr(model, a, None), nn.Module)), None)
+    linear = [k for k in state if attr and k.startswith(attr + ".") and k.endswith(".weight") and state[k].dim() == 2]
+    if not linear:
+        raise FlowerclfError(f"{path}: cannot find the classifier's Linear layers in its state_dict")
+    layers, renamed = [], {}
+    for i, key in enumerate(linear):
+        out_f, in_f = state[key].shape
+        layers.append(nn.Linear(in_f, out_f))
+        renamed[f"{attr}.{len(layers) - 1}.weight"] = state[key]
+        renamed[f"{attr}.{len(layers) - 1}.bias"] = state[key[:-len("weight")] + "bias"]
+        if i < len(linear) - 1:
+            layers.append(nn.ReLU())
+    setattr(model, attr, nn.Sequential(*layers))
+    renamed.update({k: v for k, v in state.items() if not k.startswith(attr + ".")})
+    try:
+        model.load_state_dict(renamed)
+    except RuntimeError as e:
+        raise FlowerclfError(f"{path}: its state_dict does not fit {arch} ({str(e).splitlines()[0]})") from None
+    class_to_idx = {str(k): int(v) for k, v in ckpt.get("class_to_idx", ckpt.get("label_idx")).items()}
+    meta = {"class_to_idx": class_to_idx, "preprocess": Preprocess().to_dict(), "model": {"arch": arch}}
+    return nn.Sequential(OrderedDict(backbone=model, head=nn.Identity())), meta
+
+
 def read_checkpoint(path: str, map_location="cpu") -> dict:
-    """Load a checkpoint as data only (weights_only=True) and check it is ours."""
+    """Load a checkpoint as data only (weights_only=True) and check it is ours (or a classic one)."""
     if not os.path.isfile(path):
         raise FlowerclfError(f"checkpoint {path} does not exist")
     try:
@@ -394,6 +431,10 @@ def read_checkpoint(path: str, map_location="cpu") -> dict:
     except Exception as e:  # unpickling refused, truncated zip, not a torch file at all
         raise FlowerclfError(f"{path} is not a loadable checkpoint ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    if isinstance(ckpt, dict) and ckpt.get("format") == "flowerclf-resume":
+        raise FlowerclfError(f"{path} is train.py's state for --resume; use checkpoint.pth from the same folder")
+    if _is_classic(ckpt):
+        return ckpt
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise FlowerclfError(f"{path} is not a flowerclf checkpoint (train one with train.py)")
     if ckpt.get("version") != CHECKPOINT_VERSION:
@@ -405,6 +446,9 @@ def read_checkpoint(path: str, map_location="cpu") -> dict:
 def load_model(path: str, device: torch.device | str = "cpu") -> tuple[nn.Sequential, dict]:
     """Rebuild the model of a checkpoint (no download) in eval mode on `device`."""
     ckpt = read_checkpoint(path, map_location="cpu")
+    if _is_classic(ckpt):
+        model, meta = load_classic(ckpt, path)
+        return model.to(device).eval(), meta
     m = ckpt["model"]
     spec = ModelSpec(m["arch"], m["weights"], list(m["hidden_units"]), m["dropout"], m["num_classes"])
     model, _ = build_model(spec, load_pretrained=False)

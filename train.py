@@ -63,6 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--num_workers", "--num-workers", type=int, default=0,
                    help="image-decoding worker processes (default: %(default)s, decode in the main process)")
+    d = p.add_argument_group("data checks and recovery")
+    d.add_argument("--check", action="store_true",
+                   help="only check DATA_DIR (folders, classes, every image decoded) and report; train nothing")
+    d.add_argument("--skip_bad_images", "--skip-bad-images", action="store_true",
+                   help="decode every image first; report unreadable, empty, truncated or oversized ones and "
+                        "leave them out instead of stopping")
+    d.add_argument("--valid_split", "--valid-split", type=float, default=0.0, metavar="FRACTION",
+                   help="no valid/ folder? set aside this fraction of train/ (stratified, seeded), e.g. 0.2")
+    d.add_argument("--resume", action="store_true",
+                   help="continue from SAVE_DIR/checkpoint_last.pth (written after every epoch) with the "
+                        "same optimizer state, epoch and history; pass the same model flags")
     g = p.add_argument_group("speed and fine-tuning")
     g.add_argument("--no_cache", "--no-cache", dest="cache", action="store_false",
                    help="do not keep backbone features on disk under SAVE_DIR/.feature_cache (they are "
@@ -124,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--num_workers must be 0 or more")
     if args.gpu and args.device not in ("auto", "cuda"):
         parser.error(f"--gpu asks for CUDA but --device is {args.device}; pass one of them")
+    if not 0 <= args.valid_split < 1:
+        parser.error("--valid_split must be in [0, 1)")
     if args.feature_batch_size < 0:
         parser.error("--feature_batch_size must be 0 (auto) or more")
     if args.augment_views < 0:
@@ -137,14 +150,19 @@ def main(argv: list[str] | None = None) -> int:
     import engine
 
     args.hidden_units = [h for h in args.hidden_units if h > 0]  # "0" means no hidden layer
-    cfg = engine.TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(engine.TrainConfig)})
+    cfg = engine.TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(engine.TrainConfig)
+                                if f.name != "check"})
     try:
-        engine.train(cfg)
+        if args.check:
+            print(engine.check_data(cfg))
+        else:
+            engine.train(cfg)
     except FlowerclfError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"\ninterrupted: {args.save_dir}/checkpoint.pth holds the best epoch so far and checkpoint_last.pth "
+              f"the last finished one; continue with the same command and --resume", file=sys.stderr)
         return 130
     return 0
 
