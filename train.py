@@ -146,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile and not args.unfreeze:
         parser.error("--compile applies to --unfreeze training (the frozen path trains a small head)")
 
-    from data_utils import FlowerclfError  # imported here so --help stays instant
+    import torch  # imported here so --help stays instant
+
+    from data_utils import FlowerclfError
     import engine
 
     args.hidden_units = [h for h in args.hidden_units if h > 0]  # "0" means no hidden layer
@@ -160,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     except FlowerclfError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except torch.cuda.OutOfMemoryError:
+        print(f"error: CUDA out of memory at --batch_size {args.batch_size} (feature batch "
+              f"{args.feature_batch_size or 'auto'}); python gpumemcheck.py --arch {args.arch}"
+              f"{' --unfreeze ' + str(args.unfreeze) if args.unfreeze else ''}{' --amp' if args.amp else ''} "
+              f"--find_batch_size finds one that fits", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\ninterrupted: {args.save_dir}/checkpoint.pth holds the best epoch so far and checkpoint_last.pth "
               f"the last finished one; continue with the same command and --resume", file=sys.stderr)

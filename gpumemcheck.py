@@ -1,0 +1,153 @@
+"""Report GPU and CPU memory, and find the batch size that fits, before training runs out of memory.
+
+usage: python gpumemcheck.py [--arch NAME [--batch_size N | --find_batch_size]] [--json] [--watch SECONDS]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+EXAMPLES = """examples:
+  python gpumemcheck.py                                   # devices, this process, live tensors
+  python gpumemcheck.py --arch resnet50 --batch_size 64   # peak memory of one training step
+  python gpumemcheck.py --arch densenet121 --unfreeze 2 --amp --find_batch_size
+  python gpumemcheck.py --json --watch 5
+
+Without CUDA the step estimate and --find_batch_size are for this machine's RAM instead.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of gpumemcheck.py."""
+    from train import unfreeze
+
+    p = argparse.ArgumentParser(prog="gpumemcheck.py", description=__doc__.splitlines()[0], epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", help="estimate a training step of this model (any train.py --arch)")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=32,
+                   help="with --arch: batch size of the step to measure (default: %(default)s)")
+    p.add_argument("--find_batch_size", "--find-batch-size", action="store_true",
+                   help="with --arch: find the largest batch size that fits, minus a 10%% safety margin")
+    p.add_argument("--unfreeze", type=unfreeze, default=0, metavar="N|all",
+                   help="with --arch: as train.py --unfreeze (default: 0, frozen backbone)")
+    p.add_argument("--amp", action="store_true", help="with --arch: as train.py --amp")
+    p.add_argument("--num_classes", "--num-classes", type=int, default=102,
+                   help="with --arch: classes of the head (default: %(default)s)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="device for --arch (default: %(default)s: CUDA when present)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--watch", type=float, metavar="SECONDS", help="print the report again every SECONDS")
+    return p
+
+
+def mib(n: float) -> str:
+    return f"{n / 2 ** 20:,.0f} MiB"
+
+
+def format_text(r: dict) -> str:
+    """The human-readable report."""
+    lines = []
+    if not r["cuda"]:
+        lines.append("no CUDA device: torch.cuda.is_available() is False (CPU figures only)")
+    for d in r["cuda"]:
+        lines.append(f"cuda:{d['index']} {d['name']}: total {mib(d['total'])}, free {mib(d['free'])}, "
+                     f"used by others {mib(d['used_by_others'])}; this process: reserved {mib(d['reserved'])}, "
+                     f"allocated {mib(d['allocated'])}, peak {mib(d['peak_allocated'])}")
+    h = r["host"]
+    lines.append(f"cpu: this process {mib(h['process_rss'])} resident; machine {mib(h['available'])} available "
+                 f"of {mib(h['total'])}")
+    est = r.get("estimate")
+    if est:
+        where = "GPU memory" if est["device"] == "cuda" else "RAM"
+        lines.append(f"{est['arch']}, {est['step']}{', amp' if est['amp'] else ''} on {est['device']}:")
+        if est.get("peak_bytes") is not None:
+            lines.append(f"  batch {est['batch_size']}: peak {mib(est['peak_bytes'])} of {where}")
+        elif "batch_size" in est and "recommended_batch_size" not in est:
+            lines.append(f"  batch {est['batch_size']}: does not fit ({where})")
+        if "recommended_batch_size" in est:
+            lines.append(f"  largest batch that fits: {est['largest_batch_size']}; "
+                         f"use --batch_size {est['recommended_batch_size']} (10% margin)")
+    lines.append("live tensors (device, dtype, shape: count, size):" if r["tensors"] else "live tensors: none")
+    for t in r["tensors"][:15]:
+        lines.append(f"  {t['device']:7s} {t['dtype']:9s} {str(tuple(t['shape'])):22s} x{t['count']:<5d} {mib(t['bytes'])}")
+    if len(r["tensors"]) > 15:
+        lines.append(f"  ... {len(r['tensors']) - 15} more groups (--json lists all)")
+    return "\n".join(lines)
+
+
+def estimate(args) -> dict:
+    """Measure a real training step (CUDA) or model it from small steps (CPU)."""
+    import memory
+    import model_utils as mu
+
+    device = mu.resolve_device(args.device)
+    step, what = memory.training_step(args.arch, args.num_classes, args.unfreeze, args.amp, device)
+    args.keep_alive = step  # its model stays alive for the tensor census
+    out = {"arch": args.arch, "device": device.type, "step": what, "amp": args.amp}
+    if device.type == "cuda":
+        measure = lambda b: memory.cuda_peak(step, b, device)  # noqa: E731
+        if args.find_batch_size:
+            best = memory.largest_fitting(lambda b: measure(b) is not None)
+            out.update(largest_batch_size=best, recommended_batch_size=memory.with_margin(best),
+                       peak_bytes=measure(best) if best else None, batch_size=best)
+        else:
+            out.update(batch_size=args.batch_size, peak_bytes=measure(args.batch_size))
+        return out
+    fixed, per_image = memory.cpu_memory_model(step)
+    available = memory.host_report()["available"]
+    out.update(fixed_bytes=fixed, per_image_bytes=per_image)
+    if args.find_batch_size:
+        best = memory.largest_fitting(lambda b: fixed + per_image * b <= available)
+        out.update(largest_batch_size=best, recommended_batch_size=memory.with_margin(best), batch_size=best,
+                   peak_bytes=fixed + per_image * best)
+    else:
+        out.update(batch_size=args.batch_size, peak_bytes=fixed + per_image * args.batch_size)
+    return out
+
+
+def report(args) -> dict:
+    """Everything gpumemcheck prints, as plain data."""
+    import torch
+    import memory
+
+    r = {"cuda": memory.cuda_report() if torch.cuda.is_available() else [], "host": memory.host_report()}
+    if args.arch:
+        r["estimate"] = estimate(args)
+    r["tensors"] = memory.tensor_census()  # with --arch, this includes the measured model and its optimizer
+    args.keep_alive = None
+    return r
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, report (repeatedly with --watch); return the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.find_batch_size or args.unfreeze or args.amp) and not args.arch:
+        parser.error("--find_batch_size, --unfreeze and --amp need --arch")
+    if args.batch_size < 1:
+        parser.error("--batch_size must be at least 1")
+    if args.watch is not None and args.watch <= 0:
+        parser.error("--watch needs a positive number of seconds")
+    from data_utils import FlowerclfError
+    import model_utils as mu
+
+    try:
+        if args.arch:
+            mu.resolve_weights(args.arch, "none")  # unknown arch: one line, before any work
+        while True:
+            r = report(args)
+            print(json.dumps(r) if args.json else format_text(r), flush=True)
+            if args.watch is None:
+                return 0
+            time.sleep(args.watch)
+    except FlowerclfError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
