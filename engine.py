@@ -25,10 +25,12 @@ from torch import nn
 from tqdm import tqdm
 
 import data_utils as du
+import ddp
 import model_utils as mu
 import report
 
 CACHE_DIRNAME = ".feature_cache"
+DIST_TIMEOUT_S = 300  # a collective waiting longer than this means a rank died or hung: end the job
 RESUME_FORMAT = "flowerclf-resume"
 
 
@@ -69,11 +71,17 @@ class TrainConfig:
 # ---------------------------------------------------------------- loaders and AMP
 
 def make_loader(images: du.ImageSet, transform, batch_size: int, num_workers: int, device: torch.device,
-                shuffle: bool = False, generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
+                shuffle: bool = False, generator: torch.Generator | None = None,
+                sampler=None) -> torch.utils.data.DataLoader:
     """DataLoader over `images` with `transform` (PIL RGB -> CHW float32 array)."""
     dataset = du.ImageDataset(images.files, images.labels, transform)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                                       num_workers=num_workers, pin_memory=device.type == "cuda")
+                                       sampler=sampler, num_workers=num_workers, pin_memory=device.type == "cuda")
+
+
+def progress(iterable, desc: str, unit: str = "batch"):
+    """A progress bar on rank 0's terminal; nothing elsewhere."""
+    return tqdm(iterable, desc=desc, unit=unit, leave=False, disable=None if ddp.is_main() else True)
 
 
 def eval_transform(preprocess: du.Preprocess):
@@ -140,10 +148,14 @@ def feature_forward(backbone: nn.Module, arch: str, crop_size: int, engine: str,
                     amp: bool, fingerprint: str, log: Callable[[str], None]) -> tuple[Forward, str]:
     """The frozen backbone's forward on the chosen engine, and the engine actually used.
 
-    auto: ONNX Runtime on a CPU (3.2x torch for efficientnet_lite0 on 2 cores), torch elsewhere.
+    auto: ONNX Runtime on a CPU (3.2x torch for efficientnet_lite0 on 2 cores), torch elsewhere and
+    under torchrun (where the processes already share the cores).
     A failed export falls back to torch with one line.
     """
-    use_ort = engine == "onnxruntime" or (engine == "auto" and device.type == "cpu" and not amp)
+    use_ort = engine == "onnxruntime" or (engine == "auto" and device.type == "cpu" and not amp
+                                          and not ddp.launched())
+    if use_ort and ddp.launched():
+        raise du.FlowerclfError("--engine onnxruntime is for single-process runs; under torchrun use --engine torch")
     if use_ort and device.type != "cpu":
         raise du.FlowerclfError(f"--engine onnxruntime runs on the CPU, but the device is {device}; "
                                 f"pass --device cpu or --engine torch")
@@ -160,7 +172,7 @@ def feature_forward(backbone: nn.Module, arch: str, crop_size: int, engine: str,
 def extract_features(forward: Forward, loader, desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
     """Run the frozen backbone once over `loader`; return (features, labels) on the CPU."""
     feats, labels = [], []
-    for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
+    for x, y in progress(loader, desc):
         feats.append(forward(x))
         labels.append(torch.as_tensor(y))
     return torch.cat(feats), torch.cat(labels)
@@ -177,19 +189,29 @@ def feature_key(images: du.ImageSet, fingerprint: str, preprocess: du.Preprocess
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+def sharded_features(forward: Forward, images: du.ImageSet, transform, batch_size: int, num_workers: int,
+                     device: torch.device, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of every image, in order; under torchrun each rank computes its shard and they swap."""
+    mine = ddp.shard(len(images))
+    if not mine:
+        raise du.FlowerclfError(f"{images.root} has {len(images)} images, fewer than the {ddp.world()} processes")
+    part = du.ImageSet(images.root, [images.files[i] for i in mine], [images.labels[i] for i in mine])
+    feats, _ = extract_features(forward, make_loader(part, transform, batch_size, num_workers, device), desc)
+    return ddp.gather_rows(feats, len(images), device), torch.as_tensor(images.labels)
+
+
 def cached_features(forward: Forward, images: du.ImageSet, transform, key: str | None, cache_dir: str,
                     cfg: TrainConfig, device: torch.device, desc: str, log: Callable[[str], None]):
     """Features of `images` from the disk cache when `key` is there, else computed (and stored)."""
     path = os.path.join(cache_dir, f"{key}.pt") if key else None
-    if path and os.path.isfile(path):
+    if path and ddp.all_true(os.path.isfile(path), device):  # every rank takes the same branch
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
             return data["features"], data["labels"]
         except Exception:  # a damaged cache file is only a miss
             log(f"warning: ignoring unreadable feature cache {path}")
-    loader = make_loader(images, transform, cfg.feature_batch_size, cfg.num_workers, device)
-    feats = extract_features(forward, loader, desc)
-    if path:
+    feats = sharded_features(forward, images, transform, cfg.feature_batch_size, cfg.num_workers, device, desc)
+    if path and ddp.is_main():
         mu.atomic_save({"features": feats[0], "labels": feats[1]}, path)
     return feats
 
@@ -199,20 +221,26 @@ def cached_features(forward: Forward, images: du.ImageSet, transform, key: str |
 def train_head_epoch(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor,
                      optimizer: torch.optim.Optimizer, batch_size: int, generator: torch.Generator,
                      device: torch.device, loss_fn: nn.Module) -> dict[str, float]:
-    """One epoch of the head over cached features, in a seeded random order."""
+    """One epoch of the head over cached features, in a seeded random order.
+
+    `loss_fn` sums over samples. Under torchrun every rank draws the same global batch and
+    takes its share; scaling by world / batch makes DDP's gradient average the mean over
+    the whole batch, as in one process.
+    """
     head.train()
     order = torch.randperm(len(labels), generator=generator)
-    total = 0.0
+    total, world = 0.0, ddp.world()
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        x, y = feats[idx].to(device), labels[idx].to(device)
-        loss = loss_fn(head(x), y)
+        mine = idx[ddp.rank()::world]
+        x, y = feats[mine].to(device), labels[mine].to(device)
+        loss = loss_fn(head(x), y) * (world / len(idx))
         check_finite(loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.item() * len(idx)
-    return {"loss": total / len(order)}
+        total += loss.item() * len(idx) / world
+    return {"loss": ddp.all_sum(total, device) / len(order)}
 
 
 def set_train_mode(model: nn.Sequential) -> None:
@@ -224,15 +252,16 @@ def set_train_mode(model: nn.Sequential) -> None:
 
 
 def finetune_epoch(model: nn.Sequential, loader, optimizer, scheduler, scaler, loss_fn: nn.Module,
-                   device: torch.device, amp: bool) -> dict[str, float]:
-    """One epoch over images with part of the backbone trainable."""
+                   device: torch.device, amp: bool, runner: nn.Module | None = None) -> dict[str, float]:
+    """One epoch over images with part of the backbone trainable; `runner` may wrap `model` (DDP, compile)."""
     set_train_mode(model)
+    runner = runner or model
     total, count = 0.0, 0
-    for x, y in tqdm(loader, desc="train", unit="batch", leave=False, disable=None):
+    for x, y in progress(loader, "train"):
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         y = torch.as_tensor(y).to(device, non_blocking=True)
         with autocast(device, amp):
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(runner(x), y)
         check_finite(loss)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -241,7 +270,7 @@ def finetune_epoch(model: nn.Sequential, loader, optimizer, scheduler, scaler, l
         scheduler.step()
         total += loss.item() * len(y)
         count += len(y)
-    return {"loss": total / count}
+    return {"loss": ddp.all_sum(total, device) / ddp.all_sum(count, device)}
 
 
 @torch.inference_mode()
@@ -253,10 +282,12 @@ def features_logits(head: nn.Module, feats: torch.Tensor, device: torch.device,
                       for i in range(0, len(feats), batch_size)])
 
 
-def split_logits(model: nn.Sequential, loader, device: torch.device, amp: bool = False,
-                 desc: str = "eval", forward: Forward | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def split_logits(model: nn.Sequential, images: du.ImageSet, preprocess: du.Preprocess, batch_size: int,
+                 device: torch.device, amp: bool = False, desc: str = "eval", forward: Forward | None = None,
+                 num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, labels) of a whole split, computed as training computes them: backbone, then head."""
-    feats, labels = extract_features(forward or torch_forward(model.backbone, device, amp), loader, desc)
+    feats, labels = sharded_features(forward or torch_forward(model.backbone, device, amp), images,
+                                     eval_transform(preprocess), batch_size, num_workers, device, desc)
     return features_logits(model.head, feats, device), labels
 
 
@@ -304,7 +335,7 @@ class Plan:
     """What a training path hands the shared epoch loop."""
 
     trained: nn.Module                    # the part whose weights change: the head, or the whole model
-    train_epoch: Callable[[], dict]
+    train_epoch: Callable[[int], dict]
     validate: Callable[[], dict]
     test_logits: Callable[[], tuple] | None
     stateful: dict                        # optimizer, scheduler, scaler...: objects with state_dict()
@@ -339,12 +370,14 @@ def _frozen_plan(model, spec, preprocess, splits, cfg, device, log) -> Plan:
     log(f"features ready in {time.perf_counter() - started:.1f}s")
 
     head = model.head.to(device)
+    trained = wrap_ddp(head, device)
     optimizer = torch.optim.Adam(head.parameters(), lr=cfg.learning_rate)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
     generator = torch.Generator().manual_seed(cfg.seed)
     return Plan(
         head,
-        lambda: train_head_epoch(head, *feats["train"], optimizer, cfg.batch_size, generator, device, loss_fn),
+        lambda epoch: train_head_epoch(trained, *feats["train"], optimizer, cfg.batch_size, generator, device,
+                                       loss_fn),
         lambda: metrics_from_logits(features_logits(head, feats["valid"][0], device), feats["valid"][1]),
         (lambda: (features_logits(head, feats["test"][0], device), feats["test"][1])) if "test" in feats else None,
         {"optimizer": optimizer}, generator, engine)
@@ -356,10 +389,22 @@ def _finetune_plan(model, preprocess, splits, cfg, device, log) -> Plan:
     log(f"fine-tuning backbone stages: {', '.join(names) or 'none'}")
     to_channels_last(model)
     generator = torch.Generator().manual_seed(cfg.seed)
-    train_loader = make_loader(splits["train"], du.train_transform(preprocess), cfg.batch_size, cfg.num_workers,
-                               device, shuffle=True, generator=generator)
-    loaders = {n: make_loader(s, eval_transform(preprocess), cfg.feature_batch_size, cfg.num_workers, device)
-               for n, s in splits.items() if n != "train"}
+    sampler = None
+    if ddp.world() > 1:  # --batch_size is global: each of the N processes takes batch_size / N per step
+        sampler = torch.utils.data.DistributedSampler(du.ImageDataset(splits["train"].files, splits["train"].labels,
+                                                                      None), seed=cfg.seed)
+    train_loader = make_loader(splits["train"], du.train_transform(preprocess),
+                               max(1, cfg.batch_size // ddp.world()), cfg.num_workers, device,
+                               shuffle=sampler is None, generator=generator, sampler=sampler)
+
+    def train_epoch(epoch: int) -> dict:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        return finetune_epoch(model, train_loader, optimizer, scheduler, scaler, loss_fn, device, cfg.amp, runner)
+
+    def logits(split: str):
+        return split_logits(model, splits[split], preprocess, cfg.feature_batch_size, device, cfg.amp, split,
+                            num_workers=cfg.num_workers)
     backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([
         {"params": model.head.parameters(), "lr": cfg.learning_rate},
@@ -369,13 +414,19 @@ def _finetune_plan(model, preprocess, splits, cfg, device, log) -> Plan:
         optimizer, warmup_cosine(steps, min(steps, max(1, round(cfg.warmup_epochs * len(train_loader))))))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and amp_dtype(device) == torch.float16)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    runner = torch.compile(model) if cfg.compile else model
+    runner = wrap_ddp(model, device)
+    runner = torch.compile(runner) if cfg.compile else runner
     return Plan(
-        model,
-        lambda: finetune_epoch(runner, train_loader, optimizer, scheduler, scaler, loss_fn, device, cfg.amp),
-        lambda: metrics_from_logits(*split_logits(model, loaders["valid"], device, cfg.amp)),
-        (lambda: split_logits(model, loaders["test"], device, cfg.amp, "test")) if "test" in loaders else None,
+        model, train_epoch, lambda: metrics_from_logits(*logits("valid")),
+        (lambda: logits("test")) if "test" in splits else None,
         {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}, generator, "torch")
+
+
+def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel around what trains, under torchrun; the module itself otherwise."""
+    if ddp.world() == 1:
+        return module
+    return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def resolve_feature_batch_size(requested: int, device: torch.device) -> int:
@@ -440,9 +491,13 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
 
     checkpoint.pth is rewritten whenever validation accuracy improves and checkpoint_last.pth
     after every epoch (both atomically), so a crash or Ctrl-C loses at most the running epoch.
+    Under torchrun every rank runs this; only rank 0 logs and writes files.
     """
-    torch.manual_seed(cfg.seed)
-    device = mu.resolve_device(cfg.device, cfg.gpu)
+    torch.manual_seed(cfg.seed)  # the same on every rank: identical initial heads
+    device = ddp.setup(mu.resolve_device(cfg.device, cfg.gpu), DIST_TIMEOUT_S)
+    main = ddp.is_main()
+    if not main:
+        log = lambda line: None  # noqa: E731
     cfg = replace(cfg, feature_batch_size=resolve_feature_batch_size(cfg.feature_batch_size, device))
     splits = du.scan_data_dir(cfg.data_dir, cfg.valid_split, cfg.seed)
     splits, warnings_ = du.check_splits(splits, full=cfg.skip_bad_images, skip_bad=cfg.skip_bad_images)
@@ -455,8 +510,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     model, preprocess = mu.build_model(spec)
     mu.freeze(model.backbone)
     model.to(device)
-    log(f"{cfg.arch} on {device}: " + ", ".join(f"{len(s)} {n}" for n, s in splits.items())
-        + f" images, {len(class_to_idx)} classes")
+    log(f"{cfg.arch} on {device}" + (f" x {ddp.world()} processes" if ddp.world() > 1 else "") + ": "
+        + ", ".join(f"{len(s)} {n}" for n, s in splits.items()) + f" images, {len(class_to_idx)} classes")
 
     if cfg.unfreeze:
         plan = _finetune_plan(model, preprocess, splits, cfg, device, log)
@@ -471,14 +526,15 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         log(f"resuming after epoch {start - 1} (best so far: epoch {best['epoch']})")
 
     def save(path: str, epoch: int, **extra) -> None:
-        mu.atomic_save(mu.make_checkpoint(model, spec, preprocess, class_to_idx, epoch=epoch, history=history,
-                                          args=args, **extra), path)
+        if main:
+            mu.atomic_save(mu.make_checkpoint(model, spec, preprocess, class_to_idx, epoch=epoch, history=history,
+                                              args=args, **extra), path)
 
     for epoch in range(start, cfg.epochs + 1):
         t0 = time.perf_counter()
         rate = plan.stateful["optimizer"].param_groups[0]["lr"]
         try:
-            tr = plan.train_epoch()
+            tr = plan.train_epoch(epoch)
         except NonFiniteLoss as e:
             kept = f"{out} keeps epoch {best['epoch']}, the best so far" if best["epoch"] else "no checkpoint was saved"
             raise du.FlowerclfError(f"{e} (epoch {epoch}); {kept}") from None
@@ -491,7 +547,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
             best = {"epoch": epoch, "acc": va["acc"], "loss": va["loss"],
                     "state": _cpu_state(copy.deepcopy(plan.trained.state_dict()))}
             save(out, epoch, metrics={"valid_loss": va["loss"], "valid_acc": va["acc"]})
-        mu.atomic_save(resume_state(plan, spec, class_to_idx, epoch, history, best, args), last)
+        if main:
+            mu.atomic_save(resume_state(plan, spec, class_to_idx, epoch, history, best, args), last)
 
     plan.trained.load_state_dict(best["state"])
     metrics = {"valid_loss": best["loss"], "valid_acc": best["acc"]}
@@ -502,6 +559,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         log(f"test accuracy: top-1 {100 * m['acc']:.2f}%  top-5 {100 * m['top5']:.2f}%  "
             f"(best epoch {best['epoch']})")
     save(out, best["epoch"], metrics=metrics)
+    result = {"checkpoint": out, "metrics": metrics, "history": history, "epoch": best["epoch"]}
+    ddp.cleanup()
+    if not main:
+        return result
     log(f"saved {out} (epoch {best['epoch']}, valid acc {100 * best['acc']:.2f}%)")
     written = report.write_history(history, cfg.save_dir)
     if test is not None:
@@ -511,4 +572,4 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     if cfg.export == "onnx":
         written.append(mu.export_checkpoint_onnx(out))
     log("wrote " + ", ".join(os.path.basename(p) for p in written))
-    return {"checkpoint": out, "metrics": metrics, "history": history, "epoch": best["epoch"]}
+    return result

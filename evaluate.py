@@ -58,15 +58,14 @@ def main(argv: list[str] | None = None) -> int:
         images = du.scan_split(args.split, ckpt["class_to_idx"])
         batch_size = args.batch_size or ckpt.get("args", {}).get("feature_batch_size") or \
             engine.resolve_feature_batch_size(0, device)
-        loader = engine.make_loader(images, engine.eval_transform(du.Preprocess.from_dict(ckpt["preprocess"])),
-                                    batch_size, 0, device)
         trained = ckpt.get("args", {})
         # features on the engine training used, so the numbers match what train.py printed
         forward, _ = engine.feature_forward(
             model.backbone, ckpt["model"]["arch"], ckpt["preprocess"]["crop_size"],
             "torch" if trained.get("unfreeze") else trained.get("engine", "torch"), device,
             bool(trained.get("amp")), mu.state_fingerprint(model.backbone), lambda line: print(line, file=sys.stderr))
-        logits, labels = engine.split_logits(model, loader, device, forward=forward)
+        logits, labels = engine.split_logits(model, images, du.Preprocess.from_dict(ckpt["preprocess"]), batch_size,
+                                             device, forward=forward)
         classes = sorted(ckpt["class_to_idx"], key=ckpt["class_to_idx"].get)
         result = report.classification_report(logits.numpy(), labels.numpy(), classes, names)
         out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))

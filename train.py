@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 EXAMPLES = """examples:
@@ -13,6 +14,7 @@ EXAMPLES = """examples:
   python train.py flowers --arch resnet50 --hidden_units 1024 256 --learning_rate 0.003 --gpu
   python train.py flowers --arch vgg16 --weights ~/vgg16-397923af.pth   # offline, local weights
   python train.py flowers --arch resnet50 --unfreeze 2 --amp --gpu        # fine-tune the last 2 stages
+  torchrun --nproc_per_node=4 train.py flowers --arch resnet50 --unfreeze 2 --amp   # 4 GPUs, one node
 
 DATA_DIR holds train/ and valid/ (and optionally test/), each with one folder per class.
 """
@@ -53,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dropout probability in the head (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=10, help="training epochs (default: %(default)s)")
     p.add_argument("--batch_size", "--batch-size", type=int, default=64,
-                   help="images per batch (default: %(default)s)")
+                   help="images per training step, in total: under torchrun each of the N processes takes "
+                        "batch_size / N, so the learning rate needs no change (default: %(default)s)")
     p.add_argument("--category_names", "--category-names", metavar="JSON",
                    help="JSON mapping class folders to names (e.g. cat_to_name.json), used in the test "
                         "report and confusion matrix")
@@ -160,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             engine.train(cfg)
     except FlowerclfError as e:
-        print(f"error: {e}", file=sys.stderr)
+        rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"{rank}error: {e}", file=sys.stderr)
         return 2
     except torch.cuda.OutOfMemoryError:
         print(f"error: CUDA out of memory at --batch_size {args.batch_size} (feature batch "

@@ -1,0 +1,74 @@
+"""torchrun --nproc_per_node=2 on the CPU (gloo): frozen and fine-tuning paths, equivalence, failures."""
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data_utils as du
+from conftest import ROOT
+
+COMMON = ["--arch", "mobilenet_v3_small", "--weights", "none", "--hidden_units", "8", "--dropout", "0",
+          "--batch_size", "6", "--engine", "torch"]
+
+
+def _run(data, save, nproc, *extra, timeout=240):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    cmd = launcher + [os.path.join(ROOT, "train.py"), data, "--save_dir", str(save)] + COMMON + list(extra)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def _predicts(data, save):
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "predict.py"), os.path.join(data, "test", "1"),
+                          str(save / "checkpoint.pth"), "--json"], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
+@pytest.mark.parametrize("extra", [[], ["--unfreeze", "1"]], ids=["frozen-cached", "unfreeze"])
+def test_two_processes_train_and_write_one_checkpoint(image_folder, tmp_path, extra):
+    run = _run(image_folder, tmp_path / "s", 2, "--epochs", "2", *extra)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("epoch 2/2") == 1  # only rank 0 prints
+    assert "x 2 processes" in run.stdout
+    files = sorted(os.listdir(tmp_path / "s"))
+    assert [f for f in files if f.endswith(".pth")] == ["checkpoint.pth", "checkpoint_last.pth"]
+    assert not [f for f in files if f.startswith(".tmp")]
+    ckpt = torch.load(tmp_path / "s" / "checkpoint.pth", weights_only=True)
+    assert not any(k.startswith(("module.", "head.module.")) for k in ckpt["state_dict"])
+    assert len(_predicts(image_folder, tmp_path / "s")) == 3
+
+
+def test_two_processes_match_one_with_the_same_global_batch(image_folder, tmp_path):
+    one = _run(image_folder, tmp_path / "one", 1, "--epochs", "4")
+    two = _run(image_folder, tmp_path / "two", 2, "--epochs", "4")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    h1 = json.loads((tmp_path / "one" / "history.json").read_text())
+    h2 = json.loads((tmp_path / "two" / "history.json").read_text())
+    # same features (each rank extracts half, then they swap), same batches, gradients averaged to
+    # the same mean: accuracies agree exactly, losses to float rounding
+    assert [h["valid_acc"] for h in h1] == [h["valid_acc"] for h in h2]
+    np.testing.assert_allclose([h["valid_loss"] for h in h1], [h["valid_loss"] for h in h2], atol=1e-4)
+    np.testing.assert_allclose([h["train_loss"] for h in h1], [h["train_loss"] for h in h2], atol=1e-4)
+
+
+def test_a_failing_rank_ends_the_job(image_folder, tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    bad = os.path.join(image_folder, "train", "1", "1_0a.jpg")
+    with open(bad, "wb") as f:
+        f.write(buf.getvalue()[:len(buf.getvalue()) // 2])  # a valid header, truncated data: decoding fails
+    assert du.scan_split(os.path.join(image_folder, "train")).files.index(bad) % 2 == 1  # rank 1's shard
+    start = time.monotonic()
+    run = _run(image_folder, tmp_path / "s", 2, "--epochs", "2", timeout=120)
+    assert run.returncode != 0
+    assert time.monotonic() - start < 120
+    assert "[rank 1] error: " in run.stderr and "1_0a.jpg cannot be read" in run.stderr
+    assert "[rank 1]: Traceback" not in run.stderr
