@@ -21,7 +21,7 @@ DATA_DIR holds train/ and valid/ (and optionally test/), each with one folder pe
 
 
 def hidden_units(value: str) -> int:
-    """argparse type: a non-negative layer width (0 means no hidden layer)."""
+    """argparse type: a whole number, 0 or more (for --hidden_units, 0 means no hidden layer)."""
     try:
         n = int(value)
     except ValueError:
@@ -111,15 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def unfreeze(value: str) -> int | str:
     """argparse type: a number of stages, or 'all'."""
-    if value == "all":
-        return value
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is neither a number of stages nor 'all'") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{n} is negative")
-    return n
+    return value if value == "all" else hidden_units(value)
 
 
 def main(argv: list[str] | None = None) -> int:
