@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device to run on; auto picks CUDA, then MPS, then CPU (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of text")
     p.add_argument("--plot", metavar="FILE.png",
-                   help="also save the sanity-check figure: each image above a bar chart of its top-k names")
+                   help="also save the sanity-check figure: each image above a bar chart of its top-k names "
+                        "(a grid of up to 16 images)")
     return p
 
 
@@ -72,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results, indent=2) if args.json else format_text(results))
     if args.plot and results:
         import report
-        report.plot_predictions([du.load_rgb(r["image"]) for r in results], results, args.plot)
+        shown = results[:report.PLOT_MAX_IMAGES]
+        if len(shown) < len(results):
+            print(f"note: --plot shows the first {len(shown)} of {len(results)} images", file=sys.stderr)
+        report.plot_predictions([du.load_rgb(r["image"]) for r in shown], shown, args.plot)
     for err in errors:
         print(f"error: {err}", file=sys.stderr)
     # some inputs failed: 1 when others were predicted, 2 when nothing was

@@ -122,18 +122,24 @@ def write_report(report: dict, save_dir: str, stem: str = "test") -> list[str]:
     return paths
 
 
+PLOT_COLUMNS, PLOT_MAX_IMAGES = 4, 16
+
+
 def plot_predictions(images: list, results: list[dict], path: str) -> None:
-    """The classic sanity check: each image above a bar chart of its top-k names; a column per image."""
+    """The classic sanity check: each image above a bar chart of its top-k names, in a grid of up to 4 columns."""
     plt = _pyplot()
     n = len(results)
-    fig, axes = plt.subplots(2, n, figsize=(4.2 * n, 7.5), squeeze=False,
-                             gridspec_kw={"height_ratios": [1.2, 1]})
-    for col, (img, result) in enumerate(zip(images, results)):
+    cols, rows = min(n, PLOT_COLUMNS), -(-n // PLOT_COLUMNS)
+    fig, axes = plt.subplots(2 * rows, cols, figsize=(4.2 * cols, 7.5 * rows), squeeze=False,
+                             gridspec_kw={"height_ratios": [1.2, 1] * rows})
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (img, result) in enumerate(zip(images, results)):
         preds = result["predictions"]
-        top_ax, bar_ax = axes[0][col], axes[1][col]
+        top_ax, bar_ax = axes[2 * (i // cols)][i % cols], axes[2 * (i // cols) + 1][i % cols]
         top_ax.imshow(img)
         top_ax.set_title(preds[0]["name"], fontsize=12)
-        top_ax.axis("off")
+        bar_ax.axis("on")
         bar_ax.barh(range(len(preds)), [100 * p["probability"] for p in preds], color="tab:blue")
         bar_ax.set_yticks(range(len(preds)), [p["name"] for p in preds])
         bar_ax.invert_yaxis()

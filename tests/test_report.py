@@ -104,3 +104,11 @@ def test_predict_plot(run, tmp_path):
     with contextlib.redirect_stdout(io.StringIO()):
         assert predict.main([os.path.join(data, "test", "1"), str(save / "checkpoint.pth"), "--plot", str(out)]) == 0
     assert Image.open(out).size == (3 * 420, 750)  # one column per image
+
+
+def test_prediction_grid_wraps_after_four_columns(tmp_path):
+    img = Image.new("RGB", (8, 8), (200, 30, 30))
+    result = {"image": "x.png", "predictions": [{"class": "1", "name": "pink primrose", "probability": 0.9},
+                                                 {"class": "2", "name": "globe thistle", "probability": 0.1}]}
+    report.plot_predictions([img] * 5, [result] * 5, str(tmp_path / "grid.png"))
+    assert Image.open(tmp_path / "grid.png").size == (4 * 420, 2 * 750)
