@@ -137,7 +137,7 @@ def onnx_forward(backbone: nn.Module, arch: str, crop_size: int, fingerprint: st
     versions = f"{torch.__version__}|{onnx.__version__}|{ort.__version__}|{crop_size}"
     key = hashlib.sha256(f"{fingerprint}|{versions}".encode()).hexdigest()[:24]
     path = os.path.join(onnx_cache_dir(), "onnx", f"{arch}-{key}.onnx")
-    if not os.path.isfile(path):
+    if not os.path.isfile(path):  # a copy: the export moves the module to contiguous format
         mu.export_onnx(copy.deepcopy(backbone), path, crop_size)
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
@@ -163,8 +163,8 @@ def feature_forward(backbone: nn.Module, arch: str, crop_size: int, engine: str,
         try:
             return onnx_forward(backbone, arch, crop_size, fingerprint), "onnxruntime"
         except Exception as e:  # exporter and runtime failures are many; every one means "use torch"
-            log(f"ONNX Runtime unavailable for {arch} ({type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}); "
-                f"using torch")
+            detail = str(e).splitlines()[0][:150] if str(e) else ""
+            log(f"ONNX Runtime unavailable for {arch} ({type(e).__name__}: {detail}); using torch")
     return torch_forward(backbone, device, amp), "torch"
 
 

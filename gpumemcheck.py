@@ -71,7 +71,8 @@ def format_text(r: dict) -> str:
                          f"use --batch_size {est['recommended_batch_size']} (10% margin)")
     lines.append("live tensors (device, dtype, shape: count, size):" if r["tensors"] else "live tensors: none")
     for t in r["tensors"][:15]:
-        lines.append(f"  {t['device']:7s} {t['dtype']:9s} {str(tuple(t['shape'])):22s} x{t['count']:<5d} {mib(t['bytes'])}")
+        shape = str(tuple(t["shape"]))
+        lines.append(f"  {t['device']:7s} {t['dtype']:9s} {shape:22s} x{t['count']:<5d} {mib(t['bytes'])}")
     if len(r["tensors"]) > 15:
         lines.append(f"  ... {len(r['tensors']) - 15} more groups (--json lists all)")
     return "\n".join(lines)

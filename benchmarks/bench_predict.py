@@ -63,7 +63,8 @@ def main(argv=None) -> int:
         subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), ckpt, "--out", onnx], check=True,
                        stdout=subprocess.DEVNULL)
         predict = [sys.executable, os.path.join(ROOT, "predict.py"), image]
-        runs = {"torch": predict + [ckpt], "floor": [sys.executable, "-c", FLOOR, ckpt, image], "onnx": predict + [onnx]}
+        runs = {"torch": predict + [ckpt], "floor": [sys.executable, "-c", FLOOR, ckpt, image],
+                "onnx": predict + [onnx]}
         times = {name: [] for name in runs}
         for _ in range(args.repeats):
             for name, cmd in runs.items():

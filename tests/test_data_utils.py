@@ -3,7 +3,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
