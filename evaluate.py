@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
         os.makedirs(out, exist_ok=True)
         written = report.write_report(result, out, os.path.basename(os.path.normpath(args.split)))
-    except du.FlowerclfError as e:
+    except (du.FlowerclfError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         out = mu.export_checkpoint_onnx(args.checkpoint, args.out)
-    except FlowerclfError as e:
+    except (FlowerclfError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

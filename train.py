@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(f"{rank}error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. an unwritable --save_dir; checkpoints already written stay intact
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except torch.cuda.OutOfMemoryError:
         print(f"error: CUDA out of memory at --batch_size {args.batch_size} (feature batch "
               f"{args.feature_batch_size or 'auto'}); python gpumemcheck.py --arch {args.arch}"

@@ -132,3 +132,12 @@ def test_help_explains_every_flag(script):
     module = __import__(script[:-3])
     for action in module.build_parser()._actions:
         assert action.help, action.dest
+
+
+def test_unwritable_save_dir_is_one_line(image_folder, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert train.main([image_folder, "--arch", "mobilenet_v3_small", "--weights", "none", "--epochs", "1",
+                       "--engine", "torch", "--save_dir", str(blocker / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0]
