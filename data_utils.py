@@ -36,6 +36,32 @@ class ImageSet:
         return len(self.files)
 
 
+def class_names(class_to_idx: dict[str, int]) -> list[str]:
+    """Class folder names in output-index order."""
+    return sorted(class_to_idx, key=class_to_idx.get)
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call write(binary file) on a temp file beside `path`, fsync, then rename it over `path`.
+
+    A crash or kill at any moment leaves either the old file or the new one, never half of one.
+    """
+    import tempfile
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(str(path))[1], dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def is_image_file(path: str | os.PathLike) -> bool:
     """True for a visible file whose extension is an image format we read."""
     name = os.path.basename(path)
@@ -92,7 +118,8 @@ def scan_data_dir(data_dir: str | os.PathLike, valid_split: float = 0.0, seed: i
         raise FlowerclfError(f"{data_dir}/ has no valid/ folder; add {data_dir}/valid/CLASS/*.jpg, or pass "
                              f"--valid_split 0.2 to set aside part of train/")
     sets = {"train": scan_split(data_dir / "train")}
-    empty = [c for c, i in sets["train"].class_to_idx.items() if i not in set(sets["train"].labels)]
+    present = set(sets["train"].labels)
+    empty = [c for c, i in sets["train"].class_to_idx.items() if i not in present]
     if empty:
         raise FlowerclfError(f"train/ class folders {empty} have no images; add images or remove the folders")
     if valid_split:
@@ -149,7 +176,8 @@ def check_splits(splits: dict[str, ImageSet], full: bool = False, skip_bad: bool
     train_classes = set(splits["train"].class_to_idx)
     for name, images in splits.items():
         if name != "train":
-            missing = sorted(train_classes - {c for c, i in images.class_to_idx.items() if i in set(images.labels)})
+            present = set(images.labels)
+            missing = sorted(train_classes - {c for c, i in images.class_to_idx.items() if i in present})
             if missing:
                 warnings_.append(f"warning: {name}/ has no images of classes {missing[:10]}"
                                  f"{' ...' if len(missing) > 10 else ''} that train/ has")

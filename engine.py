@@ -31,7 +31,6 @@ import report
 
 CACHE_DIRNAME = ".feature_cache"
 DIST_TIMEOUT_S = 300  # a collective waiting longer than this means a rank died or hung: end the job
-RESUME_FORMAT = "flowerclf-resume"
 
 
 @dataclass
@@ -181,7 +180,7 @@ def extract_features(forward: Forward, loader, desc: str = "features") -> tuple[
 def feature_key(images: du.ImageSet, fingerprint: str, preprocess: du.Preprocess, view: int | None,
                 seed: int, amp: bool, engine: str) -> str:
     """Hash of everything that changes the features; nothing about the head or the optimizer."""
-    files = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in images.files]
+    files = [(f, st.st_size, st.st_mtime_ns) for f in images.files for st in (os.stat(f),)]
     blob = json.dumps({"files": files, "labels": images.labels, "backbone": fingerprint,
                        "preprocess": preprocess.to_dict(), "view": view, "seed": seed if view is not None else None,
                        "amp": amp, "engine": engine, "torch": torch.__version__,
@@ -389,22 +388,12 @@ def _finetune_plan(model, preprocess, splits, cfg, device, log) -> Plan:
     log(f"fine-tuning backbone stages: {', '.join(names) or 'none'}")
     to_channels_last(model)
     generator = torch.Generator().manual_seed(cfg.seed)
-    sampler = None
-    if ddp.world() > 1:  # --batch_size is global: each of the N processes takes batch_size / N per step
-        sampler = torch.utils.data.DistributedSampler(du.ImageDataset(splits["train"].files, splits["train"].labels,
-                                                                      None), seed=cfg.seed)
+    # --batch_size is global: under torchrun each of the N processes takes batch_size / N per step
+    sampler = torch.utils.data.DistributedSampler(range(len(splits["train"])), seed=cfg.seed) \
+        if ddp.world() > 1 else None
     train_loader = make_loader(splits["train"], du.train_transform(preprocess),
                                max(1, cfg.batch_size // ddp.world()), cfg.num_workers, device,
                                shuffle=sampler is None, generator=generator, sampler=sampler)
-
-    def train_epoch(epoch: int) -> dict:
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        return finetune_epoch(model, train_loader, optimizer, scheduler, scaler, loss_fn, device, cfg.amp, runner)
-
-    def logits(split: str):
-        return split_logits(model, splits[split], preprocess, cfg.feature_batch_size, device, cfg.amp, split,
-                            num_workers=cfg.num_workers)
     backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([
         {"params": model.head.parameters(), "lr": cfg.learning_rate},
@@ -416,6 +405,16 @@ def _finetune_plan(model, preprocess, splits, cfg, device, log) -> Plan:
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     runner = wrap_ddp(model, device)
     runner = torch.compile(runner) if cfg.compile else runner
+
+    def train_epoch(epoch: int) -> dict:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        return finetune_epoch(model, train_loader, optimizer, scheduler, scaler, loss_fn, device, cfg.amp, runner)
+
+    def logits(split: str):
+        return split_logits(model, splits[split], preprocess, cfg.feature_batch_size, device, cfg.amp, split,
+                            num_workers=cfg.num_workers)
+
     return Plan(
         model, train_epoch, lambda: metrics_from_logits(*logits("valid")),
         (lambda: logits("test")) if "test" in splits else None,
@@ -436,14 +435,15 @@ def resolve_feature_batch_size(requested: int, device: torch.device) -> int:
 
 
 def _cpu_state(state: dict) -> dict:
-    return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+    """A copy of a state dict on the CPU (a copy even for CPU tensors, so training cannot change it)."""
+    return {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
 def resume_state(plan: Plan, spec: mu.ModelSpec, class_to_idx: dict, epoch: int, history: list, best: dict,
                  args: dict) -> dict:
     """checkpoint_last.pth: everything needed to continue exactly where this epoch ended (plain data)."""
     return {
-        "format": RESUME_FORMAT, "version": mu.CHECKPOINT_VERSION, "model": spec.to_dict(),
+        "format": mu.RESUME_FORMAT, "version": mu.CHECKPOINT_VERSION, "model": spec.to_dict(),
         "class_to_idx": dict(class_to_idx), "unfreeze": args["unfreeze"], "epoch": epoch, "history": history,
         "best": {k: best[k] for k in ("epoch", "acc", "loss")}, "best_state": best["state"],
         "trained_state": _cpu_state(plan.trained.state_dict()),
@@ -460,7 +460,7 @@ def restore(path: str, plan: Plan, spec: mu.ModelSpec, class_to_idx: dict, unfre
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle refusals, truncation: all mean "cannot resume from this"
         raise du.FlowerclfError(f"--resume: {path} is not loadable ({type(e).__name__})") from None
-    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+    if not isinstance(state, dict) or state.get("format") != mu.RESUME_FORMAT:
         raise du.FlowerclfError(f"--resume: {path} is not a train.py resume state")
     if state["class_to_idx"] != class_to_idx:
         raise du.FlowerclfError(f"--resume: {path} was made for classes {sorted(state['class_to_idx'])[:8]}, "
@@ -545,7 +545,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         log(format_epoch(epoch, cfg.epochs, tr, va, seconds))
         if va["acc"] > best["acc"]:
             best = {"epoch": epoch, "acc": va["acc"], "loss": va["loss"],
-                    "state": _cpu_state(copy.deepcopy(plan.trained.state_dict()))}
+                    "state": _cpu_state(plan.trained.state_dict())}
             save(out, epoch, metrics={"valid_loss": va["loss"], "valid_acc": va["acc"]})
         if main:
             mu.atomic_save(resume_state(plan, spec, class_to_idx, epoch, history, best, args), last)
@@ -566,7 +566,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     log(f"saved {out} (epoch {best['epoch']}, valid acc {100 * best['acc']:.2f}%)")
     written = report.write_history(history, cfg.save_dir)
     if test is not None:
-        classes = sorted(class_to_idx, key=class_to_idx.get)
+        classes = du.class_names(class_to_idx)
         written += report.write_report(report.classification_report(
             test[0].numpy(), test[1].numpy(), classes, names), cfg.save_dir)
     if cfg.export == "onnx":

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             bool(trained.get("amp")), mu.state_fingerprint(model.backbone), lambda line: print(line, file=sys.stderr))
         logits, labels = engine.split_logits(model, images, du.Preprocess.from_dict(ckpt["preprocess"]), batch_size,
                                              device, forward=forward)
-        classes = sorted(ckpt["class_to_idx"], key=ckpt["class_to_idx"].get)
+        classes = du.class_names(ckpt["class_to_idx"])
         result = report.classification_report(logits.numpy(), labels.numpy(), classes, names)
         out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
         os.makedirs(out, exist_ok=True)

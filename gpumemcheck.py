@@ -64,7 +64,7 @@ def format_text(r: dict) -> str:
         lines.append(f"{est['arch']}, {est['step']}{', amp' if est['amp'] else ''} on {est['device']}:")
         if est.get("peak_bytes") is not None:
             lines.append(f"  batch {est['batch_size']}: peak {mib(est['peak_bytes'])} of {where}")
-        elif "batch_size" in est and "recommended_batch_size" not in est:
+        elif "recommended_batch_size" not in est:
             lines.append(f"  batch {est['batch_size']}: does not fit ({where})")
         if "recommended_batch_size" in est:
             lines.append(f"  largest batch that fits: {est['largest_batch_size']}; "
@@ -78,33 +78,24 @@ def format_text(r: dict) -> str:
     return "\n".join(lines)
 
 
-def estimate(args) -> dict:
-    """Measure a real training step (CUDA) or model it from small steps (CPU)."""
+def estimate(args, step, what: str, device) -> dict:
+    """Peak memory of `step`: measured on CUDA, modelled from two small real steps on the CPU."""
     import memory
-    import model_utils as mu
 
-    device = mu.resolve_device(args.device)
-    step, what = memory.training_step(args.arch, args.num_classes, args.unfreeze, args.amp, device)
-    args.keep_alive = step  # its model stays alive for the tensor census
     out = {"arch": args.arch, "device": device.type, "step": what, "amp": args.amp}
     if device.type == "cuda":
-        measure = lambda b: memory.cuda_peak(step, b, device)  # noqa: E731
-        if args.find_batch_size:
-            best = memory.largest_fitting(lambda b: measure(b) is not None)
-            out.update(largest_batch_size=best, recommended_batch_size=memory.with_margin(best),
-                       peak_bytes=measure(best) if best else None, batch_size=best)
-        else:
-            out.update(batch_size=args.batch_size, peak_bytes=measure(args.batch_size))
-        return out
-    fixed, per_image = memory.cpu_memory_model(step)
-    available = memory.host_report()["available"]
-    out.update(fixed_bytes=fixed, per_image_bytes=per_image)
-    if args.find_batch_size:
-        best = memory.largest_fitting(lambda b: fixed + per_image * b <= available)
-        out.update(largest_batch_size=best, recommended_batch_size=memory.with_margin(best), batch_size=best,
-                   peak_bytes=fixed + per_image * best)
+        peak = lambda b: memory.cuda_peak(step, b, device)  # noqa: E731  (None: out of memory)
     else:
-        out.update(batch_size=args.batch_size, peak_bytes=fixed + per_image * args.batch_size)
+        fixed, per_image = memory.cpu_memory_model(step)
+        available = memory.host_report()["available"]
+        out.update(fixed_bytes=fixed, per_image_bytes=per_image)
+        peak = lambda b: fixed + per_image * b if fixed + per_image * b <= available else None  # noqa: E731
+    if args.find_batch_size:
+        best = memory.largest_fitting(lambda b: peak(b) is not None)
+        out.update(largest_batch_size=best, recommended_batch_size=memory.with_margin(best), batch_size=best,
+                   peak_bytes=peak(best) if best else None)
+    else:
+        out.update(batch_size=args.batch_size, peak_bytes=peak(args.batch_size))
     return out
 
 
@@ -112,12 +103,16 @@ def report(args) -> dict:
     """Everything gpumemcheck prints, as plain data."""
     import torch
     import memory
+    import model_utils as mu
 
     r = {"cuda": memory.cuda_report() if torch.cuda.is_available() else [], "host": memory.host_report()}
+    step = None
     if args.arch:
-        r["estimate"] = estimate(args)
-    r["tensors"] = memory.tensor_census()  # with --arch, this includes the measured model and its optimizer
-    args.keep_alive = None
+        device = mu.resolve_device(args.device)
+        step, what = memory.training_step(args.arch, args.num_classes, args.unfreeze, args.amp, device)
+        r["estimate"] = estimate(args, step, what, device)
+    r["tensors"] = memory.tensor_census()  # while `step` lives: the measured model and optimizer are counted
+    del step
     return r
 
 

@@ -33,7 +33,7 @@ class Predictor:
         def probabilities(batch: np.ndarray) -> np.ndarray:
             return model(torch.from_numpy(batch).to(dev)).float().softmax(dim=1).cpu().numpy()
 
-        classes = sorted(ckpt["class_to_idx"], key=ckpt["class_to_idx"].get)
+        classes = du.class_names(ckpt["class_to_idx"])
         return cls(probabilities, classes, du.Preprocess.from_dict(ckpt["preprocess"]))
 
     @classmethod
@@ -64,7 +64,7 @@ class Predictor:
             e = np.exp(logits - logits.max(axis=1, keepdims=True))
             return e / e.sum(axis=1, keepdims=True)
 
-        classes = sorted(meta["class_to_idx"], key=meta["class_to_idx"].get)
+        classes = du.class_names(meta["class_to_idx"])
         return cls(probabilities, classes, du.Preprocess.from_dict(meta["preprocess"]))
 
     @classmethod

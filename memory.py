@@ -12,6 +12,7 @@ import psutil
 import torch
 from torch import nn
 
+import engine
 import model_utils as mu
 
 MIB = 1024 ** 2
@@ -100,14 +101,13 @@ def training_step(arch: str, num_classes: int, unfreeze, amp: bool, device: torc
         mu.freeze(model.backbone)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params)
-    dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
     model.to(memory_format=torch.channels_last)
 
     def step(batch_size: int) -> None:
         x = torch.randn(batch_size, 3, pp.crop_size, pp.crop_size, device=device)
         x = x.contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, num_classes, (batch_size,), device=device)
-        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+        with engine.autocast(device, amp):
             if unfreeze:
                 model.train()
                 loss = nn.functional.cross_entropy(model(x), y)

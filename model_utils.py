@@ -8,7 +8,6 @@ import json
 import os
 import re
 import socket
-import tempfile
 import urllib.error
 import warnings
 from collections import OrderedDict
@@ -19,11 +18,12 @@ import torch
 import torchvision
 from torch import nn
 
-from data_utils import FlowerclfError, Preprocess
+from data_utils import FlowerclfError, Preprocess, atomic_write
 from inference import ONNX_METADATA_KEY
 
 CHECKPOINT_FORMAT = "flowerclf-checkpoint"
 CHECKPOINT_VERSION = 1
+RESUME_FORMAT = "flowerclf-resume"  # checkpoint_last.pth: train.py --resume state, not for predict
 
 # Where a model keeps its ImageNet classifier; the 1000-way layer is the last
 # Linear/Conv2d inside it (a bare Linear, or e.g. vgg's Sequential, squeezenet's conv).
@@ -355,20 +355,8 @@ def resolve_device(name: str = "auto", gpu: bool = False) -> torch.device:
 # ---------------------------------------------------------------- checkpoints
 
 def atomic_save(obj, path: str) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename over `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """torch.save through a temp file and a rename: a crash mid-save never breaks `path`."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def make_checkpoint(model: nn.Sequential, spec: ModelSpec, preprocess: Preprocess,
@@ -431,7 +419,7 @@ def read_checkpoint(path: str, map_location="cpu") -> dict:
     except Exception as e:  # unpickling refused, truncated zip, not a torch file at all
         raise FlowerclfError(f"{path} is not a loadable checkpoint ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
-    if isinstance(ckpt, dict) and ckpt.get("format") == "flowerclf-resume":
+    if isinstance(ckpt, dict) and ckpt.get("format") == RESUME_FORMAT:
         raise FlowerclfError(f"{path} is train.py's state for --resume; use checkpoint.pth from the same folder")
     if _is_classic(ckpt):
         return ckpt

@@ -5,10 +5,13 @@ numpy and matplotlib only (Agg backend: no display needed); matplotlib is import
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 
 import numpy as np
+
+from data_utils import atomic_write
 
 
 def _pyplot():
@@ -19,21 +22,25 @@ def _pyplot():
 
 
 def write_json(obj, path: str) -> None:
-    """JSON to `path` via a temp file and rename, so a crash never leaves half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    """JSON to `path`, atomically."""
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode("utf-8")))
+
+
+def save_figure(fig, path: str) -> None:
+    """A matplotlib figure to a PNG, atomically, then closed."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    _pyplot().close(fig)
 
 
 def write_history(history: list[dict], save_dir: str) -> list[str]:
     """history.json, history.csv and training_curves.png; returns the paths written."""
     paths = [os.path.join(save_dir, n) for n in ("history.json", "history.csv", "training_curves.png")]
     write_json(history, paths[0])
-    with open(paths[1], "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write(paths[1], lambda f: f.write(text.getvalue().encode("utf-8")))
     plt = _pyplot()
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
@@ -46,8 +53,7 @@ def write_history(history: list[dict], save_dir: str) -> list[str]:
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(paths[2], dpi=100)
-    plt.close(fig)
+    save_figure(fig, paths[2])
     return paths
 
 
@@ -109,8 +115,7 @@ def plot_confusion_matrix(cm: np.ndarray, labels: list[str], path: str) -> None:
                             color="white" if norm[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_report(report: dict, save_dir: str, stem: str = "test") -> list[str]:
@@ -146,5 +151,4 @@ def plot_predictions(images: list, results: list[dict], path: str) -> None:
         bar_ax.set_xlim(0, 100)
         bar_ax.set_xlabel("probability (%)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
