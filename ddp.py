@@ -88,7 +88,3 @@ def all_sum(value: float, device: torch.device) -> float:
     dist.all_reduce(t)
     return t.item()
 
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()

@@ -9,6 +9,9 @@ import json
 import sys
 import time
 
+import cli
+from errors import FlowerclfError
+
 EXAMPLES = """examples:
   python gpumemcheck.py                                   # devices, this process, live tensors
   python gpumemcheck.py --arch resnet50 --batch_size 64   # peak memory of one training step
@@ -19,24 +22,20 @@ Without CUDA the step estimate and --find_batch_size are for this machine's RAM 
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> cli.ArgumentParser:
     """The command-line interface of gpumemcheck.py."""
-    from train import unfreeze
-
-    p = argparse.ArgumentParser(prog="gpumemcheck.py", description=__doc__.splitlines()[0], epilog=EXAMPLES,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser("gpumemcheck.py", __doc__, EXAMPLES)
     p.add_argument("--arch", help="estimate a training step of this model (any train.py --arch)")
-    p.add_argument("--batch_size", "--batch-size", type=int, default=32,
+    p.add_argument("--batch_size", "--batch-size", type=cli.positive_int, default=32,
                    help="with --arch: batch size of the step to measure (default: %(default)s)")
     p.add_argument("--find_batch_size", "--find-batch-size", action="store_true",
                    help="with --arch: find the largest batch size that fits, minus a 10%% safety margin")
-    p.add_argument("--unfreeze", type=unfreeze, default=0, metavar="N|all",
+    p.add_argument("--unfreeze", type=cli.unfreeze, default=0, metavar="N|all",
                    help="with --arch: as train.py --unfreeze (default: 0, frozen backbone)")
     p.add_argument("--amp", action="store_true", help="with --arch: as train.py --amp")
-    p.add_argument("--num_classes", "--num-classes", type=int, default=102,
+    p.add_argument("--num_classes", "--num-classes", type=cli.positive_int, default=102,
                    help="with --arch: classes of the head (default: %(default)s)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="device for --arch (default: %(default)s: CUDA when present)")
+    cli.add_device_flags(p, ("auto", "cpu", "cuda"))
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--watch", type=float, metavar="SECONDS", help="print the report again every SECONDS")
     return p
@@ -103,12 +102,12 @@ def report(args) -> dict:
     """Everything gpumemcheck prints, as plain data."""
     import torch
     import memory
-    import model_utils as mu
+    from devices import resolve_device
 
     r = {"cuda": memory.cuda_report() if torch.cuda.is_available() else [], "host": memory.host_report()}
     step = None
     if args.arch:
-        device = mu.resolve_device(args.device)
+        device = resolve_device(args.device, args.gpu)
         step, what = memory.training_step(args.arch, args.num_classes, args.unfreeze, args.amp, device)
         r["estimate"] = estimate(args, step, what, device)
     r["tensors"] = memory.tensor_census()  # while `step` lives: the measured model and optimizer are counted
@@ -116,33 +115,29 @@ def report(args) -> dict:
     return r
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse arguments, report (repeatedly with --watch); return the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def watch(args: argparse.Namespace) -> None:
+    """Print the report, again every --watch seconds until Ctrl-C."""
     if (args.find_batch_size or args.unfreeze or args.amp) and not args.arch:
-        parser.error("--find_batch_size, --unfreeze and --amp need --arch")
-    if args.batch_size < 1:
-        parser.error("--batch_size must be at least 1")
-    if args.watch is not None and args.watch <= 0:
-        parser.error("--watch needs a positive number of seconds")
-    from data_utils import FlowerclfError
-    import model_utils as mu
-
+        raise FlowerclfError("--find_batch_size, --unfreeze and --amp need --arch")
+    if args.watch is not None and not args.watch > 0:
+        raise FlowerclfError("--watch needs a positive number of seconds")
+    if args.arch:
+        import model_utils as mu
+        mu.resolve_weights(args.arch, "none")  # unknown arch: one line, before any work
     try:
-        if args.arch:
-            mu.resolve_weights(args.arch, "none")  # unknown arch: one line, before any work
         while True:
             r = report(args)
             print(json.dumps(r) if args.json else format_text(r), flush=True)
             if args.watch is None:
-                return 0
+                return
             time.sleep(args.watch)
-    except FlowerclfError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 0
+    except KeyboardInterrupt:  # how --watch is meant to end
+        return
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, report (repeatedly with --watch); return the exit code."""
+    return cli.run_main(build_parser(), argv, watch)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ from typing import Callable
 import numpy as np
 
 import data_utils as du
-
-ONNX_METADATA_KEY = "flowerclf"  # the metadata_props entry holding the checkpoint's plain-data description
+from errors import FlowerclfError
+from schema import ONNX_METADATA_KEY
 
 
 @dataclass
@@ -24,10 +24,12 @@ class Predictor:
     def from_checkpoint(cls, path: str, device: str = "auto", gpu: bool = False) -> "Predictor":
         """A torch predictor from a train.py checkpoint."""
         import torch
-        import model_utils as mu
 
-        dev = mu.resolve_device(device, gpu)
-        model, ckpt = mu.load_model(path, dev)
+        from checkpoints import load_model
+        from devices import resolve_device
+
+        dev = resolve_device(device, gpu)
+        model, ckpt = load_model(path, dev)
 
         @torch.inference_mode()
         def probabilities(batch: np.ndarray) -> np.ndarray:
@@ -45,18 +47,18 @@ class Predictor:
         try:
             import onnxruntime as ort
         except ImportError:
-            raise du.FlowerclfError("predicting with an .onnx model needs onnxruntime: "
+            raise FlowerclfError("predicting with an .onnx model needs onnxruntime: "
                                     "pip install -r requirements-predict.txt") from None
         if not os.path.isfile(path):
-            raise du.FlowerclfError(f"model {path} does not exist")
+            raise FlowerclfError(f"model {path} does not exist")
         try:
             session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
             meta = json.loads(session.get_modelmeta().custom_metadata_map[ONNX_METADATA_KEY])
         except KeyError:
-            raise du.FlowerclfError(f"{path} is an ONNX model without flowerclf metadata; export it with "
+            raise FlowerclfError(f"{path} is an ONNX model without flowerclf metadata; export it with "
                                     f"python export.py CHECKPOINT") from None
         except Exception as e:  # onnxruntime raises its own exception types for unreadable files
-            raise du.FlowerclfError(f"{path} is not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from None
+            raise FlowerclfError(f"{path} is not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from None
         name = session.get_inputs()[0].name
 
         def probabilities(batch: np.ndarray) -> np.ndarray:
@@ -72,7 +74,7 @@ class Predictor:
         """A predictor for a checkpoint.pth (torch) or a model.onnx (ONNX Runtime, CPU)."""
         if path.lower().endswith(".onnx"):
             if gpu or device not in ("auto", "cpu"):
-                raise du.FlowerclfError(f"{path} runs on ONNX Runtime's CPU provider; drop --gpu/--device "
+                raise FlowerclfError(f"{path} runs on ONNX Runtime's CPU provider; drop --gpu/--device "
                                         f"or use checkpoint.pth")
             return cls.from_onnx(path)
         return cls.from_checkpoint(path, device, gpu)
@@ -85,14 +87,14 @@ class Predictor:
         for p in inputs:
             try:
                 files.extend(du.list_images([p]))
-            except du.FlowerclfError as e:
+            except FlowerclfError as e:
                 errors.append(str(e))
         arrays, good = [], []
         for f in files:
             try:
                 arrays.append(du.preprocess_image(du.load_rgb(f), self.preprocess))
                 good.append(f)
-            except du.FlowerclfError as e:
+            except FlowerclfError as e:
                 errors.append(str(e))
         results = []
         k = min(top_k, len(self.classes))

@@ -12,8 +12,8 @@ import psutil
 import torch
 from torch import nn
 
-import engine
 import model_utils as mu
+from devices import autocast
 
 MIB = 1024 ** 2
 
@@ -107,7 +107,7 @@ def training_step(arch: str, num_classes: int, unfreeze, amp: bool, device: torc
         x = torch.randn(batch_size, 3, pp.crop_size, pp.crop_size, device=device)
         x = x.contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, num_classes, (batch_size,), device=device)
-        with engine.autocast(device, amp):
+        with autocast(device, amp):
             if unfreeze:
                 model.train()
                 loss = nn.functional.cross_entropy(model(x), y)

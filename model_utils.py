@@ -1,15 +1,10 @@
-"""Model side of flowerclf: the backbone registry, heads, devices and checkpoints."""
+"""Models: the backbone registry (any torchvision classifier or efficientnet_lite0), heads, freezing."""
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import io
-import json
 import os
 import re
 import socket
 import urllib.error
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
@@ -18,12 +13,8 @@ import torch
 import torchvision
 from torch import nn
 
-from data_utils import FlowerclfError, Preprocess, atomic_write
-from inference import ONNX_METADATA_KEY
-
-CHECKPOINT_FORMAT = "flowerclf-checkpoint"
-CHECKPOINT_VERSION = 1
-RESUME_FORMAT = "flowerclf-resume"  # checkpoint_last.pth: train.py --resume state, not for predict
+from data_utils import Preprocess
+from errors import FlowerclfError
 
 # Where a model keeps its ImageNet classifier; the 1000-way layer is the last
 # Linear/Conv2d inside it (a bare Linear, or e.g. vgg's Sequential, squeezenet's conv).
@@ -101,7 +92,8 @@ class ExtraArch:
     preprocess: Preprocess
 
 
-# Measured (tests/test_models.py::test_lite0_imagenet_top5 and the README): these
+# Measured (benchmarks/lite0_normalization.py, the README; tests/test_model_utils.py::
+# test_lite0_imagenet_top5_on_grace_hopper checks the result): these
 # weights want TF-Lite's mean = std = 0.5 scaling, as timm's config says.
 EXTRA_ARCHS = {
     "efficientnet_lite0": ExtraArch(
@@ -329,172 +321,3 @@ def unfreeze_last(backbone: nn.Module, n: int | str) -> list[str]:
         for p in module.parameters():
             p.requires_grad_(True)
     return [name for name, _ in chosen]
-
-
-# ---------------------------------------------------------------- devices
-
-def resolve_device(name: str = "auto", gpu: bool = False) -> torch.device:
-    """The one device decision: --gpu means CUDA; auto prefers CUDA, then MPS, then CPU."""
-    if gpu and name not in ("auto", "cuda"):
-        raise FlowerclfError(f"--gpu asks for CUDA but --device is {name}; pass one of them")
-    if gpu:
-        name = "cuda"
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FlowerclfError("CUDA was requested (--gpu / --device cuda) but no CUDA device is available; "
-                             "drop --gpu to run on the CPU")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise FlowerclfError("--device mps was requested but MPS is not available on this machine")
-    return torch.device(name)
-
-
-# ---------------------------------------------------------------- checkpoints
-
-def atomic_save(obj, path: str) -> None:
-    """torch.save through a temp file and a rename: a crash mid-save never breaks `path`."""
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def make_checkpoint(model: nn.Sequential, spec: ModelSpec, preprocess: Preprocess,
-                    class_to_idx: dict[str, int], **extra) -> dict:
-    """The checkpoint as plain data: tensors on CPU, numbers, strings, lists and dicts."""
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "model": spec.to_dict(),
-        "preprocess": preprocess.to_dict(),
-        "class_to_idx": dict(class_to_idx),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        **extra,
-    }
-
-
-def _is_classic(ckpt) -> bool:
-    """A checkpoint of the classic flower-classifier project: arch name, state_dict, class mapping."""
-    return (isinstance(ckpt, dict) and "format" not in ckpt and isinstance(ckpt.get("arch"), str)
-            and isinstance(ckpt.get("state_dict"), dict)
-            and isinstance(ckpt.get("class_to_idx", ckpt.get("label_idx")), dict))
-
-
-def load_classic(ckpt: dict, path: str) -> tuple[nn.Sequential, dict]:
-    """Rebuild a classic checkpoint: torchvision arch whose classifier is a stack of Linear layers."""
-    arch, state = ckpt["arch"], ckpt["state_dict"]
-    if arch not in torchvision.models.list_models(module=torchvision.models):
-        raise FlowerclfError(f"{path} is a classic checkpoint for arch {arch!r}, which torchvision does not know")
-    model = build_imagenet_model(arch, resolve_weights(arch, "none"))
-    attr = next((a for a in CLASSIFIER_ATTRS if any(k.startswith(a + ".") for k in state)
-                 and isinstance(getattr(model, a, None), nn.Module)), None)
-    linear = [k for k in state if attr and k.startswith(attr + ".") and k.endswith(".weight") and state[k].dim() == 2]
-    if not linear:
-        raise FlowerclfError(f"{path}: cannot find the classifier's Linear layers in its state_dict")
-    layers, renamed = [], {}
-    for i, key in enumerate(linear):
-        out_f, in_f = state[key].shape
-        layers.append(nn.Linear(in_f, out_f))
-        renamed[f"{attr}.{len(layers) - 1}.weight"] = state[key]
-        renamed[f"{attr}.{len(layers) - 1}.bias"] = state[key[:-len("weight")] + "bias"]
-        if i < len(linear) - 1:
-            layers.append(nn.ReLU())
-    setattr(model, attr, nn.Sequential(*layers))
-    renamed.update({k: v for k, v in state.items() if not k.startswith(attr + ".")})
-    try:
-        model.load_state_dict(renamed)
-    except RuntimeError as e:
-        raise FlowerclfError(f"{path}: its state_dict does not fit {arch} ({str(e).splitlines()[0]})") from None
-    class_to_idx = {str(k): int(v) for k, v in ckpt.get("class_to_idx", ckpt.get("label_idx")).items()}
-    meta = {"class_to_idx": class_to_idx, "preprocess": Preprocess().to_dict(), "model": {"arch": arch}}
-    return nn.Sequential(OrderedDict(backbone=model, head=nn.Identity())), meta
-
-
-def read_checkpoint(path: str, map_location="cpu") -> dict:
-    """Load a checkpoint as data only (weights_only=True) and check it is ours (or a classic one)."""
-    if not os.path.isfile(path):
-        raise FlowerclfError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # unpickling refused, truncated zip, not a torch file at all
-        raise FlowerclfError(f"{path} is not a loadable checkpoint ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
-    if isinstance(ckpt, dict) and ckpt.get("format") == RESUME_FORMAT:
-        raise FlowerclfError(f"{path} is train.py's state for --resume; use checkpoint.pth from the same folder")
-    if _is_classic(ckpt):
-        return ckpt
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise FlowerclfError(f"{path} is not a flowerclf checkpoint (train one with train.py)")
-    if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise FlowerclfError(f"{path} has checkpoint version {ckpt.get('version')}; this flowerclf reads "
-                             f"version {CHECKPOINT_VERSION}")
-    return ckpt
-
-
-def load_model(path: str, device: torch.device | str = "cpu") -> tuple[nn.Sequential, dict]:
-    """Rebuild the model of a checkpoint (no download) in eval mode on `device`."""
-    ckpt = read_checkpoint(path, map_location="cpu")
-    if _is_classic(ckpt):
-        model, meta = load_classic(ckpt, path)
-        return model.to(device).eval(), meta
-    m = ckpt["model"]
-    spec = ModelSpec(m["arch"], m["weights"], list(m["hidden_units"]), m["dropout"], m["num_classes"])
-    model, _ = build_model(spec, load_pretrained=False)
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        raise FlowerclfError(f"{path} does not match its own architecture {spec.arch}: "
-                             f"{str(e).splitlines()[0]}") from None
-    return model.to(device).eval(), ckpt
-
-
-# ---------------------------------------------------------------- ONNX
-
-def state_fingerprint(module: nn.Module) -> str:
-    """Hash of a module's weights: identifies the network a cache entry came from, whatever its origin."""
-    h = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:24]
-
-
-def export_onnx(module: nn.Module, path: str, crop_size: int, metadata: dict | None = None) -> str:
-    """Export `module` (images -> outputs) to ONNX with a dynamic batch axis; write atomically."""
-    import onnx
-
-    module = module.eval().to(device="cpu", memory_format=torch.contiguous_format)
-    example = (torch.randn(2, 3, crop_size, crop_size),)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module, example, tmp, dynamo=True, input_names=["images"], output_names=["outputs"],
-                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), verbose=False)
-        if metadata:
-            proto = onnx.load(tmp)
-            for key, value in metadata.items():
-                entry = proto.metadata_props.add()
-                entry.key, entry.value = key, value
-            onnx.save(proto, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def export_checkpoint_onnx(checkpoint: str, out: str | None = None) -> str:
-    """model.onnx (backbone + head) next to a checkpoint, with what prediction needs in its metadata."""
-    model, ckpt = load_model(checkpoint, "cpu")
-    out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "model.onnx")
-    meta = {key: ckpt[key] for key in ("format", "version", "model", "preprocess", "class_to_idx")}
-    try:
-        return export_onnx(model, out, ckpt["preprocess"]["crop_size"], {ONNX_METADATA_KEY: json.dumps(meta)})
-    except FlowerclfError:
-        raise
-    except Exception as e:  # exporter failures are many and varied; all mean "this arch does not export"
-        raise FlowerclfError(f"ONNX export of {ckpt['model']['arch']} failed ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None

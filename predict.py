@@ -8,6 +8,9 @@ import argparse
 import json
 import sys
 
+import cli
+from errors import FlowerclfError
+
 EXAMPLES = """examples:
   python predict.py rose.jpg checkpoint.pth
   python predict.py photos/ checkpoint.pth --top_k 3 --category_names cat_to_name.json --json
@@ -16,20 +19,16 @@ EXAMPLES = """examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> cli.ArgumentParser:
     """The command-line interface of predict.py."""
-    p = argparse.ArgumentParser(
-        prog="predict.py", description=__doc__.splitlines()[0], epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser("predict.py", __doc__, EXAMPLES)
     p.add_argument("paths", nargs="+", metavar="IMAGE ... CHECKPOINT",
                    help="one or more images or folders of images, then checkpoint.pth (torch) or model.onnx "
                         "(ONNX Runtime: starts in a fraction of a second, needs no torch)")
-    p.add_argument("--top_k", "--top-k", type=int, default=5, help="how many classes to show (default: %(default)s)")
+    p.add_argument("--top_k", "--top-k", type=cli.positive_int, default=5, help="how many classes to show (default: %(default)s)")
     p.add_argument("--category_names", "--category-names", metavar="JSON",
                    help="JSON file mapping class folder names to display names, e.g. cat_to_name.json")
-    p.add_argument("--gpu", action="store_true", help="run on CUDA; fails if there is no CUDA device")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
-                   help="device to run on; auto picks CUDA, then MPS, then CPU (default: %(default)s)")
+    cli.add_device_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON list instead of text")
     p.add_argument("--plot", metavar="FILE.png",
                    help="also save the sanity-check figure: each image above a bar chart of its top-k names "
@@ -41,34 +40,24 @@ def format_text(results: list[dict]) -> str:
     """Per image: its path, then 'rank, name, probability %' lines."""
     lines = []
     for r in results:
-        lines.append(r["image"])
-        lines += [f"  {i}. {p['name']}  {100 * p['probability']:.2f}%" for i, p in enumerate(r["predictions"], 1)]
+        lines.append(cli.printable(r["image"]))
+        lines += [f"  {i}. {cli.printable(p['name'])}  {100 * p['probability']:.2f}%"
+                  for i, p in enumerate(r["predictions"], 1)]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse arguments, predict, print; return the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Predict every input; print text or JSON (and draw --plot); return 0, or 1 when some inputs failed."""
     if len(args.paths) < 2:
-        parser.error("give at least one IMAGE and then the CHECKPOINT")
-    if args.top_k < 1:
-        parser.error("--top_k must be at least 1")
-    if args.gpu and args.device not in ("auto", "cuda"):
-        parser.error(f"--gpu asks for CUDA but --device is {args.device}; pass one of them")
+        raise FlowerclfError("give at least one IMAGE and then the CHECKPOINT (see predict.py --help)")
     *inputs, checkpoint = args.paths
 
     import data_utils as du
-    from data_utils import FlowerclfError
     import inference
 
-    try:
-        names = du.load_category_names(args.category_names)
-        predictor = inference.Predictor.load(checkpoint, args.device, args.gpu)
-        results, errors = predictor.predict_paths(inputs, args.top_k, names)
-    except FlowerclfError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    names = du.load_category_names(args.category_names)
+    predictor = inference.Predictor.load(checkpoint, args.device, args.gpu)
+    results, errors = predictor.predict_paths(inputs, args.top_k, names)
     if results:
         print(json.dumps(results, indent=2) if args.json else format_text(results))
     if args.plot and results:
@@ -78,9 +67,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: --plot shows the first {len(shown)} of {len(results)} images", file=sys.stderr)
         report.plot_predictions([du.load_rgb(r["image"]) for r in shown], shown, args.plot)
     for err in errors:
-        print(f"error: {err}", file=sys.stderr)
+        print(cli.error_line(err), file=sys.stderr)
     # some inputs failed: 1 when others were predicted, 2 when nothing was
     return 0 if not errors else (1 if results else 2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, predict, print; return the exit code."""
+    return cli.run_main(build_parser(), argv, run)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from data_utils import atomic_write
+from files import atomic_write
 
 
 def _pyplot():
@@ -64,14 +64,25 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n_classes: int) 
     return cm
 
 
+def ranked(logits: np.ndarray, k: int) -> np.ndarray:
+    """The k highest-scoring classes of each row, best first; ties go to the lower class index."""
+    return np.argsort(-np.asarray(logits), axis=1, kind="stable")[:, :k]
+
+
+def accuracies(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Top-1 and top-k accuracy, k = min(5, classes): the one definition training and reports share."""
+    topk = ranked(logits, min(5, np.shape(logits)[1]))
+    labels = np.asarray(labels)
+    return float((topk[:, 0] == labels).mean()), float((topk == labels[:, None]).any(axis=1).mean())
+
+
 def classification_report(logits: np.ndarray, labels: np.ndarray, classes: list[str],
                           names: dict[str, str] | None = None, most_confused: int = 10) -> dict:
     """Top-1/top-5 accuracy, per-class precision/recall/F1/support, the most confused pairs."""
     names = names or {}
     logits, labels = np.asarray(logits), np.asarray(labels)
-    k = min(5, logits.shape[1])
-    topk = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-    cm = confusion_matrix(labels, topk[:, 0], len(classes))
+    top1, top5 = accuracies(logits, labels)
+    cm = confusion_matrix(labels, ranked(logits, 1)[:, 0], len(classes))
     tp = np.diag(cm).astype(float)
     predicted, support = cm.sum(axis=0), cm.sum(axis=1)
     precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
@@ -84,8 +95,8 @@ def classification_report(logits: np.ndarray, labels: np.ndarray, classes: list[
     label = lambda i: names.get(classes[i], classes[i])  # noqa: E731
     return {
         "images": int(len(labels)),
-        "top1": float((topk[:, 0] == labels).mean()),
-        "top5": float((topk == labels[:, None]).any(axis=1).mean()),
+        "top1": top1,
+        "top5": top5,
         "per_class": [{"class": c, "name": label(i), "precision": float(precision[i]), "recall": float(recall[i]),
                        "f1": float(f1[i]), "support": int(support[i])} for i, c in enumerate(classes)],
         "most_confused": [{"true": label(i), "predicted": label(j), "count": n} for n, i, j in pairs[:most_confused]],

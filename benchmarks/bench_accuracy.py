@@ -22,7 +22,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import engine  # noqa: E402
+import features  # noqa: E402
+import training  # noqa: E402
 
 
 def frozen_features(data_dir: str, arch: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -34,11 +35,11 @@ def frozen_features(data_dir: str, arch: str) -> dict[str, tuple[np.ndarray, np.
     splits = du.scan_data_dir(data_dir)
     model, pp = mu.build_model(mu.ModelSpec(arch, "DEFAULT", [], 0.0, 2))
     device = torch.device("cpu")
-    forward, _ = engine.feature_forward(model.backbone, arch, pp.crop_size, "auto", device, False,
-                                        mu.state_fingerprint(model.backbone), print)
+    forward, _ = features.feature_forward(model.backbone, arch, pp.crop_size, "auto", device, False,
+                                          features.state_fingerprint(model.backbone), print)
     out = {}
     for name, images in splits.items():
-        feats, labels = engine.sharded_features(forward, images, engine.eval_transform(pp), 8, 0, device, name)
+        feats, labels = features.sharded_features(forward, images, features.eval_transform(pp), 8, 0, device, name)
         out[name] = (feats.numpy(), labels.numpy())
     return out
 
@@ -69,11 +70,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.save_dir or tmp
         quiet = lambda line: None  # noqa: E731
-        head = engine.train(engine.TrainConfig(data_dir=args.data_dir, save_dir=os.path.join(root, "head"),
-                                               arch=args.arch), log=quiet)["metrics"]
+        head = training.train(training.TrainConfig(data_dir=args.data_dir, save_dir=os.path.join(root, "head"),
+                                                   arch=args.arch), log=quiet)["metrics"]
         lr = logistic_regression(frozen_features(args.data_dir, args.arch))
         start = time.perf_counter()
-        tuned = engine.train(engine.TrainConfig(
+        tuned = training.train(training.TrainConfig(
             data_dir=args.data_dir, save_dir=os.path.join(root, "finetune"), arch=args.arch, unfreeze=unfreeze,
             epochs=args.finetune_epochs, learning_rate=args.finetune_lr), log=print)["metrics"]
         seconds = time.perf_counter() - start

@@ -3,7 +3,7 @@
 usage: python benchmarks/bench_archs.py [--archs mobilenet_v3_large,resnet50,...] [--seconds 4]
 
 Random weights (speed does not depend on their values, and nothing is downloaded);
-torch in channels-last at batch 8 under inference mode, as engine.torch_forward runs it.
+torch in channels-last at batch 8 under inference mode, as features.torch_forward runs it.
 Size and ImageNet accuracy are torchvision's published figures (weights.meta).
 """
 import argparse
@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import engine  # noqa: E402
+import features  # noqa: E402
 import model_utils as mu  # noqa: E402
 
 DEFAULT = "efficientnet_lite0,mobilenet_v3_large,efficientnet_b0,resnet18,densenet121,resnet50,convnext_tiny,vit_b_16"
@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     for arch in args.archs.split(","):
         torch.manual_seed(0)
         model, pp = mu.build_model(mu.ModelSpec(arch, "none", [], 0.0, 2), load_pretrained=False)
-        forward = engine.torch_forward(model.backbone, torch.device("cpu"))
+        forward = features.torch_forward(model.backbone, torch.device("cpu"))
         x = torch.randn(8, 3, pp.crop_size, pp.crop_size)
         with torch.inference_mode():
             forward(x)

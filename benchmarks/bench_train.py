@@ -5,7 +5,7 @@ usage: python benchmarks/bench_train.py DATA_DIR [--arch efficientnet_lite0] [--
 classic: the frozen backbone runs again on every image in every epoch (MLP head of 500
          hidden units + dropout 0.2, Adam lr 0.003, batch 64, RandomRotation(30) +
          RandomResizedCrop + flip, validation once per epoch), then the test split.
-ours:    engine.train with train.py's defaults (--engine auto: ONNX Runtime on a CPU), in an empty
+ours:    training.train with train.py's defaults (--engine auto: ONNX Runtime on a CPU), in an empty
          save dir (a cold feature cache; the exported backbone is cached per user, so the first
          run ever on a machine also pays for the export, which this prints separately).
 torch:   the same with --engine torch.
@@ -24,9 +24,12 @@ from torch import nn
 from torchvision import transforms as T
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoints  # noqa: E402
 import data_utils as du  # noqa: E402
-import engine  # noqa: E402
+import devices  # noqa: E402
+import features  # noqa: E402
 import model_utils as mu  # noqa: E402
+import training  # noqa: E402
 
 
 def classic(data_dir: str, arch: str, epochs: int, device: torch.device) -> dict:
@@ -76,9 +79,9 @@ def ours(data_dir: str, arch: str, epochs: int, engine_name: str = "auto") -> di
     """train.py's defaults, cold feature cache."""
     with tempfile.TemporaryDirectory() as save:
         start = time.perf_counter()
-        result = engine.train(engine.TrainConfig(data_dir=data_dir, save_dir=save, arch=arch, epochs=epochs,
-                                                 engine=engine_name),
-                              log=lambda line: print(f"  {engine_name}", line, flush=True))
+        result = training.train(training.TrainConfig(data_dir=data_dir, save_dir=save, arch=arch, epochs=epochs,
+                                                     engine=engine_name),
+                                log=lambda line: print(f"  {engine_name}", line, flush=True))
         seconds = time.perf_counter() - start
     m = result["metrics"]
     return {"seconds": seconds, "valid_acc": m["valid_acc"], "test_acc": m.get("test_acc", float("nan"))}
@@ -91,20 +94,20 @@ def floor(data_dir: str, arch: str, device: torch.device) -> dict:
     everything = du.ImageSet("all", sum((s.files for s in splits.values()), []),
                              sum((s.labels for s in splits.values()), []))
     probe = du.ImageSet("probe", everything.files[:192], everything.labels[:192])
-    fingerprint = mu.state_fingerprint(model.backbone)
-    forwards = {name: engine.feature_forward(model.backbone, arch, pp.crop_size, name, device, False, fingerprint,
-                                             print)[0] for name in ("torch", "onnxruntime")}
+    fingerprint = features.state_fingerprint(model.backbone)
+    forwards = {name: features.feature_forward(model.backbone, arch, pp.crop_size, name, device, False, fingerprint,
+                                               print)[0] for name in ("torch", "onnxruntime")}
     rates = {}
     for name, forward in forwards.items():
         for bs in (4, 8, 16, 32, 64):
-            loader = engine.make_loader(probe, engine.eval_transform(pp), bs, 0, device)
+            loader = features.make_loader(probe, features.eval_transform(pp), bs, 0, device)
             t = time.perf_counter()
-            engine.extract_features(forward, loader)
+            features.extract_features(forward, loader)
             rates[name, bs] = len(probe) / (time.perf_counter() - t)
     name, bs = max(rates, key=rates.get)
-    loader = engine.make_loader(everything, engine.eval_transform(pp), bs, 0, device)
+    loader = features.make_loader(everything, features.eval_transform(pp), bs, 0, device)
     start = time.perf_counter()
-    engine.extract_features(forwards[name], loader)
+    features.extract_features(forwards[name], loader)
     return {"seconds": time.perf_counter() - start, "batch_size": bs, "engine": name, "images": len(everything)}
 
 
@@ -113,7 +116,7 @@ def export_seconds(arch: str) -> float:
     model, pp = mu.build_model(mu.ModelSpec(arch, "DEFAULT", [], 0.0, 2))
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        mu.export_onnx(model.backbone, os.path.join(tmp, "backbone.onnx"), pp.crop_size)
+        checkpoints.export_onnx(model.backbone, os.path.join(tmp, "backbone.onnx"), pp.crop_size)
         return time.perf_counter() - start
 
 
@@ -124,7 +127,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=5, help="epochs for both loops (default: %(default)s)")
     p.add_argument("--skip_classic", action="store_true", help="leave out the (slow) classic loop")
     args = p.parse_args(argv)
-    device = mu.resolve_device("auto")
+    device = devices.resolve_device("auto")
     n_train = len(du.scan_split(os.path.join(args.data_dir, "train")))
     print(f"{args.arch}, {args.epochs} epochs, {device}, {torch.get_num_threads()} threads", flush=True)
     results = {} if args.skip_classic else {"classic": classic(args.data_dir, args.arch, args.epochs, device)}

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torchvision
 
+import checkpoints
 import model_utils as mu
 import predict
 import train
@@ -94,10 +95,31 @@ def test_train_bad_inputs_fail_in_one_line(tmp_path, capsys):
     assert train.main([str(tmp_path / "nowhere"), "--arch", "efficientnet_lite0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: data directory {tmp_path / 'nowhere'} does not exist"]
-    with pytest.raises(SystemExit) as e:
-        train.main([str(tmp_path), "--epochs", "0"])
-    assert e.value.code == 2
+    assert train.main([str(tmp_path), "--epochs", "0"]) == 2
+    assert capsys.readouterr().err == "error: argument --epochs: 0 is less than 1 (see train.py --help)\n"
     assert train.main([str(tmp_path), "--arch", "notanet"]) == 2
+
+
+# each script: a bad argument, then a missing file; the real processes, so a traceback would show
+EDGE_CASES = {
+    "train.py": (["D", "--batch_size", "x"], ["{missing}"]),
+    "predict.py": (["a.jpg", "m.pth", "--top_k", "0"], ["{missing}", "{missing}.pth"]),
+    "evaluate.py": (["m.pth", "D", "--batch_size", "-1"], ["{missing}.pth", "D"]),
+    "export.py": (["m.pth", "--nope"], ["{missing}.pth"]),
+    "gpumemcheck.py": (["--watch", "0"], ["--arch", "{missing}"]),
+    "data_utils.py": (["flowers102", "D", "--seed", "x"], ["flowers102", "D", "--source", "{missing}"]),
+}
+
+
+@pytest.mark.parametrize("script", sorted(EDGE_CASES))
+def test_every_script_fails_in_one_line(script, tmp_path):
+    env = dict(os.environ, FLOWERCLF_CACHE=str(tmp_path / "cache"))
+    for argv in EDGE_CASES[script]:
+        argv = [a.format(missing=tmp_path / "missing") for a in argv]
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, script)] + argv, capture_output=True, text=True,
+                              cwd=tmp_path, env=env)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (argv, proc.stderr)
 
 
 def test_offline_download_failure_is_one_line(image_folder, monkeypatch, tmp_path, capsys):
@@ -120,7 +142,7 @@ def test_hidden_units_zero_gives_a_linear_head(image_folder, tmp_path):
     save = str(tmp_path / "s")
     assert train.main([image_folder, "--arch", "mobilenet_v3_small", "--weights", "none", "--hidden_units", "0",
                        "--epochs", "1", "--save_dir", save]) == 0
-    model, _ = mu.load_model(os.path.join(save, "checkpoint.pth"))
+    model, _ = checkpoints.load_model(os.path.join(save, "checkpoint.pth"))
     assert [type(m).__name__ for m in model.head] == ["Dropout", "Linear"]
 
 

@@ -8,6 +8,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
 
 import data_utils as du
+from errors import FlowerclfError
 from conftest import make_image_folder
 
 
@@ -27,7 +28,7 @@ def test_valid_class_missing_from_train_is_named(tmp_path):
     root = make_image_folder(tmp_path, classes=("1", "2"), per_class={"train": 1, "valid": 1})
     make_image_folder(tmp_path / "extra", classes=("3",), per_class={"valid": 1})
     os.rename(tmp_path / "extra" / "valid" / "3", os.path.join(root, "valid", "3"))
-    with pytest.raises(du.FlowerclfError, match=r"valid/ has classes \['3'\] that train/ lacks"):
+    with pytest.raises(FlowerclfError, match=r"valid/ has classes \['3'\] that train/ lacks"):
         du.scan_data_dir(root)
 
 
@@ -35,13 +36,13 @@ def test_valid_class_missing_from_train_is_named(tmp_path):
 def test_missing_split_is_an_error(tmp_path, missing):
     root = make_image_folder(tmp_path, per_class={"train": 1, "valid": 1})
     os.rename(os.path.join(root, missing), os.path.join(root, "elsewhere"))
-    with pytest.raises(du.FlowerclfError, match=f"no {missing}/ folder"):
+    with pytest.raises(FlowerclfError, match=f"no {missing}/ folder"):
         du.scan_data_dir(root)
 
 
 def test_split_without_images_is_an_error(tmp_path):
     os.makedirs(tmp_path / "train" / "a")
-    with pytest.raises(du.FlowerclfError, match="has no images"):
+    with pytest.raises(FlowerclfError, match="has no images"):
         du.scan_split(tmp_path / "train")
 
 
@@ -90,9 +91,9 @@ def test_exif_orientation_is_applied(tmp_path):
 def test_unreadable_files_raise_one_clear_error(tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image at all")
-    with pytest.raises(du.FlowerclfError, match="bad.jpg is not an image"):
+    with pytest.raises(FlowerclfError, match="bad.jpg is not an image"):
         du.load_rgb(bad)
-    with pytest.raises(du.FlowerclfError, match="does not exist"):
+    with pytest.raises(FlowerclfError, match="does not exist"):
         du.load_rgb(tmp_path / "nope.jpg")
 
 
@@ -118,5 +119,5 @@ def test_list_images_expands_folders(tmp_path):
     root = make_image_folder(tmp_path, classes=("a",), per_class={"train": 2})
     assert len(du.list_images([root])) == 2
     os.makedirs(tmp_path / "empty")
-    with pytest.raises(du.FlowerclfError, match="contains no images"):
+    with pytest.raises(FlowerclfError, match="contains no images"):
         du.list_images([str(tmp_path / "empty")])

@@ -12,6 +12,7 @@ from PIL import Image
 from scipy.io import savemat
 
 import data_utils as du
+import sample_data
 from conftest import ROOT
 
 N_CLASSES = 102
@@ -46,7 +47,7 @@ def _layout(dest):
 
 def test_official_layout(tmp_path):
     labels = fake_flowers102(tmp_path / "src")
-    assert du.main(["flowers102", str(tmp_path / "out"), "--source", str(tmp_path / "src")]) == 0
+    assert sample_data.main(["flowers102", str(tmp_path / "out"), "--source", str(tmp_path / "src")]) == 0
     layout = _layout(tmp_path / "out")
     names = json.load(open(os.path.join(ROOT, "cat_to_name.json")))
     for split, expected in (("train", 102), ("valid", 102), ("test", 2 * 102)):
@@ -64,20 +65,20 @@ def test_official_layout(tmp_path):
 
 def test_percentage_split_is_stratified_and_seeded(tmp_path):
     fake_flowers102(tmp_path / "src", per_class=10)
-    assert du.main(["flowers102", str(tmp_path / "a"), "--source", str(tmp_path / "src"),
+    assert sample_data.main(["flowers102", str(tmp_path / "a"), "--source", str(tmp_path / "src"),
                     "--split", "80-10-10"]) == 0
     layout = _layout(tmp_path / "a")
     assert Counter(layout["train"].values()) == {str(c): 8 for c in range(1, 103)}
     assert Counter(layout["valid"].values()) == {str(c): 1 for c in range(1, 103)}
     assert Counter(layout["test"].values()) == {str(c): 1 for c in range(1, 103)}
-    assert du.main(["flowers102", str(tmp_path / "b"), "--source", str(tmp_path / "src"),
+    assert sample_data.main(["flowers102", str(tmp_path / "b"), "--source", str(tmp_path / "src"),
                     "--split", "80-10-10"]) == 0
     assert _layout(tmp_path / "b") == layout
 
 
 def test_bad_split_is_a_usage_error(tmp_path, capsys):
     fake_flowers102(tmp_path / "src", per_class=2)
-    assert du.main(["flowers102", str(tmp_path / "o"), "--source", str(tmp_path / "src"), "--split", "90-20"]) == 2
+    assert sample_data.main(["flowers102", str(tmp_path / "o"), "--source", str(tmp_path / "src"), "--split", "90-20"]) == 2
     assert "three percentages" in capsys.readouterr().err
 
 
@@ -87,7 +88,7 @@ def test_offline_without_files_fails_in_one_line(tmp_path, monkeypatch, capsys):
     def offline(*a, **k):
         raise urllib.error.URLError("Name or service not known")
     monkeypatch.setattr(urllib.request, "urlopen", offline)  # what torchvision's downloader calls
-    assert du.main(["flowers102", str(tmp_path / "out")]) == 2
+    assert sample_data.main(["flowers102", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: could not download Oxford Flowers-102")
     assert "imagelabels.mat" in err[0] and "setid.mat" in err[0]
@@ -104,12 +105,12 @@ def test_offline_subprocess_has_no_traceback(tmp_path):
 
 
 def test_demo_set_trains_end_to_end(tmp_path):
-    assert du.main(["demo", str(tmp_path / "demo")]) == 0
+    assert sample_data.main(["demo", str(tmp_path / "demo")]) == 0
     sets = du.scan_data_dir(tmp_path / "demo")
     assert {n: len(s) for n, s in sets.items()} == {"train": 80, "valid": 32, "test": 32}
-    assert sorted(sets["train"].class_to_idx) == sorted(du.DEMO_SHAPES)
+    assert sorted(sets["train"].class_to_idx) == sorted(sample_data.DEMO_SHAPES)
     again = tmp_path / "again"
-    du.make_demo(again)
+    sample_data.make_demo(again)
     a = np.asarray(Image.open(tmp_path / "demo" / "train" / "circle" / "circle_000.png"))
     b = np.asarray(Image.open(again / "train" / "circle" / "circle_000.png"))
     assert np.array_equal(a, b)  # seeded

@@ -66,21 +66,19 @@ def test_find_batch_size_on_cpu_reports_for_ram():
     assert any(r["shape"] == [102, 512] for r in json.loads(out)["tensors"])  # the measured head is in the census
 
 
-def test_bad_arguments():
-    with pytest.raises(SystemExit):
-        gpumemcheck.main(["--find_batch_size"])
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        assert gpumemcheck.main(["--arch", "nonet"]) == 2
-    assert err.getvalue().startswith("error: unknown --arch 'nonet'")
+def test_bad_arguments(capsys):
+    assert gpumemcheck.main(["--find_batch_size"]) == 2
+    assert capsys.readouterr().err == "error: --find_batch_size, --unfreeze and --amp need --arch\n"
+    assert gpumemcheck.main(["--arch", "nonet"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown --arch 'nonet'")
 
 
 def test_train_out_of_memory_hint(image_folder, monkeypatch, capsys):
-    import engine
+    import training
 
     def oom(cfg, log=print):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    monkeypatch.setattr(engine, "train", oom)
+    monkeypatch.setattr(training, "train", oom)
     assert train.main([image_folder, "--arch", "resnet50", "--batch_size", "256", "--unfreeze", "2"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: CUDA out of memory at --batch_size 256 (feature batch auto); python gpumemcheck.py "

@@ -10,9 +10,13 @@ import torchvision
 from matplotlib import cbook
 from torch import nn
 
+import checkpoints
 import data_utils as du
-import engine
+import devices
+import loops
 import model_utils as mu
+import schema
+from errors import FlowerclfError
 
 TV_ARCHS = torchvision.models.list_models(module=torchvision.models)
 
@@ -60,10 +64,10 @@ def test_lite0_renaming_checks_keys_and_shapes():
     assert set(mu.rename_lite0_state(state, model)) == set(model.state_dict())
     bad = dict(state)
     bad["_blocks.3._project_conv.weight"] = torch.zeros(1)
-    with pytest.raises(du.FlowerclfError, match="shape"):
+    with pytest.raises(FlowerclfError, match="shape"):
         mu.rename_lite0_state(bad, model)
     bad = dict(state, **{"_blocks.3._mystery.weight": torch.zeros(1)})
-    with pytest.raises(du.FlowerclfError, match="unexpected key"):
+    with pytest.raises(FlowerclfError, match="unexpected key"):
         mu.rename_lite0_state(bad, model)
 
 
@@ -71,9 +75,9 @@ def test_weights_resolution():
     assert mu.resolve_weights("resnet50", "DEFAULT").spec == "IMAGENET1K_V2"
     assert mu.resolve_weights("resnet50", "ResNet50_Weights.IMAGENET1K_V1").spec == "IMAGENET1K_V1"
     assert not mu.resolve_weights("resnet50", "none").pretrained
-    with pytest.raises(du.FlowerclfError, match="IMAGENET1K_V1"):
+    with pytest.raises(FlowerclfError, match="IMAGENET1K_V1"):
         mu.resolve_weights("resnet50", "IMAGENET9K")
-    with pytest.raises(du.FlowerclfError, match="unknown --arch 'resnet5'"):
+    with pytest.raises(FlowerclfError, match="unknown --arch 'resnet5'"):
         mu.resolve_weights("resnet5", "DEFAULT")
     # preprocessing follows the weights: vit_h_14's SWAG weights want 518 pixels, bicubic
     pp = mu.default_preprocess("vit_h_14", mu.resolve_weights("vit_h_14", "DEFAULT"))
@@ -87,7 +91,7 @@ def test_local_weights_file_is_loaded(tmp_path):
     model, _ = mu.build_model(_spec("resnet18", weights=str(path)))
     assert torch.equal(model.backbone.conv1.weight, ref.conv1.weight)
     torch.save({"conv1.weight": torch.zeros(1)}, path)
-    with pytest.raises(du.FlowerclfError, match="do not fit the model"):
+    with pytest.raises(FlowerclfError, match="do not fit the model"):
         mu.build_model(_spec("resnet18", weights=str(path)))
 
 
@@ -96,7 +100,7 @@ def test_download_failure_names_the_file_and_the_alternatives(monkeypatch, tmp_p
         raise urllib.error.URLError("Name or service not known")
     monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(du.FlowerclfError) as err:
+    with pytest.raises(FlowerclfError) as err:
         mu.build_model(_spec("densenet121", weights="DEFAULT"))
     msg = str(err.value)
     assert "densenet121-a639ec97.pth" in msg
@@ -124,15 +128,15 @@ def test_training_step_changes_only_the_head():
 def _tiny_checkpoint():
     torch.manual_seed(0)
     model, pp = mu.build_model(_spec())
-    return model, mu.make_checkpoint(model.eval(), _spec(), pp, {"a": 0, "b": 1, "c": 2}, epoch=1)
+    return model, checkpoints.make_checkpoint(model.eval(), _spec(), pp, {"a": 0, "b": 1, "c": 2}, epoch=1)
 
 
 def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
     model, ckpt = _tiny_checkpoint()
     path = str(tmp_path / "checkpoint.pth")
-    mu.atomic_save(ckpt, path)
+    checkpoints.atomic_save(ckpt, path)
     assert os.listdir(tmp_path) == ["checkpoint.pth"]  # no temp file left behind
-    loaded, data = mu.load_model(path)
+    loaded, data = checkpoints.load_model(path)
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         assert torch.equal(model(x), loaded(x))
@@ -159,7 +163,7 @@ def test_gpu_saved_checkpoint_loads_on_cpu(tmp_path):
     _as_if_saved_on_cuda(path)
     with pytest.raises(RuntimeError, match="CUDA"):
         torch.load(path, weights_only=True)  # proof the file really claims CUDA storages
-    loaded, _ = mu.load_model(path, "cpu")
+    loaded, _ = checkpoints.load_model(path, "cpu")
     x = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():
         assert torch.equal(model(x), loaded(x))
@@ -173,28 +177,28 @@ def test_foreign_and_hostile_files_are_refused(tmp_path):
             return (open, (str(marker), "w"))
 
     evil = tmp_path / "evil.pth"
-    torch.save({"format": mu.CHECKPOINT_FORMAT, "x": Evil()}, evil)
-    with pytest.raises(du.FlowerclfError, match="not a loadable checkpoint"):
-        mu.read_checkpoint(str(evil))
+    torch.save({"format": schema.CHECKPOINT_FORMAT, "x": Evil()}, evil)
+    with pytest.raises(FlowerclfError, match="not a loadable checkpoint"):
+        checkpoints.read_checkpoint(str(evil))
     assert not marker.exists()
     other = tmp_path / "other.pth"
     torch.save({"weights": torch.zeros(2)}, other)
-    with pytest.raises(du.FlowerclfError, match="not a flowerclf checkpoint"):
-        mu.read_checkpoint(str(other))
+    with pytest.raises(FlowerclfError, match="not a flowerclf checkpoint"):
+        checkpoints.read_checkpoint(str(other))
     buf = io.BytesIO()
     torch.save(_tiny_checkpoint()[1], buf)
     (tmp_path / "cut.pth").write_bytes(buf.getvalue()[:5000])
-    with pytest.raises(du.FlowerclfError, match="not a loadable checkpoint"):
-        mu.read_checkpoint(str(tmp_path / "cut.pth"))
+    with pytest.raises(FlowerclfError, match="not a loadable checkpoint"):
+        checkpoints.read_checkpoint(str(tmp_path / "cut.pth"))
 
 
 def test_device_resolution(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert mu.resolve_device("cpu").type == "cpu"
-    with pytest.raises(du.FlowerclfError, match="no CUDA device"):
-        mu.resolve_device("auto", gpu=True)
-    with pytest.raises(du.FlowerclfError, match="--gpu asks for CUDA"):
-        mu.resolve_device("cpu", gpu=True)
+    assert devices.resolve_device("cpu").type == "cpu"
+    with pytest.raises(FlowerclfError, match="no CUDA device"):
+        devices.resolve_device("auto", gpu=True)
+    with pytest.raises(FlowerclfError, match="--gpu asks for CUDA"):
+        devices.resolve_device("cpu", gpu=True)
 
 
 def test_head_shapes():
@@ -205,6 +209,6 @@ def test_head_shapes():
 
 def test_metrics_from_logits():
     logits = torch.tensor([[3.0, 2, 1, 0, -1, -2], [0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]])
-    m = engine.metrics_from_logits(logits, torch.tensor([0, 0, 5]))
+    m = loops.metrics_from_logits(logits, torch.tensor([0, 0, 5]))
     assert m["acc"] == pytest.approx(1 / 3)
     assert m["top5"] == pytest.approx(1 / 3)  # only the first is in its top 5

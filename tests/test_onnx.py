@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 import data_utils as du
-import engine
 import export
+import features
 import inference
 import model_utils as mu
 import predict
@@ -59,13 +59,13 @@ def test_onnx_features_match_torch(image_folder):
     torch.manual_seed(0)
     model, pp = mu.build_model(mu.ModelSpec("mobilenet_v3_small", "none", [], 0.0, 3), load_pretrained=False)
     images = du.scan_split(os.path.join(image_folder, "valid"))
-    loader = engine.make_loader(images, engine.eval_transform(pp), 4, 0, torch.device("cpu"))
-    fingerprint = mu.state_fingerprint(model.backbone)
-    ort_forward, used = engine.feature_forward(model.backbone, "mobilenet_v3_small", pp.crop_size, "onnxruntime",
+    loader = features.make_loader(images, features.eval_transform(pp), 4, 0, torch.device("cpu"))
+    fingerprint = features.state_fingerprint(model.backbone)
+    ort_forward, used = features.feature_forward(model.backbone, "mobilenet_v3_small", pp.crop_size, "onnxruntime",
                                                torch.device("cpu"), False, fingerprint, print)
     assert used == "onnxruntime"
-    via_ort, _ = engine.extract_features(ort_forward, loader)
-    via_torch, _ = engine.extract_features(engine.torch_forward(model.backbone, torch.device("cpu")), loader)
+    via_ort, _ = features.extract_features(ort_forward, loader)
+    via_torch, _ = features.extract_features(features.torch_forward(model.backbone, torch.device("cpu")), loader)
     assert via_ort.shape == via_torch.shape == (9, 1024)
     assert (via_ort - via_torch).abs().max().item() < 1e-4
 
@@ -73,12 +73,12 @@ def test_onnx_features_match_torch(image_folder):
 def test_failed_export_falls_back_to_torch_in_one_line(image_folder, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("unsupported operator aten::frobnicate\nmore detail")
-    monkeypatch.setattr(mu, "export_onnx", broken)
+    monkeypatch.setattr(features, "export_onnx", broken)
     torch.manual_seed(1)  # a backbone the export cache has not seen
     model, pp = mu.build_model(mu.ModelSpec("squeezenet1_1", "none", [], 0.0, 3), load_pretrained=False)
     lines = []
-    _, used = engine.feature_forward(model.backbone, "squeezenet1_1", pp.crop_size, "auto", torch.device("cpu"),
-                                     False, mu.state_fingerprint(model.backbone), lines.append)
+    _, used = features.feature_forward(model.backbone, "squeezenet1_1", pp.crop_size, "auto", torch.device("cpu"),
+                                     False, features.state_fingerprint(model.backbone), lines.append)
     assert used == "torch"
     assert len(lines) == 1 and "aten::frobnicate" in lines[0] and lines[0].endswith("using torch")
 

@@ -17,11 +17,14 @@ import torchvision
 from PIL import Image
 from torch import nn
 
+import checkpoints
 import data_utils as du
-import engine
 import model_utils as mu
 import predict
+import schema
 import train
+import training
+from errors import FlowerclfError
 from conftest import ROOT, make_image_folder
 
 TINY = ["--arch", "mobilenet_v3_small", "--weights", "none", "--hidden_units", "8", "--batch_size", "6",
@@ -80,7 +83,7 @@ def test_decompression_bomb_is_refused(image_folder, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # our 16x16 images now count as bombs
     path = os.path.join(image_folder, "train", "1", "1_0.png")
     assert du.check_image(path, full=False) == "is too large to decode safely (over 100 pixels)"
-    with pytest.raises(du.FlowerclfError, match="too large"):
+    with pytest.raises(FlowerclfError, match="too large"):
         du.load_rgb(path)
 
 
@@ -187,21 +190,21 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(image_folder, tmp_path
 
 
 def test_finetune_resume_restores_optimizer_schedule_and_random_streams(image_folder, tmp_path, monkeypatch):
-    base = engine.TrainConfig(data_dir=image_folder, arch="mobilenet_v3_small", weights="none", hidden_units=[8],
+    base = training.TrainConfig(data_dir=image_folder, arch="mobilenet_v3_small", weights="none", hidden_units=[8],
                               batch_size=6, epochs=3, unfreeze=1)
-    engine.train(replace_cfg(base, save_dir=str(tmp_path / "full")), log=lambda s: None)
+    training.train(replace_cfg(base, save_dir=str(tmp_path / "full")), log=lambda s: None)
 
-    real = engine.format_epoch
+    real = training.format_epoch
 
     def interrupt_at_2(epoch, *a):
         if epoch == 2:
             raise KeyboardInterrupt  # after epoch 2's training, before its checkpoints
         return real(epoch, *a)
-    monkeypatch.setattr(engine, "format_epoch", interrupt_at_2)
+    monkeypatch.setattr(training, "format_epoch", interrupt_at_2)
     with pytest.raises(KeyboardInterrupt):
-        engine.train(replace_cfg(base, save_dir=str(tmp_path / "cut")), log=lambda s: None)
-    monkeypatch.setattr(engine, "format_epoch", real)
-    engine.train(replace_cfg(base, save_dir=str(tmp_path / "cut"), resume=True), log=lambda s: None)
+        training.train(replace_cfg(base, save_dir=str(tmp_path / "cut")), log=lambda s: None)
+    monkeypatch.setattr(training, "format_epoch", real)
+    training.train(replace_cfg(base, save_dir=str(tmp_path / "cut"), resume=True), log=lambda s: None)
     a = torch.load(tmp_path / "full" / "checkpoint.pth", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "cut" / "checkpoint.pth", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -235,12 +238,12 @@ def test_ctrl_c_exits_cleanly_and_keeps_checkpoints(image_folder, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert b"Traceback" not in err and b"--resume" in err
-    mu.load_model(str(save / "checkpoint.pth"))
+    checkpoints.load_model(str(save / "checkpoint.pth"))
     assert torch.load(save / "checkpoint_last.pth", weights_only=True)["epoch"] >= 2
 
 
 def test_nan_loss_stops_and_keeps_the_best_checkpoint(image_folder, tmp_path, monkeypatch):
-    real = engine.train_head_epoch
+    real = training.train_head_epoch
     calls = []
 
     def poisoned(head, *a, **k):
@@ -249,12 +252,12 @@ def test_nan_loss_stops_and_keeps_the_best_checkpoint(image_folder, tmp_path, mo
             with torch.no_grad():
                 head[-1].weight.fill_(float("nan"))
         return real(head, *a, **k)
-    monkeypatch.setattr(engine, "train_head_epoch", poisoned)
+    monkeypatch.setattr(training, "train_head_epoch", poisoned)
     code, _, err = _main(train, [image_folder, "--save_dir", str(tmp_path), "--epochs", "5", "--dropout", "0"]
                          + TINY)
     assert code == 2 and err.count("\n") == 1
     assert "the training loss became nan" in err and "(epoch 3)" in err and "keeps epoch" in err
-    model, ckpt = mu.load_model(str(tmp_path / "checkpoint.pth"))
+    model, ckpt = checkpoints.load_model(str(tmp_path / "checkpoint.pth"))
     assert ckpt["epoch"] in (1, 2)
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 
@@ -263,9 +266,9 @@ def test_nan_loss_stops_and_keeps_the_best_checkpoint(image_folder, tmp_path, mo
 
 def test_other_version_is_refused(tmp_path):
     path = tmp_path / "future.pth"
-    torch.save({"format": mu.CHECKPOINT_FORMAT, "version": 99}, path)
-    with pytest.raises(du.FlowerclfError, match="version 99"):
-        mu.read_checkpoint(str(path))
+    torch.save({"format": schema.CHECKPOINT_FORMAT, "version": 99}, path)
+    with pytest.raises(FlowerclfError, match="version 99"):
+        checkpoints.read_checkpoint(str(path))
 
 
 def test_classic_checkpoint_predicts(image_folder, tmp_path):

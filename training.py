@@ -1,0 +1,279 @@
+"""A training run: the frozen and fine-tuning plans, and the epochs that keep the best model.
+
+Two plans share one epoch loop:
+- frozen backbone (default): features are computed once per image (and per augmented
+  view), cached in memory and on disk, and the head trains on them in seconds;
+- `unfreeze`: the last N backbone stages train too, on decoded images, with a lower
+  learning rate for the backbone, warm-up + cosine schedule and optional AMP.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Callable
+
+import torch
+from torch import nn
+
+import checkpoints
+import data_utils as du
+import ddp
+import model_utils as mu
+import report
+from config import TrainConfig
+from devices import amp_dtype, resolve_device, resolve_feature_batch_size, to_channels_last
+from errors import FlowerclfError
+from features import (cached_features, eval_transform, feature_forward, feature_key, make_loader,
+                      state_fingerprint)
+from loops import (NonFiniteLoss, features_logits, finetune_epoch, metrics_from_logits, split_logits,
+                   train_head_epoch, warmup_cosine, wrap_ddp)
+
+CACHE_DIRNAME = ".feature_cache"
+DIST_TIMEOUT_S = 300  # a collective waiting longer than this means a rank died or hung: end the job
+
+
+@dataclass
+class Plan:
+    """What a training path hands the shared epoch loop."""
+
+    trainable: nn.Module                  # the part whose weights change: the head, or the whole model
+    train_epoch: Callable[[int], dict]
+    validate: Callable[[], dict]
+    test_logits: Callable[[], tuple] | None
+    stateful: dict                        # optimizer, scheduler, scaler...: objects with state_dict()
+    generator: torch.Generator            # the order of training batches
+    engine: str
+
+
+def _features(model, spec, preprocess, splits, cfg, device, log) -> tuple[dict, str]:
+    """(features, labels) per split, from the cache or one backbone pass, and the engine used.
+
+    Runs inside its own random stream, so a cache hit and a miss leave training on the same one.
+    """
+    cache_dir = os.path.join(cfg.save_dir, CACHE_DIRNAME)
+    started = time.perf_counter()
+    fingerprint = state_fingerprint(model.backbone)
+    forward, engine = feature_forward(model.backbone, spec.arch, preprocess.crop_size, cfg.engine, device, cfg.amp,
+                                      fingerprint, log)
+    log(f"feature pass on {engine}")
+
+    def features(images, transform, view, desc):
+        key = feature_key(images, fingerprint, preprocess, view, cfg.seed, cfg.amp, engine) if cfg.cache else None
+        return cached_features(forward, images, transform, key, cache_dir, cfg.feature_batch_size,
+                               cfg.num_workers, device, desc, log)
+
+    with torch.random.fork_rng(devices=[]):
+        feats = {name: features(images, eval_transform(preprocess), None, f"features {name}")
+                 for name, images in splits.items()}
+        if cfg.augment_views:
+            augment, views = du.train_transform(preprocess), []
+            for view in range(cfg.augment_views):
+                torch.manual_seed(cfg.seed * 1000 + view)  # each view is its own reproducible draw
+                views.append(features(splits["train"], augment, view, f"features train view {view + 1}"))
+            feats["train"] = tuple(torch.cat(parts) for parts in zip(*views))
+    log(f"features ready in {time.perf_counter() - started:.1f}s")
+    return feats, engine
+
+
+def _frozen_plan(model, spec, preprocess, splits, cfg, device, log) -> Plan:
+    """Cache features once; the head trains on them."""
+    feats, engine = _features(model, spec, preprocess, splits, cfg, device, log)
+    head = model.head.to(device)
+    runner = wrap_ddp(head, device)
+    optimizer = torch.optim.Adam(head.parameters(), lr=cfg.learning_rate)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return Plan(
+        head,
+        lambda epoch: train_head_epoch(runner, *feats["train"], optimizer, cfg.batch_size, generator, device,
+                                       loss_fn),
+        lambda: metrics_from_logits(features_logits(head, feats["valid"][0], device), feats["valid"][1]),
+        (lambda: (features_logits(head, feats["test"][0], device), feats["test"][1])) if "test" in feats else None,
+        {"optimizer": optimizer}, generator, engine)
+
+
+def _finetune_plan(model, preprocess, splits, cfg, device, log) -> Plan:
+    """The last stages of the backbone train with the head, on augmented images."""
+    names = mu.unfreeze_last(model.backbone, cfg.unfreeze)
+    log(f"fine-tuning backbone stages: {', '.join(names) or 'none'}")
+    to_channels_last(model)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    # --batch_size is global: under torchrun each of the N processes takes batch_size / N per step
+    sampler = torch.utils.data.DistributedSampler(range(len(splits["train"])), seed=cfg.seed) \
+        if ddp.world() > 1 else None
+    train_loader = make_loader(splits["train"], du.train_transform(preprocess),
+                               max(1, cfg.batch_size // ddp.world()), cfg.num_workers, device,
+                               shuffle=sampler is None, generator=generator, sampler=sampler)
+    backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([
+        {"params": model.head.parameters(), "lr": cfg.learning_rate},
+        {"params": backbone_params, "lr": cfg.learning_rate * cfg.backbone_lr_ratio}], weight_decay=1e-4)
+    steps = cfg.epochs * len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(steps, min(steps, max(1, round(cfg.warmup_epochs * len(train_loader))))))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and amp_dtype(device) == torch.float16)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    runner = wrap_ddp(model, device)
+    runner = torch.compile(runner) if cfg.compile else runner
+
+    def train_epoch(epoch: int) -> dict:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        return finetune_epoch(model, train_loader, optimizer, scheduler, scaler, loss_fn, device, cfg.amp, runner)
+
+    def logits(split: str):
+        return split_logits(model, splits[split], preprocess, cfg.feature_batch_size, device, cfg.amp, split,
+                            num_workers=cfg.num_workers)
+
+    return Plan(
+        model, train_epoch, lambda: metrics_from_logits(*logits("valid")),
+        (lambda: logits("test")) if "test" in splits else None,
+        {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}, generator, "torch")
+
+
+def _cpu_state(state: dict) -> dict:
+    """A copy of a state dict on the CPU (a copy even for CPU tensors, so training cannot change it)."""
+    return {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
+def restore(path: str, plan: Plan, spec: mu.ModelSpec, class_to_idx: dict, unfreeze) -> tuple[int, list, dict]:
+    """Load checkpoint_last.pth into `plan`; return (next epoch, history, best)."""
+    state = checkpoints.read_resume(path, spec, class_to_idx, unfreeze)
+    plan.trainable.load_state_dict(state["trained_state"])
+    for name, obj in plan.stateful.items():
+        obj.load_state_dict(state["stateful"][name])
+    plan.generator.set_state(state["generator"])
+    torch.set_rng_state(state["rng"])
+    return state["epoch"] + 1, state["history"], dict(state["best"], state=state["best_state"])
+
+
+def check_data(cfg: TrainConfig) -> str:
+    """train.py --check: scan DATA_DIR, decode every image; a report, or an error listing each bad file."""
+    splits = du.scan_data_dir(cfg.data_dir, cfg.valid_split, cfg.seed)
+    splits, warnings_ = du.check_splits(splits, full=True, skip_bad=cfg.skip_bad_images)
+    summary = (f"{cfg.data_dir}: " + ", ".join(f"{len(s)} {n}" for n, s in splits.items())
+               + f" images, {len(splits['train'].class_to_idx)} classes, all readable")
+    return "\n".join(warnings_ + [summary])
+
+
+def format_epoch(epoch: int, epochs: int, train: dict, valid: dict, seconds: float) -> str:
+    """The one line printed after each epoch."""
+    return (f"epoch {epoch}/{epochs}  train loss {train['loss']:.4f}  valid loss {valid['loss']:.4f}  "
+            f"valid acc {100 * valid['acc']:.2f}%  {seconds:.1f}s")
+
+
+@dataclass
+class Run:
+    """What the epoch loop needs besides the plan: the model's identity and where it is saved."""
+
+    model: nn.Sequential
+    spec: mu.ModelSpec
+    preprocess: du.Preprocess
+    class_to_idx: dict
+    cfg: TrainConfig
+    log: Callable[[str], None]
+
+    @property
+    def out(self) -> str:
+        return os.path.join(self.cfg.save_dir, "checkpoint.pth")
+
+    def save(self, epoch: int, history: list, **extra) -> None:
+        """checkpoint.pth (rank 0 only)."""
+        if ddp.is_main():
+            checkpoints.atomic_save(checkpoints.make_checkpoint(
+                self.model, self.spec, self.preprocess, self.class_to_idx, epoch=epoch, history=history,
+                args=asdict(self.cfg), **extra), self.out)
+
+
+def run_epochs(plan: Plan, run: Run) -> tuple[list, dict]:
+    """Train epoch after epoch; save the best to checkpoint.pth and each to checkpoint_last.pth."""
+    cfg, last = run.cfg, os.path.join(run.cfg.save_dir, "checkpoint_last.pth")
+    start, history, best = 1, [], {"epoch": 0, "acc": -1.0, "loss": math.inf, "state": None}
+    if cfg.resume:
+        start, history, best = restore(last, plan, run.spec, run.class_to_idx, cfg.unfreeze)
+        run.log(f"resuming after epoch {start - 1} (best so far: epoch {best['epoch']})")
+    for epoch in range(start, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        rate = plan.stateful["optimizer"].param_groups[0]["lr"]
+        try:
+            tr = plan.train_epoch(epoch)
+        except NonFiniteLoss as e:
+            kept = f"{run.out} keeps epoch {best['epoch']}, the best so far" if best["epoch"] \
+                else "no checkpoint was saved"
+            raise FlowerclfError(f"{e} (epoch {epoch}); {kept}") from None
+        va = plan.validate()
+        seconds = time.perf_counter() - t0
+        history.append({"epoch": epoch, "train_loss": tr["loss"], "valid_loss": va["loss"], "valid_acc": va["acc"],
+                        "seconds": seconds, "lr": rate})
+        run.log(format_epoch(epoch, cfg.epochs, tr, va, seconds))
+        if va["acc"] > best["acc"]:
+            best = {"epoch": epoch, "acc": va["acc"], "loss": va["loss"],
+                    "state": _cpu_state(plan.trainable.state_dict())}
+            run.save(epoch, history, metrics={"valid_loss": va["loss"], "valid_acc": va["acc"]})
+        if ddp.is_main():
+            checkpoints.atomic_save(checkpoints.resume_state(
+                _cpu_state(plan.trainable.state_dict()),
+                {name: obj.state_dict() for name, obj in plan.stateful.items()}, plan.generator.get_state(),
+                run.spec, run.class_to_idx, epoch, history, best, asdict(cfg)), last)
+    return history, best
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
+    """Train a new head (and optionally the last backbone stages), save the best epoch; return the results.
+
+    checkpoint.pth is rewritten whenever validation accuracy improves and checkpoint_last.pth
+    after every epoch (both atomically), so a crash or Ctrl-C loses at most the running epoch.
+    Under torchrun every rank runs this; only rank 0 logs and writes files.
+    """
+    torch.manual_seed(cfg.seed)  # the same on every rank: identical initial heads
+    device = ddp.setup(resolve_device(cfg.device, cfg.gpu), DIST_TIMEOUT_S)
+    main = ddp.is_main()
+    if not main:
+        log = lambda line: None  # noqa: E731
+    cfg = replace(cfg, feature_batch_size=resolve_feature_batch_size(cfg.feature_batch_size, device))
+    splits = du.scan_data_dir(cfg.data_dir, cfg.valid_split, cfg.seed)
+    splits, warnings_ = du.check_splits(splits, full=cfg.skip_bad_images, skip_bad=cfg.skip_bad_images)
+    for line in warnings_:
+        log(line)
+    names = du.load_category_names(cfg.category_names)  # fail before training, not after
+    class_to_idx = splits["train"].class_to_idx
+    spec = mu.ModelSpec(cfg.arch, mu.resolve_weights(cfg.arch, cfg.weights).spec, list(cfg.hidden_units),
+                        cfg.dropout, len(class_to_idx))
+    model, preprocess = mu.build_model(spec)
+    mu.freeze(model.backbone)
+    model.to(device)
+    log(f"{cfg.arch} on {device}" + (f" x {ddp.world()} processes" if ddp.world() > 1 else "") + ": "
+        + ", ".join(f"{len(s)} {n}" for n, s in splits.items()) + f" images, {len(class_to_idx)} classes")
+
+    if cfg.unfreeze:
+        plan = _finetune_plan(model, preprocess, splits, cfg, device, log)
+    else:
+        plan = _frozen_plan(model, spec, preprocess, splits, cfg, device, log)
+    cfg = replace(cfg, engine=plan.engine)  # recorded, so evaluate.py recomputes features the same way
+    run = Run(model, spec, preprocess, class_to_idx, cfg, log)
+    history, best = run_epochs(plan, run)
+
+    plan.trainable.load_state_dict(best["state"])
+    metrics = {"valid_loss": best["loss"], "valid_acc": best["acc"]}
+    test = plan.test_logits() if plan.test_logits else None
+    if test is not None:
+        m = metrics_from_logits(*test)
+        metrics.update(test_loss=m["loss"], test_acc=m["acc"], test_top5=m["top5"])
+        log(f"test accuracy: top-1 {100 * m['acc']:.2f}%  top-5 {100 * m['top5']:.2f}%  "
+            f"(best epoch {best['epoch']})")
+    run.save(best["epoch"], history, metrics=metrics)
+    result = {"checkpoint": run.out, "metrics": metrics, "history": history, "epoch": best["epoch"]}
+    ddp.cleanup()
+    if not main:
+        return result
+    log(f"saved {run.out} (epoch {best['epoch']}, valid acc {100 * best['acc']:.2f}%)")
+    written = report.write_history(history, cfg.save_dir)
+    if test is not None:
+        written += report.write_report(report.classification_report(
+            test[0].numpy(), test[1].numpy(), du.class_names(class_to_idx), names), cfg.save_dir)
+    if cfg.export == "onnx":
+        written.append(checkpoints.export_checkpoint_onnx(run.out))
+    log("wrote " + ", ".join(os.path.basename(p) for p in written))
+    return result
