@@ -18,19 +18,35 @@ from torch import nn
 
 import model_utils as mu
 from data_utils import Preprocess
-from errors import FlowerclfError
+from errors import FlowerclfError, brief
 from files import atomic_write
-from schema import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, ONNX_METADATA_KEY, RESUME_FORMAT
+from schema import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, ONNX_METADATA_KEY, RESUME_FORMAT, check_classes,
+                    check_model_meta)
 
 
 def atomic_save(obj, path: str) -> None:
     """torch.save through a temp file and a rename: a crash mid-save never breaks `path`."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    buffer = io.BytesIO()  # serialized first, so a full disk is an OSError naming the file, not torch's own
+    torch.save(obj, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+
+
+def first_non_finite(state: dict) -> str | None:
+    """The name of the first weight holding a NaN or an infinity, or None."""
+    return next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+
+
+def check_finite_state(state: dict, what: str) -> None:
+    """Refuse a model with NaN or infinite weights: it would only ever predict nonsense."""
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise FlowerclfError(f"{what}: weight {bad} is not finite (NaN or infinite); the model is unusable")
 
 
 def make_checkpoint(model: nn.Sequential, spec: mu.ModelSpec, preprocess: Preprocess,
                     class_to_idx: dict[str, int], **extra) -> dict:
-    """The checkpoint as plain data: tensors on CPU, numbers, strings, lists and dicts."""
+    """The checkpoint as plain data: tensors on CPU, numbers, strings, lists and dicts; never a non-finite model."""
+    check_finite_state(model.state_dict(), "the model to save")
     return {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -73,21 +89,23 @@ def load_classic(ckpt: dict, path: str) -> tuple[nn.Sequential, dict]:
     try:
         model.load_state_dict(renamed)
     except RuntimeError as e:
-        raise FlowerclfError(f"{path}: its state_dict does not fit {arch} ({str(e).splitlines()[0]})") from None
-    class_to_idx = {str(k): int(v) for k, v in ckpt.get("class_to_idx", ckpt.get("label_idx")).items()}
-    meta = {"class_to_idx": class_to_idx, "preprocess": Preprocess().to_dict(), "model": {"arch": arch}}
+        raise FlowerclfError(f"{path}: its state_dict does not fit {arch} ({brief(e)})") from None
+    classes = {str(k): v for k, v in ckpt.get("class_to_idx", ckpt.get("label_idx")).items()}
+    check_classes(classes, layers[-1].out_features, path)
+    meta = {"class_to_idx": classes, "preprocess": Preprocess().to_dict(), "model": {"arch": arch}}
     return nn.Sequential(OrderedDict(backbone=model, head=nn.Identity())), meta
 
 
 def read_checkpoint(path: str, map_location="cpu") -> dict:
     """Load a checkpoint as data only (weights_only=True) and check it is ours (or a classic one)."""
+    if os.path.isdir(path):
+        raise FlowerclfError(f"checkpoint {path} is a folder; give its checkpoint.pth")
     if not os.path.isfile(path):
         raise FlowerclfError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # unpickling refused, truncated zip, not a torch file at all
-        raise FlowerclfError(f"{path} is not a loadable checkpoint ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        raise FlowerclfError(f"{path} is not a loadable checkpoint ({brief(e)})") from None
     if isinstance(ckpt, dict) and ckpt.get("format") == RESUME_FORMAT:
         raise FlowerclfError(f"{path} is train.py's state for --resume; use checkpoint.pth from the same folder")
     if _is_classic(ckpt):
@@ -97,7 +115,9 @@ def read_checkpoint(path: str, map_location="cpu") -> dict:
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise FlowerclfError(f"{path} has checkpoint version {ckpt.get('version')}; this flowerclf reads "
                              f"version {CHECKPOINT_VERSION}")
-    return ckpt
+    if not isinstance(ckpt.get("state_dict"), dict):
+        raise FlowerclfError(f"{path}: field 'state_dict' is missing; the file is damaged or not made by flowerclf")
+    return check_model_meta(ckpt, path)
 
 
 def load_model(path: str, device: torch.device | str = "cpu") -> tuple[nn.Sequential, dict]:
@@ -111,9 +131,10 @@ def load_model(path: str, device: torch.device | str = "cpu") -> tuple[nn.Sequen
     model, _ = mu.build_model(spec, load_pretrained=False)
     try:
         model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        raise FlowerclfError(f"{path} does not match its own architecture {spec.arch}: "
-                             f"{str(e).splitlines()[0]}") from None
+    except (RuntimeError, TypeError, AttributeError) as e:  # wrong shapes or keys, or values that are no tensors
+        detail = " ".join(line.strip() for line in str(e).splitlines()[:2])
+        raise FlowerclfError(f"{path} does not match its own architecture {spec.arch}: {detail[:300]}") from None
+    check_finite_state(model.state_dict(), path)
     return model.to(device).eval(), ckpt
 
 
@@ -144,8 +165,7 @@ def export_checkpoint_onnx(checkpoint: str, out: str | None = None) -> str:
     except FlowerclfError:
         raise
     except Exception as e:  # exporter failures are many and varied; all mean "this arch does not export"
-        raise FlowerclfError(f"ONNX export of {ckpt['model']['arch']} failed ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        raise FlowerclfError(f"ONNX export of {ckpt['model']['arch']} failed ({brief(e)})") from None
 
 
 # ---------------------------------------------------------------- resume state
@@ -162,6 +182,10 @@ def resume_state(trainable: dict, stateful: dict, generator: torch.Tensor, spec:
     }
 
 
+RESUME_FIELDS = {"epoch": int, "history": list, "best": dict, "trained_state": dict, "stateful": dict,
+                 "generator": torch.Tensor, "rng": torch.Tensor, "class_to_idx": dict, "model": dict}
+
+
 def read_resume(path: str, spec: mu.ModelSpec, class_to_idx: dict, unfreeze) -> dict:
     """Load checkpoint_last.pth and check it continues this run (same classes and model flags)."""
     if not os.path.isfile(path):
@@ -172,6 +196,10 @@ def read_resume(path: str, spec: mu.ModelSpec, class_to_idx: dict, unfreeze) -> 
         raise FlowerclfError(f"--resume: {path} is not loadable ({type(e).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
         raise FlowerclfError(f"--resume: {path} is not a train.py resume state")
+    for key, kind in RESUME_FIELDS.items():
+        if not isinstance(state.get(key), kind):
+            raise FlowerclfError(f"--resume: {path}: field '{key}' is missing or not {kind.__name__}; the file is "
+                                 f"damaged; train again with --overwrite")
     if state["class_to_idx"] != class_to_idx:
         raise FlowerclfError(f"--resume: {path} was made for classes {sorted(state['class_to_idx'])[:8]}, "
                              f"but the data has {sorted(class_to_idx)[:8]}; use another --save_dir")

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from cli import DEVICES
 from errors import FlowerclfError
+from schema import MAX_HIDDEN_UNITS
 
-MAX_HIDDEN_UNITS = 65536
 MAX_SEED = 2 ** 32 - 1
 
 
@@ -43,6 +43,7 @@ class TrainConfig:
     valid_split: float = 0.0
     skip_bad_images: bool = False
     resume: bool = False
+    overwrite: bool = False
 
     def __post_init__(self):
         """Every caller (train.py, tests, benchmarks) gets the same checks, before any work."""
@@ -77,6 +78,8 @@ class TrainConfig:
              f"--gpu asks for CUDA but --device is {self.device}; pass one of them"),
             (self.engine in ("auto", "torch", "onnxruntime"), "--engine must be auto, torch or onnxruntime"),
             (self.export in (None, "onnx"), "--export takes onnx"),
+            (not (self.resume and self.overwrite), "--resume continues the run in --save_dir and --overwrite "
+                                                   "replaces it; pass one of them"),
         ]
         for ok, message in problems:
             if not ok:

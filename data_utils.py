@@ -46,7 +46,15 @@ def is_image_file(path: str | os.PathLike) -> bool:
 
 
 def _class_dirs(root: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    """Class folder names; a link back to the split (or above) would repeat every image, so it is refused."""
+    names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    top = os.path.realpath(root)
+    for name in names:
+        target = os.path.realpath(root / name)
+        if top == target or top.startswith(target + os.sep):
+            raise FlowerclfError(f"{root / name} links to {target}, which holds {root}/ itself, so every image "
+                                 f"would count twice; remove the link")
+    return names
 
 
 def scan_split(root: str | os.PathLike, class_to_idx: dict[str, int] | None = None) -> ImageSet:
@@ -72,7 +80,7 @@ def scan_split(root: str | os.PathLike, class_to_idx: dict[str, int] | None = No
         for dirpath, dirnames, filenames in os.walk(root / cls):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in sorted(filenames):
-                if is_image_file(name):
+                if is_image_file(name) and os.path.isfile(os.path.join(dirpath, name)):  # no FIFOs, sockets
                     images.files.append(os.path.join(dirpath, name))
                     images.labels.append(class_to_idx[cls])
     if not images.files:
@@ -83,6 +91,8 @@ def scan_split(root: str | os.PathLike, class_to_idx: dict[str, int] | None = No
 def scan_data_dir(data_dir: str | os.PathLike, valid_split: float = 0.0, seed: int = 0) -> dict[str, ImageSet]:
     """Scan DATA_DIR/train, DATA_DIR/valid (or carve it from train/) and, when present, DATA_DIR/test."""
     data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise FlowerclfError(f"data directory {data_dir} is a file; give the folder that holds train/ and valid/")
     if not data_dir.is_dir():
         raise FlowerclfError(f"data directory {data_dir} does not exist")
     if not (data_dir / "train").is_dir():
@@ -181,12 +191,15 @@ def list_images(paths: list[str]) -> list[str]:
     out = []
     for p in paths:
         if os.path.isdir(p):
-            found = sorted(os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs if is_image_file(f))
+            found = sorted(os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs
+                           if is_image_file(f) and os.path.isfile(os.path.join(d, f)))
             if not found:
                 raise FlowerclfError(f"{p}/ contains no images ({', '.join(IMAGE_EXTENSIONS)})")
             out.extend(found)
         elif os.path.isfile(p):
             out.append(p)
+        elif os.path.exists(p):
+            raise FlowerclfError(f"{p} is not a regular file (a pipe or a device?); give image files or folders")
         else:
             raise FlowerclfError(f"{p} does not exist")
     return out
@@ -201,11 +214,16 @@ def load_category_names(path: str | None) -> dict[str, str]:
             names = json.load(f)
     except OSError as e:
         raise FlowerclfError(f"--category_names {path} cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise FlowerclfError(f"--category_names {path} is not UTF-8 text; save it as UTF-8 JSON") from None
     except json.JSONDecodeError as e:
         raise FlowerclfError(f"--category_names {path} is not valid JSON ({e})") from None
     if not isinstance(names, dict):
         raise FlowerclfError(f"--category_names {path} must hold a JSON object {{\"1\": \"pink primrose\", ...}}")
-    return {str(k): str(v) for k, v in names.items()}
+    wrong = next((k for k, v in names.items() if not isinstance(v, str)), None)
+    if wrong is not None:
+        raise FlowerclfError(f"--category_names {path}: the name of {wrong!r} is {names[wrong]!r:.40}, not a string")
+    return names
 
 
 # ---------------------------------------------------------------- images

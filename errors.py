@@ -9,5 +9,15 @@ class FlowerclfError(Exception):
     """
 
     def __init__(self, message: str, exit_code: int = 2):
+        # torch's DataLoader re-raises a worker's error as type(e)("Caught ... Original Traceback ...
+        # FlowerclfError: message"): keep the message, not the worker's traceback
+        if message.startswith(f"Caught {type(self).__name__} in DataLoader worker"):
+            message = message.rsplit(f"{type(self).__name__}: ", 1)[-1].strip()
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def brief(e: BaseException, limit: int = 200) -> str:
+    """A foreign exception in a few words for an error line: its type and the first line of its message."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:limit]}" if lines else type(e).__name__

@@ -16,7 +16,7 @@ import data_utils as du
 import ddp
 from checkpoints import atomic_save, export_onnx
 from devices import autocast, to_channels_last
-from errors import FlowerclfError
+from errors import FlowerclfError, brief
 from progress import progress
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # a CPU batch of images -> CPU float32 features
@@ -66,7 +66,11 @@ def onnx_forward(backbone: nn.Module, arch: str, crop_size: int, fingerprint: st
     path = os.path.join(onnx_cache_dir(), "onnx", f"{arch}-{key}.onnx")
     if not os.path.isfile(path):  # a copy: the export moves the module to contiguous format
         export_onnx(copy.deepcopy(backbone), path, crop_size)
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    except Exception:  # a damaged cached file (or one of an older flowerclf that kept its weights aside)
+        export_onnx(copy.deepcopy(backbone), path, crop_size)
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
 
@@ -90,8 +94,7 @@ def feature_forward(backbone: nn.Module, arch: str, crop_size: int, engine: str,
         try:
             return onnx_forward(backbone, arch, crop_size, fingerprint), "onnxruntime"
         except Exception as e:  # exporter and runtime failures are many; every one means "use torch"
-            detail = str(e).splitlines()[0][:150] if str(e) else ""
-            log(f"ONNX Runtime unavailable for {arch} ({type(e).__name__}: {detail}); using torch")
+            log(f"ONNX Runtime unavailable for {arch} ({brief(e, 150)}); using torch")
     return torch_forward(backbone, device, amp), "torch"
 
 

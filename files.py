@@ -1,9 +1,12 @@
-"""Atomic file output: every file flowerclf writes appears whole or not at all."""
+"""Atomic file output: every file flowerclf writes appears whole or not at all, even on Ctrl-C or a full disk."""
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
-from typing import BinaryIO, Callable
+import threading
+from contextlib import contextmanager
+from typing import BinaryIO, Callable, Iterator
 
 
 def _umask() -> int:
@@ -12,23 +15,43 @@ def _umask() -> int:
     return mask
 
 
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C inside lets the block finish, then raises KeyboardInterrupt (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
     """Call write(binary file) on a temp file beside `path`, fsync, then rename it over `path`.
 
-    A crash or kill at any moment leaves either the old file or the new one, never half of one.
-    The file gets the usual mode (0666 less the umask), not mkstemp's private 0600.
+    A crash or kill at any moment leaves either the old file or the new one, never half of one;
+    Ctrl-C waits for the rename. The file gets the usual mode (0666 less the umask), not mkstemp's
+    private 0600. A failed write (a full disk) removes the temp file and names `path`.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(str(path))[1], dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with interrupts_deferred():
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(str(path))[1], dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException as e:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            if isinstance(e, OSError) and not e.filename:
+                raise OSError(e.errno, e.strerror, str(path)) from None
+            raise

@@ -68,6 +68,11 @@ def format_text(r: dict) -> str:
         if "recommended_batch_size" in est:
             lines.append(f"  largest batch that fits: {est['largest_batch_size']}; "
                          f"use --batch_size {est['recommended_batch_size']} (10% margin)")
+        if "per_image_seconds" in est:
+            sizes = " and ".join(str(b) for b in est["measured_batch_sizes"])
+            lines.append(f"  RAM figures are extrapolated from real steps of {sizes} images, not run at "
+                         f"batch {est['batch_size']}; one such step would take about "
+                         f"{est['per_image_seconds'] * est['batch_size']:,.1f} s on this CPU")
     lines.append("live tensors (device, dtype, shape: count, size):" if r["tensors"] else "live tensors: none")
     for t in r["tensors"][:15]:
         shape = str(tuple(t["shape"]))
@@ -85,9 +90,10 @@ def estimate(args, step, what: str, device) -> dict:
     if device.type == "cuda":
         peak = lambda b: memory.cuda_peak(step, b, device)  # noqa: E731  (None: out of memory)
     else:
-        fixed, per_image = memory.cpu_memory_model(step)
+        model = memory.cpu_memory_model(step)
         available = memory.host_report()["available"]
-        out.update(fixed_bytes=fixed, per_image_bytes=per_image)
+        out.update(model)
+        fixed, per_image = model["fixed_bytes"], model["per_image_bytes"]
         peak = lambda b: fixed + per_image * b if fixed + per_image * b <= available else None  # noqa: E731
     if args.find_batch_size:
         best = memory.largest_fitting(lambda b: peak(b) is not None)

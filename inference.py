@@ -1,14 +1,16 @@
 """Prediction: images in, top-k classes out. The core is numpy; the model backend is pluggable."""
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 import data_utils as du
-from errors import FlowerclfError
-from schema import ONNX_METADATA_KEY
+from errors import FlowerclfError, brief
+from schema import ONNX_METADATA_KEY, check_model_meta
 
 
 @dataclass
@@ -42,27 +44,35 @@ class Predictor:
     def from_onnx(cls, path: str) -> "Predictor":
         """An ONNX Runtime predictor from model.onnx (train.py --export onnx): no torch involved."""
         import json
-        import os
 
         try:
             import onnxruntime as ort
         except ImportError:
             raise FlowerclfError("predicting with an .onnx model needs onnxruntime: "
-                                    "pip install -r requirements-predict.txt") from None
-        if not os.path.isfile(path):
-            raise FlowerclfError(f"model {path} does not exist")
+                                 "pip install -r requirements-predict.txt") from None
         try:
             session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-            meta = json.loads(session.get_modelmeta().custom_metadata_map[ONNX_METADATA_KEY])
-        except KeyError:
-            raise FlowerclfError(f"{path} is an ONNX model without flowerclf metadata; export it with "
-                                    f"python export.py CHECKPOINT") from None
         except Exception as e:  # onnxruntime raises its own exception types for unreadable files
-            raise FlowerclfError(f"{path} is not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from None
-        name = session.get_inputs()[0].name
+            raise FlowerclfError(f"{path} is not a loadable ONNX model ({brief(e)})") from None
+        text = session.get_modelmeta().custom_metadata_map.get(ONNX_METADATA_KEY)
+        if text is None:
+            raise FlowerclfError(f"{path} is an ONNX model without flowerclf metadata; export it with "
+                                 f"python export.py CHECKPOINT")
+        try:
+            meta = check_model_meta(json.loads(text), path)
+        except json.JSONDecodeError:
+            raise FlowerclfError(f"{path}: its flowerclf metadata is not valid JSON; export it again") from None
+        images, outputs = session.get_inputs()[0], session.get_outputs()[0]
+        crop = meta["preprocess"]["crop_size"]
+        if any(isinstance(side, int) and side != crop for side in images.shape[2:]):
+            raise FlowerclfError(f"{path}: field 'preprocess.crop_size' is {crop}, but the model takes "
+                                 f"{images.shape[2]}x{images.shape[3]} images; export it again")
+        if isinstance(outputs.shape[-1], int) and outputs.shape[-1] != len(meta["class_to_idx"]):
+            raise FlowerclfError(f"{path}: field 'class_to_idx' names {len(meta['class_to_idx'])} classes, but "
+                                 f"the model has {outputs.shape[-1]} outputs; export it again")
 
         def probabilities(batch: np.ndarray) -> np.ndarray:
-            logits = session.run(None, {name: batch})[0].astype(np.float64)
+            logits = session.run(None, {images.name: batch})[0].astype(np.float64)
             e = np.exp(logits - logits.max(axis=1, keepdims=True))
             return e / e.sum(axis=1, keepdims=True)
 
@@ -72,11 +82,20 @@ class Predictor:
     @classmethod
     def load(cls, path: str, device: str = "auto", gpu: bool = False) -> "Predictor":
         """A predictor for a checkpoint.pth (torch) or a model.onnx (ONNX Runtime, CPU)."""
+        if os.path.isdir(path) or du.is_image_file(path):
+            raise FlowerclfError(f"the last argument, {path}, is {'a folder' if os.path.isdir(path) else 'an image'};"
+                                 f" give the images first and the checkpoint (.pth or .onnx) last")
+        if not os.path.isfile(path):
+            raise FlowerclfError(f"checkpoint {path} does not exist")
         if path.lower().endswith(".onnx"):
             if gpu or device not in ("auto", "cpu"):
                 raise FlowerclfError(f"{path} runs on ONNX Runtime's CPU provider; drop --gpu/--device "
-                                        f"or use checkpoint.pth")
+                                     f"or use checkpoint.pth")
             return cls.from_onnx(path)
+        if importlib.util.find_spec("torch") is None:
+            raise FlowerclfError(f"{path} is a torch checkpoint, but this install has no torch: it predicts from a "
+                                 f"model.onnx (python export.py {path}, where torch is installed) or "
+                                 f"pip install -r requirements.txt")
         return cls.from_checkpoint(path, device, gpu)
 
     def predict_paths(self, inputs: list[str], top_k: int, names: dict[str, str] | None = None

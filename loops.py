@@ -10,6 +10,7 @@ from torch import nn
 import data_utils as du
 import ddp
 import report
+from checkpoints import first_non_finite
 from devices import autocast
 from errors import FlowerclfError
 from features import Forward, eval_transform, sharded_features, torch_forward
@@ -24,6 +25,15 @@ def check_finite(loss: torch.Tensor) -> None:
     """Stop on a NaN or infinite loss (note: a CPU-GPU sync point, once per batch)."""
     if not torch.isfinite(loss):
         raise NonFiniteLoss(f"the training loss became {loss.item()}; lower --learning_rate (or drop --amp)")
+
+
+def check_finite_epoch(trainable: nn.Module, valid_loss: float) -> None:
+    """Stop when an epoch ends with non-finite weights or validation loss (one batch can blow up a model)."""
+    bad = first_non_finite(trainable.state_dict())
+    if bad is not None:
+        raise NonFiniteLoss(f"weight {bad} became NaN or infinite; lower --learning_rate (or drop --amp)")
+    if not math.isfinite(valid_loss):
+        raise NonFiniteLoss(f"the validation loss became {valid_loss}; lower --learning_rate (or drop --amp)")
 
 
 def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:

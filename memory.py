@@ -4,6 +4,7 @@ from __future__ import annotations
 import gc
 import math
 import resource
+import time
 import warnings
 from collections import defaultdict
 from typing import Callable
@@ -140,19 +141,24 @@ def cuda_peak(step: Callable[[int], None], batch_size: int, device: torch.device
     return torch.cuda.max_memory_allocated(device) - base
 
 
-def cpu_peak(step: Callable[[int], None], batch_size: int) -> int:
-    """Bytes one step at `batch_size` adds to this process's resident memory at its peak.
+def cpu_peak(step: Callable[[int], None], batch_size: int) -> tuple[int, float]:
+    """Bytes one step at `batch_size` adds to this process's resident memory at its peak, and its seconds.
 
     Call with growing batch sizes: the peak-RSS counter only rises, so a smaller step would read high.
     """
-    before = psutil.Process().memory_info().rss
+    before, start = psutil.Process().memory_info().rss, time.perf_counter()
     step(batch_size)
-    return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+    seconds = time.perf_counter() - start
+    return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before), seconds
 
 
-def cpu_memory_model(step: Callable[[int], None], sizes=(4, 16)) -> tuple[float, float]:
-    """Fit peak RSS growth ~ fixed + per_image * batch from two small real steps (never risks the OOM killer)."""
+def cpu_memory_model(step: Callable[[int], None], sizes=(4, 16)) -> dict:
+    """Peak RSS ~ fixed + per_image * batch and seconds ~ per_image_s * batch, fitted from two small real steps.
+
+    Extrapolated, never run at the large size, so it cannot wake the OOM killer.
+    """
     step(1)  # first-call allocations (gradients, optimizer state, kernel caches) out of the way
-    (b0, m0), (b1, m1) = [(b, cpu_peak(step, b)) for b in sizes]
+    (b0, (m0, t0)), (b1, (m1, t1)) = [(b, cpu_peak(step, b)) for b in sizes]
     per_image = max((m1 - m0) / (b1 - b0), 1.0)
-    return max(0.0, m1 - per_image * b1), per_image
+    return {"fixed_bytes": max(0.0, m1 - per_image * b1), "per_image_bytes": per_image,
+            "per_image_seconds": max(t1 / b1, (t1 - t0) / (b1 - b0)), "measured_batch_sizes": list(sizes)}

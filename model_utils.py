@@ -14,7 +14,7 @@ import torchvision
 from torch import nn
 
 from data_utils import Preprocess
-from errors import FlowerclfError
+from errors import FlowerclfError, brief
 
 # Where a model keeps its ImageNet classifier; the 1000-way layer is the last
 # Linear/Conv2d inside it (a bare Linear, or e.g. vgg's Sequential, squeezenet's conv).
@@ -184,7 +184,7 @@ def load_state_file(path: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncation, zip errors: all mean "not a usable file"
-        raise FlowerclfError(f"{path} is not a readable state dict ({type(e).__name__}: {e})") from None
+        raise FlowerclfError(f"{path} is not a readable state dict ({brief(e)})") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

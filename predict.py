@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import cli
@@ -55,19 +56,22 @@ def run(args: argparse.Namespace) -> int:
     import data_utils as du
     import inference
 
+    if args.plot and os.path.isdir(args.plot):
+        raise FlowerclfError(f"--plot {args.plot} is a folder; give a file name such as {args.plot}/top5.png")
     names = du.load_category_names(args.category_names)
     predictor = inference.Predictor.load(checkpoint, args.device, args.gpu)
     results, errors = predictor.predict_paths(inputs, args.top_k, names)
-    if results:
-        print(json.dumps(results, indent=2) if args.json else format_text(results))
-    if args.plot and results:
+    if args.plot and results:  # before the text, so a closed stdout (| head) cannot stop it
         import report
         shown = results[:report.PLOT_MAX_IMAGES]
         if len(shown) < len(results):
             print(f"note: --plot shows the first {len(shown)} of {len(results)} images", file=sys.stderr)
         report.plot_predictions([du.load_rgb(r["image"]) for r in shown], shown, args.plot)
+        print(f"wrote {cli.printable(args.plot)}", file=sys.stderr)
     for err in errors:
         print(cli.error_line(err), file=sys.stderr)
+    if results:
+        print(json.dumps(results, indent=2) if args.json else format_text(results))
     # some inputs failed: 1 when others were predicted, 2 when nothing was
     return 0 if not errors else (1 if results else 2)
 

@@ -1,11 +1,34 @@
-"""Progress of long passes: a bar on rank 0's terminal, nothing on other ranks."""
+"""Progress of long passes: a bar on rank 0's terminal, a line every ~10 s in a log, nothing on other ranks."""
 from __future__ import annotations
+
+import sys
+import time
+from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
 import ddp
 
+LOG_EVERY_S = 10.0
 
-def progress(iterable, desc: str, unit: str = "batch"):
-    """A progress bar on rank 0's terminal; nothing elsewhere."""
-    return tqdm(iterable, desc=desc, unit=unit, leave=False, disable=None if ddp.is_main() else True)
+
+def progress(iterable: Iterable, desc: str, unit: str = "batch") -> Iterable:
+    """`iterable`, reporting how far it got: tqdm's bar on a terminal, plain lines when stderr is a file."""
+    if not ddp.is_main():
+        return iterable
+    if sys.stderr.isatty():
+        return tqdm(iterable, desc=desc, unit=unit, leave=False)
+    return _log_lines(iterable, desc, unit)
+
+
+def _log_lines(iterable: Iterable, desc: str, unit: str) -> Iterator:
+    """tqdm in a log is one growing line of carriage returns; this writes a readable line now and then."""
+    total = len(iterable) if hasattr(iterable, "__len__") else None
+    start = last = time.monotonic()
+    for done, item in enumerate(iterable, 1):
+        yield item
+        now = time.monotonic()
+        if now - last >= LOG_EVERY_S:
+            last = now
+            print(f"{desc}: {unit} {done}{f'/{total}' if total else ''}, {now - start:.0f}s", file=sys.stderr,
+                  flush=True)

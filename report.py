@@ -21,6 +21,7 @@ def _pyplot():
     return plt
 
 
+
 def write_json(obj, path: str) -> None:
     """JSON to `path`, atomically."""
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode("utf-8")))
@@ -42,6 +43,7 @@ def write_history(history: list[dict], save_dir: str) -> list[str]:
     writer.writerows(history)
     atomic_write(paths[1], lambda f: f.write(text.getvalue().encode("utf-8")))
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
@@ -50,8 +52,13 @@ def write_history(history: list[dict], save_dir: str) -> list[str]:
     ax_loss.legend()
     ax_acc.plot(epochs, [100 * h["valid_acc"] for h in history], "o-", color="tab:green")
     ax_acc.set(xlabel="epoch", ylabel="valid accuracy (%)", title="Validation accuracy")
+    best = max(history, key=lambda h: h["valid_acc"])  # the first best epoch, the one checkpoint.pth keeps
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.axvline(best["epoch"], color="grey", linestyle="--", linewidth=1)
+    ax_acc.annotate(f"best: epoch {best['epoch']}", (best["epoch"], 100 * best["valid_acc"]),
+                    textcoords="offset points", xytext=(4, -12), fontsize=9)
     fig.tight_layout()
     save_figure(fig, paths[2])
     return paths
@@ -141,6 +148,11 @@ def write_report(report: dict, save_dir: str, stem: str = "test") -> list[str]:
 PLOT_COLUMNS, PLOT_MAX_IMAGES = 4, 16
 
 
+def plain_text(text: str) -> str:
+    """`text` as matplotlib should show it: a `$` is a dollar sign, never the start of math."""
+    return str(text).replace("$", r"\$")
+
+
 def plot_predictions(images: list, results: list[dict], path: str) -> None:
     """The classic sanity check: each image above a bar chart of its top-k names, in a grid of up to 4 columns."""
     plt = _pyplot()
@@ -154,10 +166,11 @@ def plot_predictions(images: list, results: list[dict], path: str) -> None:
         preds = result["predictions"]
         top_ax, bar_ax = axes[2 * (i // cols)][i % cols], axes[2 * (i // cols) + 1][i % cols]
         top_ax.imshow(img)
-        top_ax.set_title(preds[0]["name"], fontsize=12)
+        top_ax.set_title(plain_text(f"{os.path.basename(result['image'])}\n{preds[0]['name']} "
+                                    f"{100 * preds[0]['probability']:.0f}%"), fontsize=11)
         bar_ax.axis("on")
         bar_ax.barh(range(len(preds)), [100 * p["probability"] for p in preds], color="tab:blue")
-        bar_ax.set_yticks(range(len(preds)), [p["name"] for p in preds])
+        bar_ax.set_yticks(range(len(preds)), [plain_text(p["name"]) for p in preds])
         bar_ax.invert_yaxis()
         bar_ax.set_xlim(0, 100)
         bar_ax.set_xlabel("probability (%)")

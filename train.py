@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 import cli
@@ -60,6 +61,9 @@ def build_parser() -> cli.ArgumentParser:
                         "leave them out instead of stopping")
     d.add_argument("--valid_split", "--valid-split", type=float, default=0.0, metavar="FRACTION",
                    help="no valid/ folder? set aside this fraction of train/ (stratified, seeded), e.g. 0.2")
+    d.add_argument("--overwrite", action="store_true",
+                   help="replace the model another run left in SAVE_DIR (its checkpoints, reports and model.onnx "
+                        "are removed first); without it train.py refuses to overwrite a checkpoint.pth")
     d.add_argument("--resume", action="store_true",
                    help="continue from SAVE_DIR/checkpoint_last.pth (written after every epoch) with the "
                         "same optimizer state, epoch and history; pass the same model flags")
@@ -109,7 +113,7 @@ def run(args: argparse.Namespace) -> None:
         print(training.check_data(cfg))
         return
     try:
-        training.train(cfg)
+        training.train(cfg, log=lambda line: print(cli.printable(line), flush=True))
     except torch.cuda.OutOfMemoryError:
         raise FlowerclfError(
             f"CUDA out of memory at --batch_size {cfg.batch_size} (feature batch {cfg.feature_batch_size or 'auto'}); "
@@ -119,9 +123,15 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, train, save; return the exit code."""
-    return cli.run_main(build_parser(), argv, run, interrupted=lambda args: (
-        f"{args.save_dir}/checkpoint.pth holds the best epoch so far and checkpoint_last.pth the last finished "
-        f"one; continue with the same command and --resume"))
+    return cli.run_main(build_parser(), argv, run, interrupted=interrupted)
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """What Ctrl-C leaves behind, and how to go on."""
+    if not os.path.exists(os.path.join(args.save_dir, "checkpoint_last.pth")):
+        return "no epoch had finished, so no checkpoint was saved"
+    return (f"{args.save_dir}/checkpoint.pth holds the best epoch so far and checkpoint_last.pth the last finished "
+            f"one; continue with the same command and --resume")
 
 
 if __name__ == "__main__":

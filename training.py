@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
@@ -22,13 +23,14 @@ import data_utils as du
 import ddp
 import model_utils as mu
 import report
+import rundir
 from config import TrainConfig
 from devices import amp_dtype, resolve_device, resolve_feature_batch_size, to_channels_last
 from errors import FlowerclfError
 from features import (cached_features, eval_transform, feature_forward, feature_key, make_loader,
                       state_fingerprint)
-from loops import (NonFiniteLoss, features_logits, finetune_epoch, metrics_from_logits, split_logits,
-                   train_head_epoch, warmup_cosine, wrap_ddp)
+from loops import (NonFiniteLoss, check_finite_epoch, features_logits, finetune_epoch, metrics_from_logits,
+                   split_logits, train_head_epoch, warmup_cosine, wrap_ddp)
 
 CACHE_DIRNAME = ".feature_cache"
 DIST_TIMEOUT_S = 300  # a collective waiting longer than this means a rank died or hung: end the job
@@ -143,6 +145,8 @@ def restore(path: str, plan: Plan, spec: mu.ModelSpec, class_to_idx: dict, unfre
     state = checkpoints.read_resume(path, spec, class_to_idx, unfreeze)
     plan.trainable.load_state_dict(state["trained_state"])
     for name, obj in plan.stateful.items():
+        if name not in state["stateful"]:
+            raise FlowerclfError(f"--resume: {path} has no {name} state; train again with --overwrite")
         obj.load_state_dict(state["stateful"][name])
     plan.generator.set_state(state["generator"])
     torch.set_rng_state(state["rng"])
@@ -199,11 +203,12 @@ def run_epochs(plan: Plan, run: Run) -> tuple[list, dict]:
         rate = plan.stateful["optimizer"].param_groups[0]["lr"]
         try:
             tr = plan.train_epoch(epoch)
-        except NonFiniteLoss as e:
+            va = plan.validate()
+            check_finite_epoch(plan.trainable, va["loss"])
+        except NonFiniteLoss as e:  # the run stops here; a non-finite model is never kept nor saved
             kept = f"{run.out} keeps epoch {best['epoch']}, the best so far" if best["epoch"] \
                 else "no checkpoint was saved"
             raise FlowerclfError(f"{e} (epoch {epoch}); {kept}") from None
-        va = plan.validate()
         seconds = time.perf_counter() - t0
         history.append({"epoch": epoch, "train_loss": tr["loss"], "valid_loss": va["loss"], "valid_acc": va["acc"],
                         "seconds": seconds, "lr": rate})
@@ -233,6 +238,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     if not main:
         log = lambda line: None  # noqa: E731
     cfg = replace(cfg, feature_batch_size=resolve_feature_batch_size(cfg.feature_batch_size, device))
+    rundir.check_not_in_data(cfg.save_dir, cfg.data_dir)
     splits = du.scan_data_dir(cfg.data_dir, cfg.valid_split, cfg.seed)
     splits, warnings_ = du.check_splits(splits, full=cfg.skip_bad_images, skip_bad=cfg.skip_bad_images)
     for line in warnings_:
@@ -246,13 +252,19 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     model.to(device)
     log(f"{cfg.arch} on {device}" + (f" x {ddp.world()} processes" if ddp.world() > 1 else "") + ": "
         + ", ".join(f"{len(s)} {n}" for n, s in splits.items()) + f" images, {len(class_to_idx)} classes")
+    claim = rundir.claim(cfg.save_dir, cfg.data_dir, cfg.overwrite, cfg.resume, log) if main else nullcontext()
+    with claim:  # before the feature pass: a locked, unwritable or occupied save dir fails now
+        return _fit(Run(model, spec, preprocess, class_to_idx, cfg, log), splits, names, device)
 
+
+def _fit(run: Run, splits: dict, names: dict, device: torch.device) -> dict:
+    """The plan, the epochs, the test split, and the files a finished run leaves."""
+    cfg, log, main = run.cfg, run.log, ddp.is_main()
     if cfg.unfreeze:
-        plan = _finetune_plan(model, preprocess, splits, cfg, device, log)
+        plan = _finetune_plan(run.model, run.preprocess, splits, cfg, device, log)
     else:
-        plan = _frozen_plan(model, spec, preprocess, splits, cfg, device, log)
-    cfg = replace(cfg, engine=plan.engine)  # recorded, so evaluate.py recomputes features the same way
-    run = Run(model, spec, preprocess, class_to_idx, cfg, log)
+        plan = _frozen_plan(run.model, run.spec, run.preprocess, splits, cfg, device, log)
+    run.cfg = cfg = replace(cfg, engine=plan.engine)  # recorded, so evaluate.py recomputes features the same way
     history, best = run_epochs(plan, run)
 
     plan.trainable.load_state_dict(best["state"])
@@ -272,7 +284,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     written = report.write_history(history, cfg.save_dir)
     if test is not None:
         written += report.write_report(report.classification_report(
-            test[0].numpy(), test[1].numpy(), du.class_names(class_to_idx), names), cfg.save_dir)
+            test[0].numpy(), test[1].numpy(), du.class_names(run.class_to_idx), names), cfg.save_dir)
     if cfg.export == "onnx":
         written.append(checkpoints.export_checkpoint_onnx(run.out))
     log("wrote " + ", ".join(os.path.basename(p) for p in written))

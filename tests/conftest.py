@@ -40,3 +40,10 @@ def image_folder(tmp_path):
 def _onnx_cache(tmp_path_factory):
     """Exported backbones go to a per-session folder, never the user's ~/.cache."""
     os.environ["FLOWERCLF_CACHE"] = str(tmp_path_factory.mktemp("flowerclf-cache"))
+
+
+@pytest.fixture(autouse=True)
+def _no_progress_lines(monkeypatch):
+    """A loaded machine must not add "features: batch 3/9, 10s" lines to the stderr tests count."""
+    import progress
+    monkeypatch.setattr(progress, "LOG_EVERY_S", float("inf"))

@@ -88,6 +88,9 @@ def test_predict_bad_inputs(trained, tmp_path, capsys):
     assert predict.main([good, str(tmp_path / "nope.pth")]) == 2
     assert capsys.readouterr().err.strip() == f"error: checkpoint {tmp_path / 'nope.pth'} does not exist"
     assert predict.main([good, good]) == 2
+    assert "is an image; give the images first" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("not a model")
+    assert predict.main([good, str(tmp_path / "notes.txt")]) == 2
     assert "is not a loadable checkpoint" in capsys.readouterr().err
 
 

@@ -64,6 +64,9 @@ def test_find_batch_size_on_cpu_reports_for_ram():
     assert est["fixed_bytes"] + est["per_image_bytes"] * est["largest_batch_size"] <= \
         json.loads(out)["host"]["available"]
     assert any(r["shape"] == [102, 512] for r in json.loads(out)["tensors"])  # the measured head is in the census
+    assert est["measured_batch_sizes"] == [4, 16] and est["per_image_seconds"] > 0
+    text = gpumemcheck.format_text(json.loads(out))
+    assert "extrapolated from real steps of 4 and 16 images" in text and "s on this CPU" in text
 
 
 def test_bad_arguments(capsys):

@@ -142,6 +142,14 @@ def test_every_mode_trains_and_predicts(image_folder, tmp_path):
 
 # ------------------------------------------------------------------ checkpoints: kills, resume, Ctrl-C, NaN
 
+def _wait_for(proc, text: bytes) -> None:
+    """Read the process's output until `text`; fail (not hang) if it ends first."""
+    for line in iter(proc.stdout.readline, b""):
+        if text in line:
+            return
+    pytest.fail(f"the process ended (exit {proc.wait()}) before printing {text!r}")
+
+
 def _train_cmd(data, save, *extra):
     return [sys.executable, os.path.join(ROOT, "train.py"), data, "--save_dir", str(save)] + TINY + list(extra)
 
@@ -153,10 +161,9 @@ def test_sigkill_never_leaves_a_broken_checkpoint(image_folder, tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     for _ in range(4):
         # a high learning rate keeps valid accuracy moving, so checkpoint.pth is rewritten now and then too
-        proc = subprocess.Popen(_train_cmd(image_folder, save, "--epochs", "400", "--learning_rate", "0.05"),
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
-        while b"epoch 1/" not in proc.stdout.readline():
-            pass  # the epochs, and their saves, have begun
+        proc = subprocess.Popen(_train_cmd(image_folder, save, "--epochs", "400", "--learning_rate", "0.05",
+                                           "--resume"), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+        _wait_for(proc, b"epoch ")  # the epochs, and their saves, have begun
         time.sleep(rng.uniform(0.0, 1.0))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -173,8 +180,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(image_folder, tmp_path
     subprocess.run(_train_cmd(image_folder, full, "--epochs", "40"), check=True, capture_output=True)
     proc = subprocess.Popen(_train_cmd(image_folder, cut, "--epochs", "40"), stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    while b"epoch 5/" not in proc.stdout.readline():
-        pass
+    _wait_for(proc, b"epoch 5/")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     stopped = torch.load(cut / "checkpoint_last.pth", weights_only=True)["epoch"]
@@ -232,8 +238,7 @@ def test_ctrl_c_exits_cleanly_and_keeps_checkpoints(image_folder, tmp_path):
     save = tmp_path / "s"
     proc = subprocess.Popen(_train_cmd(image_folder, save, "--epochs", "100000"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    while b"epoch 3/" not in proc.stdout.readline():
-        pass
+    _wait_for(proc, b"epoch 3/")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130

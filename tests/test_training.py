@@ -15,7 +15,7 @@ from errors import FlowerclfError
 
 def _cfg(data, save, **kw):
     base = dict(data_dir=data, save_dir=str(save), arch="mobilenet_v3_small", weights="none", hidden_units=[8],
-                epochs=2, batch_size=8)
+                epochs=2, batch_size=8, overwrite=True)
     return training.TrainConfig(**{**base, **kw})
 
 
