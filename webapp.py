@@ -154,6 +154,8 @@ class Handler(BaseHTTPRequestHandler):
 class Server(ThreadingHTTPServer):
     """One daemon thread per request (Ctrl-C never waits for a client); IPv6 for an IPv6 host."""
 
+    request_queue_size = 128  # the listen backlog: socketserver's 5 resets a burst of concurrent clients
+
     def __init__(self, host: str, port: int, app: App):
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.app = app

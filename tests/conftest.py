@@ -40,3 +40,56 @@ def image_folder(tmp_path):
 def _onnx_cache(tmp_path_factory):
     """Exported backbones go to a per-session folder, never the user's ~/.cache."""
     os.environ["FLOWERCLF_CACHE"] = str(tmp_path_factory.mktemp("flowerclf-cache"))
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """efficientnet_lite0 trained 2 epochs with --export onnx; one test photo of class 2 is filed under 1.
+
+    The mislabelled photo makes a real mistake: the highest loss and a confused pair (1 taken for 2).
+    """
+    import contextlib
+    import io
+    import json
+    import shutil
+
+    import train
+
+    tmp = tmp_path_factory.mktemp("trained")
+    data = make_image_folder(tmp / "data")
+    mislabelled = os.path.join(data, "test", "1", "2_0.png")
+    shutil.move(os.path.join(data, "test", "2", "2_0.png"), mislabelled)
+    names = tmp / "names.json"
+    names.write_text(json.dumps({"1": "pink primrose", "2": "globe thistle", "3": "blanket flower"}))
+    save = tmp / "save"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert train.main([data, "--arch", "efficientnet_lite0", "--epochs", "2", "--save_dir", str(save),
+                           "--category_names", str(names), "--batch_size", "8", "--export", "onnx"]) == 0
+    return {"data": data, "save": save, "names": str(names), "stdout": out.getvalue(), "mislabelled": mislabelled}
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium through Selenium, or a skip saying what is missing."""
+    import shutil
+    try:
+        from selenium import webdriver
+        from selenium.common.exceptions import WebDriverException
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("selenium is not installed: pip install -r requirements.txt")
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (binary and driver):
+        pytest.skip("no headless browser: apt-get install chromium chromium-driver (bash .ci/run does)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary  # given, like the driver, so Selenium never tries to download either
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 "--window-size=1280,1000", "--disable-background-networking", "--no-first-run"):
+        options.add_argument(flag)
+    try:
+        session = webdriver.Chrome(options=options, service=Service(driver))
+    except WebDriverException as e:
+        pytest.skip(f"headless Chromium did not start: {str(e.msg).splitlines()[0]}")
+    yield session
+    session.quit()
