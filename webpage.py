@@ -21,6 +21,8 @@ main { padding: 18px 28px 40px; max-width: 1400px; }
            margin-top: 18px; }
 .card { background: #fff; border-radius: 8px; padding: 10px; box-shadow: 0 1px 3px rgba(0, 0, 0, .12); }
 .card img { display: block; width: 100%; height: 190px; object-fit: contain; background: #eef1f5; }
+.noimg { height: 190px; background: #eef1f5; color: #667085; display: flex; align-items: center;
+         justify-content: center; }
 .card h2 { font-size: 14px; margin: 6px 0; overflow-wrap: anywhere; }
 .row { display: grid; grid-template-columns: 1fr 56px; gap: 2px 8px; margin: 5px 0; font-size: 14px; }
 .row .name { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
@@ -64,6 +66,7 @@ function showPredictions(card, predictions) {
 function predict(file) {
   var card = element("div", "card"), img = element("img");
   img.alt = file.name;
+  img.onerror = function () { card.replaceChild(element("div", "noimg", "no preview"), img); };
   img.src = URL.createObjectURL(file);
   card.appendChild(img);
   card.appendChild(element("h2", "", file.name));
