@@ -12,6 +12,7 @@ import os
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import uuid
 import zlib
@@ -28,23 +29,31 @@ TOP_K = 3
 
 
 def _start(*argv, timeout=60):
-    """serve.py with `argv`; returns (process, first stdout line); the line names the URL."""
+    """serve.py with `argv`; returns (process, first stdout line); the line names the URL.
+
+    Its stderr (a line per request) goes to a file, so a full pipe can never block the server.
+    """
+    log = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen([SERVE_PYTHON, os.path.join(ROOT, "serve.py"), *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                            stderr=log, text=True, cwd=ROOT)
+    proc.log = log
     line = []
     reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
     reader.start()
     reader.join(timeout)
     if not line or not line[0]:
-        proc.kill()
-        pytest.fail(f"serve.py did not start: {proc.stderr.read() if proc.poll() is not None else 'no answer'}")
+        pytest.fail(f"serve.py did not start: {_stop(proc)}")
     return proc, line[0]
 
 
 def _stop(proc):
     """End the server; returns what it wrote on stderr."""
-    proc.terminate()
-    return proc.communicate(timeout=10)[1]
+    if proc.poll() is None:
+        proc.terminate()
+    proc.wait(10)
+    proc.stdout.close()
+    proc.log.seek(0)
+    return proc.log.read()
 
 
 @pytest.fixture(scope="module")
