@@ -133,8 +133,12 @@ class Handler(BaseHTTPRequestHandler):
         limit = self.server.app.max_bytes
         try:
             length = int(self.headers["Content-Length"])
-        except (TypeError, ValueError):
+        except TypeError:
             raise RequestError(411, "the request needs a Content-Length header") from None
+        except ValueError:
+            length = -1
+        if length < 0:
+            raise RequestError(400, f"Content-Length {self.headers['Content-Length']!r} is not a byte count")
         if length > limit:
             left = length
             while left > 0:  # drain, so the client gets the answer instead of a reset connection

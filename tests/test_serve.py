@@ -157,6 +157,8 @@ def test_malformed_requests_are_4xx(server):
     assert status == 400 and "not well-formed" in answer["error"]
     content_type, body = _multipart([])
     assert _request(server, "POST", "/predict", body, {"Content-Type": content_type})[0] == 400
+    for length in ("-1", "x"):
+        assert _request(server, "POST", "/predict", None, {"Content-Length": length})[0] == 400
     status, answer = _request(server, "DELETE", "/predict")
     assert 400 <= status < 600 and "error" in answer
 
