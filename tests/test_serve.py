@@ -171,6 +171,7 @@ def test_no_url_reaches_a_file(server, path):
         status, answer = _request(server, method, path, b"" if method == "POST" else None)
         assert status == 404 and "not found" in answer["error"], (method, path)
         assert "root:" not in json.dumps(answer) and "import" not in json.dumps(answer)
+    assert _request(server, "GET", "/")[0] == 200  # and the server keeps answering
 
 
 def test_upload_names_lose_their_folders(server, trained_run):
