@@ -179,7 +179,7 @@ def serve(app: App, host: str, port: int) -> None:
         print(f"warning: listening on {host}:{bound}, reachable from other machines: anyone who can connect can "
               f"upload photos to this model; --host 127.0.0.1 (the default) keeps it local", file=sys.stderr)
     url_host = f"[{host}]" if ":" in host else host
-    print(f"serving {app.model_path} on http://{url_host}:{bound}/ (Ctrl-C stops)", flush=True)
+    print(cli.printable(f"serving {app.model_path} on http://{url_host}:{bound}/ (Ctrl-C stops)"), flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
