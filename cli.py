@@ -63,6 +63,14 @@ def add_device_flags(parser: argparse.ArgumentParser, choices: tuple[str, ...] =
                         help=f"device to run on; auto picks {order} (default: %(default)s)")
 
 
+def add_answer_flags(parser: argparse.ArgumentParser) -> None:
+    """--top_k and --category_names, for the scripts that answer "which flower?" (predict.py, serve.py)."""
+    parser.add_argument("--top_k", "--top-k", type=positive_int, default=5,
+                        help="how many classes each answer names (default: %(default)s)")
+    parser.add_argument("--category_names", "--category-names", metavar="JSON",
+                        help="JSON file mapping class folder names to display names, e.g. cat_to_name.json")
+
+
 def error_line(message: str) -> str:
     """`error: message`, prefixed with the rank under torchrun so a multi-process log says who failed."""
     rank = f"[rank {os.environ.get('RANK', '?')}] " if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
@@ -84,7 +92,7 @@ def _os_error(e: OSError) -> str:
 
 def run_main(parser: argparse.ArgumentParser, argv: list[str] | None, work: Callable[[argparse.Namespace], int | None],
              interrupted: Callable[[argparse.Namespace], str] | None = None) -> int:
-    """Parse `argv`, run `work(args)` (returning None for 0, or an exit code); every failure becomes one `error:` line on stderr.
+    """Parse `argv`, run `work(args)` (None for 0, or an exit code); every failure becomes one `error:` line.
 
     FlowerclfError (bad arguments included) -> its exit code (2 bad input, 1 failed run); OSError -> 2;
     a closed stdout (`| head`) -> 1 quietly; Ctrl-C -> 130 with `interrupted(args)` as the advice.

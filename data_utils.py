@@ -9,6 +9,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -242,21 +243,25 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open an image, apply its EXIF orientation and return it as RGB."""
+def load_rgb(path: str | os.PathLike | BinaryIO, name: str | None = None) -> Image.Image:
+    """Open an image (a path, or a binary stream that errors call `name`), apply its EXIF orientation, return RGB.
+
+    A DecompressionBombWarning counts as a bomb too where warnings are errors (serve.py makes them so).
+    """
+    name = path if name is None else name
     try:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)
             img.load()
             return to_rgb(img)
     except FileNotFoundError:
-        raise FlowerclfError(f"{path} does not exist") from None
-    except Image.DecompressionBombError as e:
-        raise FlowerclfError(f"{path} is too large to decode safely ({e})") from None
+        raise FlowerclfError(f"{name} does not exist") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise FlowerclfError(f"{name} is too large to decode safely ({e})") from None
     except UnidentifiedImageError:
-        raise FlowerclfError(f"{path} is not an image PIL can read") from None
+        raise FlowerclfError(f"{name} is not an image PIL can read") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise FlowerclfError(f"{path} cannot be read as an image ({e})") from None
+        raise FlowerclfError(f"{name} cannot be read as an image ({e})") from None
 
 
 # ---------------------------------------------------------------- preprocessing

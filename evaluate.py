@@ -15,9 +15,9 @@ EXAMPLES = """examples:
   python evaluate.py runs/lite0/checkpoint.pth flowers/test --category_names cat_to_name.json
   python evaluate.py runs/lite0/checkpoint.pth flowers/valid --out runs/lite0/valid-eval --json
 
-Writes OUT/STEM_report.json and a row-normalized confusion matrix PNG (STEM is the split
-folder's name; for test/ the files are test_report.json and confusion_matrix.png, as
-train.py writes them).
+Writes OUT/STEM_report.json, a row-normalized confusion matrix PNG and OUT/STEM_report.html
+(STEM is the split folder's name; for test/ the files are test_report.json,
+confusion_matrix.png and report.html, as train.py writes them).
 """
 
 
@@ -40,6 +40,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, list[str]]:
     """The report of the checkpoint on the split, computed as training computed it, and the files written."""
     import data_utils as du
     import report
+    import report_html
     from checkpoints import load_model
     from devices import resolve_device, resolve_feature_batch_size
     from features import feature_forward, state_fingerprint
@@ -59,22 +60,30 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, list[str]]:
     logits, labels = split_logits(model, images, du.Preprocess.from_dict(ckpt["preprocess"]), batch_size,
                                   device, forward=forward)
     result = report.classification_report(logits.numpy(), labels.numpy(), du.class_names(ckpt["class_to_idx"]),
-                                          names)
+                                          names, files=images.files)
     out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
-    return result, report.write_report(result, out, os.path.basename(os.path.normpath(args.split)))
+    stem = os.path.basename(os.path.normpath(args.split))
+    written = report.write_report(result, out, stem)
+    facts = report_html.run_facts("evaluate.py", train_args, str(device), args.split, f"{len(images)} {stem}",
+                                  ckpt.get("epoch", "?"))
+    curves = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "training_curves.png")
+    return result, written + [report_html.write_html_report(out, stem, result, facts, train_args, {
+        "Training curves": curves, "Confusion matrix": written[1]})]
 
 
 def run(args: argparse.Namespace) -> None:
     """Evaluate, then print the report as JSON or a summary."""
-    result, written = evaluate(args)
-    if args.json:
+    result, (*written, page) = evaluate(args)
+    if args.json:  # stdout stays one JSON document; the page's path goes last on stderr
         print(json.dumps(result, indent=2))
+        print(f"report: {page}", file=sys.stderr)
         return
     print(f"{args.split}: {result['images']} images, top-1 {100 * result['top1']:.2f}%  "
           f"top-5 {100 * result['top5']:.2f}%")
     for pair in result["most_confused"][:5]:
         print(f"  {cli.printable(pair['true'])} taken for {cli.printable(pair['predicted'])}: {pair['count']}x")
     print("wrote " + ", ".join(written))
+    print(f"report: {page}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -101,18 +103,30 @@ class Predictor:
     def predict_paths(self, inputs: list[str], top_k: int, names: dict[str, str] | None = None
                       ) -> tuple[list[dict], list[str]]:
         """Top-k predictions for every image under `inputs`; also the errors of unreadable ones."""
-        names = names or {}
         files, errors = [], []
         for p in inputs:
             try:
                 files.extend(du.list_images([p]))
             except FlowerclfError as e:
                 errors.append(str(e))
-        arrays, good = [], []
-        for f in files:
+        results, unreadable = self._predict([(f, partial(du.load_rgb, f)) for f in files], top_k, names)
+        return results, errors + unreadable
+
+    def predict_bytes(self, uploads: list[tuple[str, bytes]], top_k: int, names: dict[str, str] | None = None
+                      ) -> tuple[list[dict], list[str]]:
+        """Top-k predictions for in-memory image files given as (name, content); also the errors."""
+        return self._predict([(name, partial(du.load_rgb, io.BytesIO(data), name)) for name, data in uploads],
+                             top_k, names)
+
+    def _predict(self, sources: list[tuple[str, Callable[[], object]]], top_k: int, names: dict[str, str] | None
+                 ) -> tuple[list[dict], list[str]]:
+        """Decode each (name, load) source, run the model in batches; results by name, plus decoding errors."""
+        names = names or {}
+        arrays, good, errors = [], [], []
+        for name, load in sources:
             try:
-                arrays.append(du.preprocess_image(du.load_rgb(f), self.preprocess))
-                good.append(f)
+                arrays.append(du.preprocess_image(load(), self.preprocess))
+                good.append(name)
             except FlowerclfError as e:
                 errors.append(str(e))
         results = []

@@ -26,9 +26,7 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="IMAGE ... CHECKPOINT",
                    help="one or more images or folders of images, then checkpoint.pth (torch) or model.onnx "
                         "(ONNX Runtime: starts in a fraction of a second, needs no torch)")
-    p.add_argument("--top_k", "--top-k", type=cli.positive_int, default=5, help="how many classes to show (default: %(default)s)")
-    p.add_argument("--category_names", "--category-names", metavar="JSON",
-                   help="JSON file mapping class folder names to display names, e.g. cat_to_name.json")
+    cli.add_answer_flags(p)
     cli.add_device_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON list instead of text")
     p.add_argument("--plot", metavar="FILE.png",

@@ -83,11 +83,18 @@ def accuracies(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     return float((topk[:, 0] == labels).mean()), float((topk == labels[:, None]).any(axis=1).mean())
 
 
+TOP_LOSSES = 24  # photos in report.html's top-loss grid
+
+
 def classification_report(logits: np.ndarray, labels: np.ndarray, classes: list[str],
-                          names: dict[str, str] | None = None, most_confused: int = 10) -> dict:
-    """Top-1/top-5 accuracy, per-class precision/recall/F1/support, the most confused pairs."""
+                          names: dict[str, str] | None = None, most_confused: int = 10,
+                          files: list[str] | None = None, top_losses: int = TOP_LOSSES) -> dict:
+    """Top-1/top-5 accuracy, per-class precision/recall/F1/support, the most confused pairs.
+
+    With the `files` of the rows, also the `top_losses` highest-loss photos and an example photo per pair.
+    """
     names = names or {}
-    logits, labels = np.asarray(logits), np.asarray(labels)
+    logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
     top1, top5 = accuracies(logits, labels)
     cm = confusion_matrix(labels, ranked(logits, 1)[:, 0], len(classes))
     tp = np.diag(cm).astype(float)
@@ -100,7 +107,7 @@ def classification_report(logits: np.ndarray, labels: np.ndarray, classes: list[
     np.fill_diagonal(off, 0)
     pairs = sorted(((int(off[i, j]), i, j) for i, j in zip(*np.nonzero(off))), key=lambda t: (-t[0], t[1], t[2]))
     label = lambda i: names.get(classes[i], classes[i])  # noqa: E731
-    return {
+    result = {
         "images": int(len(labels)),
         "top1": top1,
         "top5": top5,
@@ -109,6 +116,24 @@ def classification_report(logits: np.ndarray, labels: np.ndarray, classes: list[
         "most_confused": [{"true": label(i), "predicted": label(j), "count": n} for n, i, j in pairs[:most_confused]],
         "confusion_matrix": cm.tolist(),
     }
+    if files is not None:
+        _add_mistakes(result, logits, labels, files, label, [(i, j) for _, i, j in pairs[:most_confused]], top_losses)
+    return result
+
+
+def _add_mistakes(result: dict, logits: np.ndarray, labels: np.ndarray, files: list[str], label,
+                  pairs: list[tuple[int, int]], n: int) -> None:
+    """result["top_losses"]: the n photos of highest cross-entropy; each confused pair's highest-loss "example"."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    rows = np.arange(len(labels))
+    loss, predicted = -log_probs[rows, labels], ranked(logits, 1)[:, 0]
+    order = np.argsort(-loss, kind="stable")  # ties keep the file order
+    result["top_losses"] = [{"path": files[r], "true": label(labels[r]), "predicted": label(predicted[r]),
+                             "probability": float(np.exp(log_probs[r, predicted[r]])), "loss": float(loss[r])}
+                            for r in order[:n]]
+    for pair, (i, j) in zip(result["most_confused"], pairs):
+        pair["example"] = files[next(r for r in order if labels[r] == i and predicted[r] == j)]
 
 
 def plot_confusion_matrix(cm: np.ndarray, labels: list[str], path: str) -> None:

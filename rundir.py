@@ -12,7 +12,7 @@ from errors import FlowerclfError
 LOCK_NAME = ".flowerclf.lock"
 # what a run leaves in SAVE_DIR; all of it describes one model, so a new run clears all of it
 OUTPUTS = ("checkpoint.pth", "checkpoint_last.pth", "history.json", "history.csv", "training_curves.png",
-           "test_report.json", "confusion_matrix.png", "model.onnx")
+           "test_report.json", "confusion_matrix.png", "report.html", "model.onnx")
 
 
 def _inside(path: str, folder: str) -> bool:

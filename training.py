@@ -23,6 +23,7 @@ import data_utils as du
 import ddp
 import model_utils as mu
 import report
+import report_html
 import rundir
 from config import TrainConfig
 from devices import amp_dtype, resolve_device, resolve_feature_batch_size, to_channels_last
@@ -282,10 +283,18 @@ def _fit(run: Run, splits: dict, names: dict, device: torch.device) -> dict:
         return result
     log(f"saved {run.out} (epoch {best['epoch']}, valid acc {100 * best['acc']:.2f}%)")
     written = report.write_history(history, cfg.save_dir)
+    page = None
     if test is not None:
-        written += report.write_report(report.classification_report(
-            test[0].numpy(), test[1].numpy(), du.class_names(run.class_to_idx), names), cfg.save_dir)
+        test_report = report.classification_report(test[0].numpy(), test[1].numpy(),
+                                                   du.class_names(run.class_to_idx), names, files=splits["test"].files)
+        written += report.write_report(test_report, cfg.save_dir)
+        facts = report_html.run_facts("train.py", asdict(cfg), str(device), os.path.join(cfg.data_dir, "test"),
+                                      ", ".join(f"{len(s)} {n}" for n, s in splits.items()), best["epoch"])
+        page = report_html.write_html_report(cfg.save_dir, "test", test_report, facts, asdict(cfg), {
+            "Training curves": written[2], "Confusion matrix": written[-1]})
     if cfg.export == "onnx":
         written.append(checkpoints.export_checkpoint_onnx(run.out))
     log("wrote " + ", ".join(os.path.basename(p) for p in written))
+    if page:
+        log(f"report: {page}")
     return result

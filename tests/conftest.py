@@ -1,6 +1,8 @@
 """Shared fixtures: tiny synthetic ImageFolder trees made on the fly."""
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
 
@@ -10,6 +12,10 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+# a tiny untrained backbone on the torch engine: train.py flags for tests that only need a model
+TINY = ["--arch", "mobilenet_v3_small", "--weights", "none", "--hidden_units", "8", "--batch_size", "6",
+        "--engine", "torch"]
 
 # One clearly different colour per class, so even a random backbone separates them.
 COLOURS = [(220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 220, 40), (200, 60, 220)]
@@ -30,6 +36,14 @@ def make_image_folder(root, classes=("1", "2", "3"), per_class=None, size=16, se
     return str(root)
 
 
+def run_script(module, argv):
+    """Run a script's main in-process; return (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = module.main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     """A 3-class ImageFolder with train/valid/test splits of 16-pixel images."""
@@ -47,3 +61,56 @@ def _no_progress_lines(monkeypatch):
     """A loaded machine must not add "features: batch 3/9, 10s" lines to the stderr tests count."""
     import progress
     monkeypatch.setattr(progress, "LOG_EVERY_S", float("inf"))
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """efficientnet_lite0 trained 2 epochs with --export onnx; one test photo of class 2 is filed under 1.
+
+    The mislabelled photo makes a real mistake: the highest loss and a confused pair (1 taken for 2).
+    """
+    import contextlib
+    import io
+    import json
+    import shutil
+
+    import train
+
+    tmp = tmp_path_factory.mktemp("trained")
+    data = make_image_folder(tmp / "data")
+    mislabelled = os.path.join(data, "test", "1", "2_0.png")
+    shutil.move(os.path.join(data, "test", "2", "2_0.png"), mislabelled)
+    names = tmp / "names.json"
+    names.write_text(json.dumps({"1": "pink primrose", "2": "globe thistle", "3": "blanket flower"}))
+    save = tmp / "save"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert train.main([data, "--arch", "efficientnet_lite0", "--epochs", "2", "--save_dir", str(save),
+                           "--category_names", str(names), "--batch_size", "8", "--export", "onnx"]) == 0
+    return {"data": data, "save": save, "names": str(names), "stdout": out.getvalue(), "mislabelled": mislabelled}
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium through Selenium, or a skip saying what is missing."""
+    import shutil
+    try:
+        from selenium import webdriver
+        from selenium.common.exceptions import WebDriverException
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("selenium is not installed: pip install -r requirements.txt")
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (binary and driver):
+        pytest.skip("no headless browser: apt-get install chromium chromium-driver (bash .ci/run does)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary  # given, like the driver, so Selenium never tries to download either
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 "--window-size=1280,1000", "--disable-background-networking", "--no-first-run"):
+        options.add_argument(flag)
+    try:
+        session = webdriver.Chrome(options=options, service=Service(driver))
+    except WebDriverException as e:
+        pytest.skip(f"headless Chromium did not start: {str(e.msg).splitlines()[0]}")
+    yield session
+    session.quit()

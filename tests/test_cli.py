@@ -109,6 +109,7 @@ EDGE_CASES = {
     "predict.py": (["a.jpg", "m.pth", "--top_k", "0"], ["{missing}", "{missing}.pth"]),
     "evaluate.py": (["m.pth", "D", "--batch_size", "-1"], ["{missing}.pth", "D"]),
     "export.py": (["m.pth", "--nope"], ["{missing}.pth"]),
+    "serve.py": (["m.onnx", "--port", "70000"], ["{missing}.onnx"]),
     "gpumemcheck.py": (["--watch", "0"], ["--arch", "{missing}"]),
     "data_utils.py": (["flowers102", "D", "--seed", "x"], ["flowers102", "D", "--source", "{missing}"]),
 }
@@ -149,7 +150,8 @@ def test_hidden_units_zero_gives_a_linear_head(image_folder, tmp_path):
     assert [type(m).__name__ for m in model.head] == ["Dropout", "Linear"]
 
 
-@pytest.mark.parametrize("script", ["train.py", "predict.py", "evaluate.py", "export.py", "gpumemcheck.py"])
+@pytest.mark.parametrize("script", ["train.py", "predict.py", "evaluate.py", "export.py", "gpumemcheck.py",
+                                    "serve.py"])
 def test_help_explains_every_flag(script):
     out = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True,
                          text=True, check=True).stdout

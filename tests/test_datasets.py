@@ -78,7 +78,8 @@ def test_percentage_split_is_stratified_and_seeded(tmp_path):
 
 def test_bad_split_is_a_usage_error(tmp_path, capsys):
     fake_flowers102(tmp_path / "src", per_class=2)
-    assert sample_data.main(["flowers102", str(tmp_path / "o"), "--source", str(tmp_path / "src"), "--split", "90-20"]) == 2
+    assert sample_data.main(["flowers102", str(tmp_path / "o"), "--source", str(tmp_path / "src"),
+                             "--split", "90-20"]) == 2
     assert "three percentages" in capsys.readouterr().err
 
 

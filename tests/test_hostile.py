@@ -1,5 +1,4 @@
 """The second hostile pass: no non-finite model kept, no traceback, no silent overwrite, same seed same model."""
-import contextlib
 import errno
 import fcntl
 import io
@@ -27,18 +26,7 @@ import progress
 import rundir
 import train
 from errors import FlowerclfError
-from conftest import ROOT, make_image_folder
-
-TINY = ["--arch", "mobilenet_v3_small", "--weights", "none", "--hidden_units", "8", "--batch_size", "6",
-        "--engine", "torch"]
-
-
-def _main(module, argv):
-    """Run a script's main in-process; return (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = module.main(argv)
-    return code, out.getvalue(), err.getvalue()
+from conftest import ROOT, TINY, make_image_folder, run_script as _main
 
 
 def _one_error_line(code, err, expected_code=2):
@@ -180,7 +168,8 @@ def test_a_damaged_cached_backbone_is_exported_again(image_folder, tmp_path):
         with open(path, "wb") as f:
             f.write(b"garbage")
     forward, engine = features.feature_forward(*args)
-    assert engine == "onnxruntime" and not lines and forward(torch.zeros(1, 3, pp.crop_size, pp.crop_size)).shape == (1, 1024)
+    images = torch.zeros(1, 3, pp.crop_size, pp.crop_size)
+    assert engine == "onnxruntime" and not lines and forward(images).shape == (1, 1024)
 
 
 # ------------------------------------------------------------------ 6. malformed model files

@@ -1,5 +1,4 @@
 """Bad input, crashes and hostile files: each failure is one clear line, nothing is lost."""
-import contextlib
 import io
 import json
 import os
@@ -25,18 +24,7 @@ import schema
 import train
 import training
 from errors import FlowerclfError
-from conftest import ROOT, make_image_folder
-
-TINY = ["--arch", "mobilenet_v3_small", "--weights", "none", "--hidden_units", "8", "--batch_size", "6",
-        "--engine", "torch"]
-
-
-def _main(module, argv):
-    """Run a script's main in-process; return (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = module.main(argv)
-    return code, out.getvalue(), err.getvalue()
+from conftest import ROOT, TINY, make_image_folder, run_script as _main
 
 
 def _truncated_jpeg(path):

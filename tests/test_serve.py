@@ -1,0 +1,248 @@
+"""serve.py as users run it: a subprocess on a model.onnx, its API, bad uploads, URLs, and its page in a browser.
+
+The server runs on $FLOWERCLF_SERVE_PYTHON (default: this interpreter); .ci/run runs these tests again with
+the inference-only install's interpreter, which has no torch.
+"""
+import base64
+import glob
+import http.client
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import uuid
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
+
+import pytest
+from PIL import Image
+
+from conftest import ROOT
+
+SERVE_PYTHON = os.environ.get("FLOWERCLF_SERVE_PYTHON") or sys.executable
+TOP_K = 3
+
+
+def _start(*argv, timeout=60):
+    """serve.py with `argv`; returns (process, first stdout line); the line names the URL.
+
+    Its stderr (a line per request) goes to a file, so a full pipe can never block the server.
+    """
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([SERVE_PYTHON, os.path.join(ROOT, "serve.py"), *argv], stdout=subprocess.PIPE,
+                            stderr=log, text=True, cwd=ROOT)
+    proc.log = log
+    line = []
+    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not line or not line[0]:
+        pytest.fail(f"serve.py did not start: {_stop(proc)}")
+    return proc, line[0]
+
+
+def _stop(proc):
+    """End the server; returns what it wrote on stderr."""
+    if proc.poll() is None:
+        proc.terminate()
+    proc.wait(10)
+    proc.stdout.close()
+    proc.log.seek(0)
+    return proc.log.read()
+
+
+@pytest.fixture(scope="module")
+def server(trained_run):
+    proc, line = _start(str(trained_run["save"] / "model.onnx"), "--port", "0", "--top_k", str(TOP_K),
+                        "--category_names", trained_run["names"])
+    url = line.split(" on ")[1].split()[0]
+    assert urlsplit(url).hostname == "127.0.0.1"  # local unless asked otherwise
+    yield urlsplit(url).port
+    _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def expected(trained_run):
+    """predict.py --json on every test photo, run by the same interpreter as the server: file name -> top-k."""
+    out = subprocess.run([SERVE_PYTHON, os.path.join(ROOT, "predict.py"), os.path.join(trained_run["data"], "test"),
+                          str(trained_run["save"] / "model.onnx"), "--top_k", str(TOP_K),
+                          "--category_names", trained_run["names"], "--json"],
+                         capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    return {os.path.basename(r["image"]): r["predictions"] for r in json.loads(out)}
+
+
+def _multipart(files):
+    """A multipart/form-data body as a browser sends it: (content type, body) for [(file name, bytes)]."""
+    boundary = uuid.uuid4().hex
+    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+                    f'Content-Type: application/octet-stream\r\n\r\n'.encode() + data + b"\r\n" for name, data in files)
+    return f"multipart/form-data; boundary={boundary}", body + f"--{boundary}--\r\n".encode()
+
+
+def _request(port, method, path, body=None, headers=None):
+    """(status, parsed JSON or text) of one request to the server."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        data = response.read()
+    finally:
+        conn.close()
+    is_json = response.getheader("Content-Type", "").startswith("application/json")
+    return response.status, json.loads(data) if is_json else data.decode()
+
+
+def _predict(port, files):
+    content_type, body = _multipart(files)
+    return _request(port, "POST", "/predict", body, {"Content-Type": content_type})
+
+
+def _photos(trained_run):
+    return sorted(glob.glob(os.path.join(trained_run["data"], "test", "*", "*.png")))
+
+
+def test_predict_answers_as_predict_json_does(server, trained_run, expected):
+    photos = _photos(trained_run)[:2]
+    status, answer = _predict(server, [(os.path.basename(p), open(p, "rb").read()) for p in photos])
+    assert status == 200
+    assert answer == [{"image": os.path.basename(p), "predictions": expected[os.path.basename(p)]} for p in photos]
+    assert len(answer[0]["predictions"]) == TOP_K and answer[0]["predictions"][0]["name"] == "pink primrose"
+
+
+def test_20_concurrent_requests_get_20_right_answers(server, trained_run, expected):
+    photos = (_photos(trained_run) * 3)[:20]
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda p: _predict(server, [(os.path.basename(p), open(p, "rb").read())]), photos))
+    assert [status for status, _ in answers] == [200] * 20
+    assert [a[0]["predictions"] for _, a in answers] == [expected[os.path.basename(p)] for p in photos]
+
+
+def _png_header(width, height):
+    """A PNG that claims width x height pixels and holds none: Pillow's decompression-bomb check fires at open."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+def _jpeg():
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 60).convert("RGB").save(buf, "JPEG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name, make, status, says", [
+    ("notes.txt", lambda: b"just some text, not a photo\n", 422, "notes.txt is not an image PIL can read"),
+    ("cut.jpg", lambda: _jpeg()[:600], 422, "cut.jpg cannot be read as an image"),
+    ("bomb.png", lambda: _png_header(30000, 30000), 422, "bomb.png is too large to decode safely"),
+    ("warned.png", lambda: _png_header(10000, 10000), 422, "warned.png is too large"),  # over 1x the limit, not 2x
+    ("big.jpg", lambda: b"\0" * (30 * 2 ** 20), 413, "upload of 30.0 MB is over the limit of 20 MB"),
+], ids=["text", "truncated-jpeg", "bomb", "bomb-warning", "30MB"])
+def test_bad_uploads_are_4xx_and_the_server_keeps_serving(server, trained_run, expected, name, make, status, says):
+    answer_status, answer = _predict(server, [(name, make())])
+    assert answer_status == status and says in answer["error"], answer
+    good = _photos(trained_run)[0]
+    assert _predict(server, [("ok.png", open(good, "rb").read())])[1][0]["predictions"] == \
+        expected[os.path.basename(good)]
+
+
+def test_malformed_requests_are_4xx(server):
+    assert _request(server, "POST", "/predict", b"x=1", {"Content-Type": "application/x-www-form-urlencoded"})[0] == 415
+    status, answer = _request(server, "POST", "/predict", b"--nope--", {"Content-Type": "multipart/form-data"})
+    assert status == 400 and "not well-formed" in answer["error"]
+    content_type, body = _multipart([])
+    assert _request(server, "POST", "/predict", body, {"Content-Type": content_type})[0] == 400
+    for length in ("-1", "x"):
+        assert _request(server, "POST", "/predict", None, {"Content-Length": length})[0] == 400
+    status, answer = _request(server, "DELETE", "/predict")
+    assert 400 <= status < 600 and "error" in answer
+
+
+@pytest.mark.parametrize("path", ["/../../../../etc/passwd", "/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+                                  "/..%2f..%2f..%2fetc%2fpasswd", "//etc/passwd", "/predict/../../serve.py",
+                                  "/serve.py", "/README.md", "/..\\..\\serve.py"])
+def test_no_url_reaches_a_file(server, path):
+    for method in ("GET", "POST"):
+        status, answer = _request(server, method, path, b"" if method == "POST" else None)
+        assert status == 404 and "not found" in answer["error"], (method, path)
+        assert "root:" not in json.dumps(answer) and "import" not in json.dumps(answer)
+    assert _request(server, "GET", "/")[0] == 200  # and the server keeps answering
+
+
+def test_upload_names_lose_their_folders(server, trained_run):
+    photo = _photos(trained_run)[0]
+    status, answer = _predict(server, [("../../../tmp/evil.png", open(photo, "rb").read())])
+    assert status == 200 and answer[0]["image"] == "evil.png"
+
+
+def test_page_is_served_and_self_contained(server):
+    status, page = _request(server, "GET", "/")
+    assert status == 200 and '<input id="files" type="file" accept="image/*" multiple>' in page
+    assert "http://" not in page and "https://" not in page  # nothing fetched from elsewhere
+
+
+def test_other_host_warns_and_busy_port_is_one_line(trained_run, server):
+    model = str(trained_run["save"] / "model.onnx")
+    proc, line = _start(model, "--host", "0.0.0.0", "--port", "0")  # only started and stopped: no traffic
+    err = _stop(proc)
+    assert line.startswith("serving ") and "http://0.0.0.0:" in line
+    assert err.startswith("warning: listening on 0.0.0.0:") and "reachable from other machines" in err
+    busy = subprocess.run([SERVE_PYTHON, os.path.join(ROOT, "serve.py"), model, "--port", str(server)],
+                          capture_output=True, text=True, timeout=60)
+    err = busy.stderr.strip().splitlines()
+    assert busy.returncode == 2 and len(err) == 1 and f"cannot listen on 127.0.0.1:{server}" in err[0]
+
+
+def test_page_in_a_browser(server, trained_run, expected, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    photo = _photos(trained_run)[-1]
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a photo")
+    big = tmp_path / "big.jpg"
+    big.write_bytes(b"\0" * (21 * 2 ** 20))
+    browser.get(f"http://127.0.0.1:{server}/")
+    browser.find_element(By.ID, "files").send_keys("\n".join([photo, str(notes), str(big)]))
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda b: not b.find_elements(By.CSS_SELECTOR, "#results .muted"))  # every card answered
+
+    cards = {c.find_element(By.TAG_NAME, "h2").text: c for c in browser.find_elements(By.CSS_SELECTOR, ".card")}
+    assert set(cards) == {os.path.basename(photo), "notes.txt", "big.jpg"}
+    rows = cards[os.path.basename(photo)].find_elements(By.CLASS_NAME, "row")
+    want = expected[os.path.basename(photo)]
+    assert [r.find_element(By.CLASS_NAME, "name").text for r in rows] == [p["name"] for p in want]
+    assert [r.find_element(By.CLASS_NAME, "prob").text for r in rows] == \
+        [f"{100 * p['probability']:.1f}%" for p in want]
+    assert [float(r.get_attribute("data-probability")) for r in rows] == [p["probability"] for p in want]
+    widths = [r.find_element(By.CLASS_NAME, "bar").size["width"] / r.find_element(By.CLASS_NAME, "track").size["width"]
+              for r in rows]
+    assert widths == pytest.approx([p["probability"] for p in want], abs=0.01)  # bars as long as the probabilities
+    assert "is not an image" in cards["notes.txt"].find_element(By.CLASS_NAME, "error").text
+    assert "too large: 21.0 MB" in cards["big.jpg"].find_element(By.CLASS_NAME, "error").text
+
+    # a photo dropped on the page goes the same way; the API then gets the same bytes
+    dropped = browser.execute_async_script("""
+        var done = arguments[0], canvas = document.createElement("canvas");
+        canvas.width = canvas.height = 32;
+        var g = canvas.getContext("2d");
+        g.fillStyle = "rgb(50, 70, 230)";
+        g.fillRect(0, 0, 32, 32);
+        canvas.toBlob(function (blob) {
+            var data = new DataTransfer(), reader = new FileReader();
+            data.items.add(new File([blob], "dropped.png", {type: "image/png"}));
+            document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true}));
+            reader.onload = function () { done(reader.result.split(",")[1]); };
+            reader.readAsDataURL(blob);
+        });
+    """)
+    wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, ".card:first-child .row"))
+    first = browser.find_element(By.CSS_SELECTOR, ".card:first-child")
+    assert first.find_element(By.TAG_NAME, "h2").text == "dropped.png"
+    answer = _predict(server, [("dropped.png", base64.b64decode(dropped))])[1][0]["predictions"]
+    assert [r.text for r in first.find_elements(By.CLASS_NAME, "name")] == [p["name"] for p in answer]
