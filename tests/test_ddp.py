@@ -15,7 +15,7 @@ import data_utils as du
 from conftest import ROOT
 
 COMMON = ["--arch", "mobilenet_v3_small", "--weights", "none", "--hidden_units", "8", "--dropout", "0",
-          "--batch_size", "6", "--engine", "torch"]
+          "--batch_size", "6", "--engine", "torch", "--device", "cpu"]  # gloo on the CPU, GPUs or not
 
 
 def _run(data, save, nproc, *extra, timeout=240):
