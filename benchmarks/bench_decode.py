@@ -50,14 +50,15 @@ def main(argv=None) -> int:
 
     ours, t_ours = inputs(decode.JpegBatches(images, pp, 32, 0, CPU))
     theirs, t_theirs = inputs(features.make_loader(images, features.eval_transform(pp), 32, 0, CPU))
-    backbone = features.torch_forward(mu.build_model(mu.ModelSpec(args.arch, "DEFAULT", [], 0.0, 2))[0].backbone, CPU)
-    classifier = features.torch_forward(net, CPU)  # the whole ImageNet model
+    pre_logits = []  # the backbone's features are the input of the ImageNet layer that build_model strips
+    mu._final_layer(net)[1].register_forward_hook(lambda module, args, out: pre_logits.append(args[0].float()))
+    classify = features.torch_forward(net, CPU)
     cosine, same = [], 0
     with torch.inference_mode():
         for i in range(0, len(files), 32):
-            a, b = ours[i:i + 32], theirs[i:i + 32]
-            cosine.append(torch.nn.functional.cosine_similarity(backbone(a), backbone(b)))
-            same += (classifier(a).argmax(1) == classifier(b).argmax(1)).sum().item()
+            la, lb = classify(ours[i:i + 32]), classify(theirs[i:i + 32])
+            cosine.append(torch.nn.functional.cosine_similarity(pre_logits[-2], pre_logits[-1]))
+            same += (la.argmax(1) == lb.argmax(1)).sum().item()
     cosine = torch.cat(cosine)
     print(f"inputs: mean |difference| {(ours - theirs).abs().mean():.5f} (normalized units), "
           f"max {(ours - theirs).abs().max():.4f}")
