@@ -55,6 +55,18 @@ def unfreeze(value: str) -> int | str:
     return value if value == "all" else whole_number(value)
 
 
+def auto_or_whole(value: str) -> int | str:
+    """argparse type of --num_workers: 'auto' or a whole number."""
+    return value if value == "auto" else whole_number(value)
+
+
+def add_workers_flag(parser: argparse.ArgumentParser) -> None:
+    """--num_workers, the same in every script that decodes images (devices.resolve_num_workers decides auto)."""
+    parser.add_argument("--num_workers", "--num-workers", type=auto_or_whole, default="auto", metavar="N|auto",
+                        help="image-decoding worker processes; auto: 0 on a CPU with under 8 cores (the backbone "
+                             "uses them all), all cores but one (up to 16) with CUDA (default: %(default)s)")
+
+
 def add_device_flags(parser: argparse.ArgumentParser, choices: tuple[str, ...] = DEVICES) -> None:
     """--gpu and --device, with the same meaning in every script (resolve_device checks the pair)."""
     parser.add_argument("--gpu", action="store_true", help="run on CUDA; fails if there is no CUDA device")

@@ -28,7 +28,7 @@ class TrainConfig:
     device: str = "auto"
     gpu: bool = False
     seed: int = 0
-    num_workers: int = 0
+    num_workers: int | str = "auto"  # see devices.resolve_num_workers
     cache: bool = True
     augment_views: int = 0
     unfreeze: int | str = 0
@@ -64,7 +64,8 @@ class TrainConfig:
             (all(0 < h <= MAX_HIDDEN_UNITS for h in self.hidden_units),
              f"--hidden_units must be whole numbers from 0 to {MAX_HIDDEN_UNITS}"),
             (0 <= self.seed <= MAX_SEED, f"--seed must be a whole number from 0 to {MAX_SEED}"),
-            (self.num_workers >= 0, "--num_workers must be 0 or more"),
+            (self.num_workers == "auto" or (isinstance(self.num_workers, int) and self.num_workers >= 0),
+             "--num_workers must be auto or a whole number, 0 or more"),
             (self.feature_batch_size >= 0, "--feature_batch_size must be 0 (auto) or more"),
             (self.augment_views >= 0, "--augment_views must be 0 or more"),
             (self.unfreeze == "all" or (isinstance(self.unfreeze, int) and self.unfreeze >= 0),

@@ -11,6 +11,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from errors import FlowerclfError
+
 
 def launched() -> bool:
     """True when torchrun started several processes."""
@@ -22,7 +24,12 @@ def setup(device: torch.device, timeout_s: float) -> torch.device:
     if not launched():
         return device
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local >= gpus:  # each rank without a GPU of its own says so; torchrun then stops the others
+            per_node = os.environ.get("LOCAL_WORLD_SIZE", str(local + 1))
+            raise FlowerclfError(f"torchrun started {per_node} processes on this node but it has {gpus} CUDA "
+                                 f"device(s); pass --nproc_per_node={gpus} (or --device cpu to use gloo on the CPU)")
+        device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         # the timeout bounds every collective: a rank that dies or hangs ends the job instead of stalling it

@@ -1,6 +1,7 @@
-"""Where tensors run and in what precision: the device decision, mixed precision, channels-last, batch sizes."""
+"""Where tensors run and how: the device decision, mixed precision, channels-last, batch sizes, input workers."""
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 
 import torch
@@ -51,3 +52,35 @@ def resolve_feature_batch_size(requested: int, device: torch.device) -> int:
     """Batch size of inference passes. On a CPU small batches stay in cache: efficientnet_lite0 on 2 cores
     ran 67 img/s at 8, 57 at 16, 45 at 64, 31 at 128 (benchmarks/bench_train.py probes this too)."""
     return requested or (8 if device.type == "cpu" else 128)
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def resolve_num_workers(requested: int | str, device: torch.device) -> int:
+    """--num_workers: a number as given; auto by device and the cores each process of this node gets.
+
+    CUDA: every core but one (the main process feeds the GPU), at most 16: PIL decoding of 500x667
+    JPEGs ran 292 / 1,568 / 2,567 img/s with 0 / 8 / 16 workers on a 16-core H100 machine.
+    CPU: the backbone (ONNX Runtime or torch) already uses every core, so 0 below 8 cores and a quarter
+    of them from 8 on. On 2 cores shared with other jobs (load 9), 1-2 workers measured 1.2-1.3x for the
+    frozen pass and 1.0-1.1x for fine-tuning (benchmarks/bench_workers.py), but there extra processes
+    also win a larger share of the contended cores: to be measured on an idle machine before changing.
+    """
+    if requested != "auto":
+        return int(requested)
+    cores = max(1, cpu_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if device.type == "cuda":
+        return max(1, min(16, cores - 1))
+    return cores // 4 if cores >= 8 else 0
+
+
+def tune_for(device: torch.device) -> None:
+    """cuDNN benchmarks its kernels once per input shape; with fixed batch shapes that happens once per run."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True

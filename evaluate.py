@@ -32,6 +32,7 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--batch_size", "--batch-size", type=cli.positive_int,
                    help="images per batch (default: the feature batch size the checkpoint was trained with)")
     cli.add_device_flags(p)
+    cli.add_workers_flag(p)
     p.add_argument("--json", action="store_true", help="print the whole report as JSON instead of a summary")
     return p
 
@@ -42,12 +43,13 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, list[str]]:
     import report
     import report_html
     from checkpoints import load_model
-    from devices import resolve_device, resolve_feature_batch_size
+    from devices import resolve_device, resolve_feature_batch_size, resolve_num_workers, tune_for
     from features import feature_forward, state_fingerprint
     from loops import split_logits
 
     names = du.load_category_names(args.category_names)
     device = resolve_device(args.device, args.gpu)
+    tune_for(device)
     model, ckpt = load_model(args.checkpoint, device)
     images = du.scan_split(args.split, ckpt["class_to_idx"])
     train_args = ckpt.get("args", {})
@@ -58,7 +60,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, list[str]]:
         "torch" if train_args.get("unfreeze") else train_args.get("engine", "torch"), device,
         bool(train_args.get("amp")), state_fingerprint(model.backbone), lambda line: print(line, file=sys.stderr))
     logits, labels = split_logits(model, images, du.Preprocess.from_dict(ckpt["preprocess"]), batch_size,
-                                  device, forward=forward)
+                                  device, forward=forward,
+                                  num_workers=resolve_num_workers(args.num_workers, device))
     result = report.classification_report(logits.numpy(), labels.numpy(), du.class_names(ckpt["class_to_idx"]),
                                           names, files=images.files)
     out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))

@@ -5,15 +5,18 @@ import copy
 import hashlib
 import json
 import os
-from functools import partial
+from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torchvision
 from torch import nn
 
 import data_utils as du
 import ddp
+import decode
+import workers
 from checkpoints import atomic_save, export_onnx
 from devices import autocast, to_channels_last
 from errors import FlowerclfError, brief
@@ -25,29 +28,61 @@ Forward = Callable[[torch.Tensor], torch.Tensor]  # a CPU batch of images -> CPU
 # ---------------------------------------------------------------- input
 
 def make_loader(images: du.ImageSet, transform, batch_size: int, num_workers: int, device: torch.device,
-                shuffle: bool = False, generator: torch.Generator | None = None,
-                sampler=None) -> torch.utils.data.DataLoader:
-    """DataLoader over `images` with `transform` (PIL RGB -> CHW float32 array)."""
-    dataset = du.ImageDataset(images.files, images.labels, transform)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                                       sampler=sampler, num_workers=num_workers, pin_memory=device.type == "cuda")
+                shuffle: bool = False, generator: torch.Generator | None = None, sampler=None,
+                drop_last: bool = False) -> torch.utils.data.DataLoader:
+    """The PIL path: batches of `images` through `transform` (PIL RGB -> CHW float32 array), in workers."""
+    return workers.loader(du.ImageDataset(images.files, images.labels, transform), batch_size, num_workers, device,
+                          shuffle=shuffle, generator=generator, sampler=sampler, drop_last=drop_last)
 
 
-def eval_transform(preprocess: du.Preprocess):
+@dataclass(frozen=True)
+class EvalTransform:
+    """The deterministic resize + center-crop + normalize of `preprocess`, which the tensor path can do too."""
+
+    preprocess: du.Preprocess
+
+    def __call__(self, img) -> np.ndarray:
+        return du.preprocess_image(img, self.preprocess)
+
+
+def eval_transform(preprocess: du.Preprocess) -> EvalTransform:
     """The deterministic resize + center-crop + normalize transform."""
-    return partial(du.preprocess_image, pp=preprocess)
+    return EvalTransform(preprocess)
+
+
+def input_batches(images: du.ImageSet, transform, batch_size: int, num_workers: int, device: torch.device):
+    """The one choice of input path: (normalized images, labels) batches of `images`, in order.
+
+    On CUDA the eval transform runs on the GPU: JPEGs decoded by nvjpeg in batches (decode.py), the
+    PIL path for the rest. Elsewhere, and for augmentation, PIL in worker processes: on a CPU the
+    backbone is the bottleneck, not decoding.
+    """
+    if device.type == "cuda" and isinstance(transform, EvalTransform):
+        return decode.JpegBatches(images, transform.preprocess, batch_size, num_workers, device)
+    return make_loader(images, transform, batch_size, num_workers, device)
 
 
 # ---------------------------------------------------------------- runtimes
 
 def torch_forward(backbone: nn.Module, device: torch.device, amp: bool = False) -> Forward:
-    """The backbone in eval mode and channels-last, on `device`."""
+    """The backbone in eval mode and channels-last, on `device`.
+
+    On CUDA a batch smaller than the first (a split's last) is padded to its size, so cuDNN
+    autotunes one shape per pass instead of one per split.
+    """
     to_channels_last(backbone.eval())
+    fixed = 0
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        nonlocal fixed
+        n = len(x)
+        fixed = fixed or n
+        x = x.to(device, non_blocking=True)
+        if device.type == "cuda" and n < fixed:
+            x = torch.cat([x, x.new_zeros((fixed - n,) + tuple(x.shape[1:]))])
+        x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
-            return backbone(x).float().cpu()
+            return backbone(x)[:n].float().cpu()
     return forward
 
 
@@ -137,7 +172,7 @@ def sharded_features(forward: Forward, images: du.ImageSet, transform, batch_siz
     if not mine:
         raise FlowerclfError(f"{images.root} has {len(images)} images, fewer than the {ddp.world()} processes")
     part = du.ImageSet(images.root, [images.files[i] for i in mine], [images.labels[i] for i in mine])
-    feats, _ = extract_features(forward, make_loader(part, transform, batch_size, num_workers, device), desc)
+    feats, _ = extract_features(forward, input_batches(part, transform, batch_size, num_workers, device), desc)
     return ddp.gather_rows(feats, len(images), device), torch.as_tensor(images.labels)
 
 

@@ -51,8 +51,7 @@ def build_parser() -> cli.ArgumentParser:
                         "report and confusion matrix")
     cli.add_device_flags(p)
     p.add_argument("--seed", type=cli.whole_number, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--num_workers", "--num-workers", type=cli.whole_number, default=0,
-                   help="image-decoding worker processes (default: %(default)s, decode in the main process)")
+    cli.add_workers_flag(p)
     d = p.add_argument_group("data checks and recovery")
     d.add_argument("--check", action="store_true",
                    help="only check DATA_DIR (folders, classes, every image decoded) and report; train nothing")

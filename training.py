@@ -26,7 +26,8 @@ import report
 import report_html
 import rundir
 from config import TrainConfig
-from devices import amp_dtype, resolve_device, resolve_feature_batch_size, to_channels_last
+from devices import (amp_dtype, resolve_device, resolve_feature_batch_size, resolve_num_workers,
+                     to_channels_last, tune_for)
 from errors import FlowerclfError
 from features import (cached_features, eval_transform, feature_forward, feature_key, make_loader,
                       state_fingerprint)
@@ -106,9 +107,11 @@ def _finetune_plan(model, preprocess, splits, cfg, device, log) -> Plan:
     # --batch_size is global: under torchrun each of the N processes takes batch_size / N per step
     sampler = torch.utils.data.DistributedSampler(range(len(splits["train"])), seed=cfg.seed) \
         if ddp.world() > 1 else None
+    # on CUDA every step has the same shape (one cuDNN autotuning), unless that would leave no step at all
     train_loader = make_loader(splits["train"], du.train_transform(preprocess),
                                max(1, cfg.batch_size // ddp.world()), cfg.num_workers, device,
-                               shuffle=sampler is None, generator=generator, sampler=sampler)
+                               shuffle=sampler is None, generator=generator, sampler=sampler,
+                               drop_last=device.type == "cuda" and len(splits["train"]) >= cfg.batch_size)
     backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([
         {"params": model.head.parameters(), "lr": cfg.learning_rate},
@@ -238,7 +241,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     main = ddp.is_main()
     if not main:
         log = lambda line: None  # noqa: E731
-    cfg = replace(cfg, feature_batch_size=resolve_feature_batch_size(cfg.feature_batch_size, device))
+    tune_for(device)
+    cfg = replace(cfg, feature_batch_size=resolve_feature_batch_size(cfg.feature_batch_size, device),
+                  num_workers=resolve_num_workers(cfg.num_workers, device))
     rundir.check_not_in_data(cfg.save_dir, cfg.data_dir)
     splits = du.scan_data_dir(cfg.data_dir, cfg.valid_split, cfg.seed)
     splits, warnings_ = du.check_splits(splits, full=cfg.skip_bad_images, skip_bad=cfg.skip_bad_images)

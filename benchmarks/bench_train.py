@@ -9,7 +9,8 @@ ours:    training.train with train.py's defaults (--engine auto: ONNX Runtime on
          save dir (a cold feature cache; the exported backbone is cached per user, so the first
          run ever on a machine also pays for the export, which this prints separately).
 torch:   the same with --engine torch.
-floor:   one inference pass over train + valid + test at the best batch size, on the faster engine.
+floor:   one inference pass over train + valid + test at the best batch size, on the faster engine
+         (ONNX Runtime is only tried on a CPU).
 """
 from __future__ import annotations
 
@@ -95,8 +96,9 @@ def floor(data_dir: str, arch: str, device: torch.device) -> dict:
                              sum((s.labels for s in splits.values()), []))
     probe = du.ImageSet("probe", everything.files[:192], everything.labels[:192])
     fingerprint = features.state_fingerprint(model.backbone)
+    engines = ("torch", "onnxruntime") if device.type == "cpu" else ("torch",)  # ONNX Runtime runs on the CPU
     forwards = {name: features.feature_forward(model.backbone, arch, pp.crop_size, name, device, False, fingerprint,
-                                               print)[0] for name in ("torch", "onnxruntime")}
+                                               print)[0] for name in engines}
     rates = {}
     for name, forward in forwards.items():
         for bs in (4, 8, 16, 32, 64):

@@ -12,10 +12,12 @@ import torch
 from PIL import Image
 
 import data_utils as du
+import ddp
 from conftest import ROOT
+from errors import FlowerclfError
 
 COMMON = ["--arch", "mobilenet_v3_small", "--weights", "none", "--hidden_units", "8", "--dropout", "0",
-          "--batch_size", "6", "--engine", "torch"]
+          "--batch_size", "6", "--engine", "torch", "--device", "cpu"]  # gloo on the CPU, GPUs or not
 
 
 def _run(data, save, nproc, *extra, timeout=240):
@@ -72,3 +74,26 @@ def test_a_failing_rank_ends_the_job(image_folder, tmp_path):
     assert time.monotonic() - start < 120
     assert "[rank 1] error: " in run.stderr and "1_0a.jpg cannot be read" in run.stderr
     assert "[rank 1]: Traceback" not in run.stderr
+
+
+def test_more_processes_per_node_than_gpus_is_one_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # the second process of a node with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(FlowerclfError, match=r"torchrun started 2 processes on this node but it has 1 CUDA "
+                                             r"device\(s\); pass --nproc_per_node=1"):
+        ddp.setup(torch.device("cuda"), 10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_torchrun_with_more_processes_than_gpus_stops_with_one_line(image_folder, tmp_path):
+    nproc = torch.cuda.device_count() + 1
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.join(ROOT, "train.py"), image_folder, "--save_dir", str(tmp_path), "--device", "cuda",
+           "--arch", "mobilenet_v3_small", "--weights", "none", "--epochs", "1"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert run.returncode != 0
+    lines = [line for line in run.stderr.splitlines() if "error: torchrun started" in line]
+    assert len(lines) == 1 and f"[rank {nproc - 1}] error:" in lines[0], run.stderr[-3000:]
+    assert f"[rank {nproc - 1}]: Traceback" not in run.stderr

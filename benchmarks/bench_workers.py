@@ -1,0 +1,83 @@
+"""What --num_workers auto should pick on this machine: the frozen feature pass and fine-tuning, per worker count.
+
+usage: python benchmarks/bench_workers.py DATA_DIR [--arch efficientnet_lite0] [--workers 0 1 2] [--images 256]
+
+frozen:   the feature pass over the first N training images, on the engine train.py picks
+          (ONNX Runtime on a CPU) at its feature batch size, through the input path train.py uses.
+finetune: one epoch of --unfreeze all over the same images (batch 32, AdamW, augmentation).
+The worker counts run interleaved, --repeats times, and the best of each is printed (img/s),
+so a machine that others share penalizes every count alike.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data_utils as du  # noqa: E402
+import devices  # noqa: E402
+import features  # noqa: E402
+import loops  # noqa: E402
+import model_utils as mu  # noqa: E402
+
+
+def frozen(images: du.ImageSet, arch: str, workers: int, device: torch.device) -> float:
+    """img/s of the feature pass."""
+    model, pp = mu.build_model(mu.ModelSpec(arch, "DEFAULT", [], 0.0, 2))
+    forward, _ = features.feature_forward(model.backbone, arch, pp.crop_size, "auto", device, False,
+                                          features.state_fingerprint(model.backbone), print)
+    batches = features.input_batches(images, features.eval_transform(pp), devices.resolve_feature_batch_size(0, device),
+                                     workers, device)
+    start = time.perf_counter()
+    features.extract_features(forward, batches)
+    return len(images) / (time.perf_counter() - start)
+
+
+def finetune(images: du.ImageSet, arch: str, workers: int, device: torch.device) -> float:
+    """img/s of one fine-tuning epoch of the whole network."""
+    torch.manual_seed(0)
+    model, pp = mu.build_model(mu.ModelSpec(arch, "DEFAULT", [64], 0.0, len(set(images.labels))))
+    mu.unfreeze_last(model.backbone, "all")
+    devices.to_channels_last(model.to(device))
+    loader = features.make_loader(images, du.train_transform(pp), 32, workers, device, shuffle=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    start = time.perf_counter()
+    loops.finetune_epoch(model, loader, optimizer, scheduler, scaler, nn.CrossEntropyLoss(), device, False)
+    return len(images) / (time.perf_counter() - start)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("data_dir", help="ImageFolder tree with train/")
+    p.add_argument("--arch", default="efficientnet_lite0", help="backbone (default: %(default)s)")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="worker counts (default: 0 1 2)")
+    p.add_argument("--images", type=int, default=256, help="training images used (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the best counts (default: 2)")
+    args = p.parse_args(argv)
+    device = devices.resolve_device("auto")
+    train = du.scan_split(os.path.join(args.data_dir, "train"))
+    step = max(1, len(train) // args.images)  # every class, not just the first folders
+    images = du.ImageSet(train.root, train.files[::step][:args.images], train.labels[::step][:args.images])
+    print(f"{args.arch} on {device}, {devices.cpu_cores()} cores, {len(images)} images; auto picks "
+          f"{devices.resolve_num_workers('auto', device)} workers", flush=True)
+    best = {}
+    for _ in range(args.repeats):
+        for workers in args.workers:
+            for name, bench in (("frozen", frozen), ("finetune", finetune)):
+                rate = bench(images, args.arch, workers, device)
+                print(f"  {name} {workers} workers: {rate:.1f} img/s", flush=True)
+                best[name, workers] = max(rate, best.get((name, workers), 0.0))
+    for name in ("frozen", "finetune"):
+        print(f"{name:9s}" + "".join(f"  {w} workers {best[name, w]:7.1f} img/s" for w in args.workers))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
