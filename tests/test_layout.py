@@ -5,7 +5,7 @@ import os
 
 from conftest import ROOT
 
-SCRIPTS = {"train", "predict", "evaluate", "export", "gpumemcheck"}
+SCRIPTS = {"train", "predict", "evaluate", "export", "gpumemcheck", "cache"}
 MAX_LINES = 350
 
 
