@@ -148,8 +148,8 @@ def feature_setup(arch: str, weights: str, fingerprint: str, preprocess: du.Prep
         import onnxruntime
         versions["onnxruntime"] = onnxruntime.__version__
     precision = str(amp_dtype(device)).removeprefix("torch.") if amp else "float32"
-    return {"arch": arch, "weights": weights, "backbone": fingerprint, "preprocess": preprocess.to_dict(), "engine": engine,
-            "device": device.type, "precision": precision, "versions": versions}
+    return {"arch": arch, "weights": weights, "backbone": fingerprint, "preprocess": preprocess.to_dict(),
+            "engine": engine, "device": device.type, "precision": precision, "versions": versions}
 
 
 def view_transform(preprocess: du.Preprocess, view: int | None, seed: int):
@@ -210,11 +210,10 @@ class FeaturePass:
     def _lookup(self, images: du.ImageSet, view: int | None, seed: int) -> tuple[list, dict, int | None]:
         """(content hashes, stored vectors among them, setup id); (indices, {}, None) without a store."""
         if self.store is not None:
+            key = dict(self.setup, view=view, seed=seed if view is not None else None)
             try:
-                keys = self.store.digests(images.files)
-                key = dict(self.setup, view=view, seed=seed if view is not None else None)
-                setup = self.store.setup_id(key, key.pop("arch"), key.pop("weights"))
-                return keys, self.store.lookup(setup, keys), setup
+                keys, setup, found = self.store.lookup(images.files, key, key.pop("arch"), key.pop("weights"))
+                return keys, found, setup
             except sqlite3.Error as e:
                 self._lose_store(e)
         return list(range(len(images))), {}, None

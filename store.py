@@ -38,7 +38,7 @@ CREATE TABLE IF NOT EXISTS vectors (setup INTEGER NOT NULL REFERENCES setups(id)
 
 
 def cache_dir() -> str:
-    """Where flowerclf keeps per-user files (the feature store, exported backbones): $FLOWERCLF_CACHE or ~/.cache/flowerclf."""
+    """Where flowerclf keeps per-user files (feature store, exported backbones): $FLOWERCLF_CACHE or ~/.cache/flowerclf."""
     return os.environ.get("FLOWERCLF_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "flowerclf")
 
 
@@ -143,15 +143,10 @@ class FeatureStore:
         """The content hash of each file: remembered per path, recomputed only when its size or times change."""
         paths = [os.path.abspath(p) for p in paths]
         stats = [os.stat(p) for p in paths]
-
-        def known():
-            rows = {}
-            for part in _chunks(paths):
-                rows.update((r[0], r[1:]) for r in self.db.execute(
-                    f"SELECT path, size, mtime_ns, ctime_ns, digest FROM files WHERE path IN ({_marks(len(part))})",
-                    part))
-            return rows
-        memo, out, fresh = self._retry_if_damaged(known), [], []
+        memo, out, fresh = {}, [], []
+        for part in _chunks(paths):
+            memo.update((r[0], r[1:]) for r in self.db.execute(
+                f"SELECT path, size, mtime_ns, ctime_ns, digest FROM files WHERE path IN ({_marks(len(part))})", part))
         for path, st in zip(paths, stats):
             stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
             row = memo.get(path)
@@ -165,29 +160,28 @@ class FeatureStore:
                 self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", fresh)
         return out
 
-    def setup_id(self, key: dict, arch: str, weights: str) -> int:
-        """The id of a feature setup (everything but the image that changes a vector), registered on first use."""
-        text = json.dumps(key, sort_keys=True)
-        digest = hashlib.sha256(text.encode()).hexdigest()
+    def lookup(self, paths: Sequence[str], key: dict, arch: str, weights: str
+               ) -> tuple[list[bytes], int, dict[bytes, bytes]]:
+        """(content hash of each file, setup id, the stored vectors among them: content hash -> float32 bytes).
 
-        def register():
+        `key` is everything but the image that changes a vector; it is registered on first use,
+        with the arch and weights names that `cache.py info` shows.
+        """
+        text = json.dumps(key, sort_keys=True)
+        name = hashlib.sha256(text.encode()).hexdigest()
+
+        def find():  # again from the start on a new store when this one turns out damaged
+            digests = self.digests(paths)
             with self._write():
                 self.db.execute("INSERT OR IGNORE INTO setups (key, arch, weights, detail) VALUES (?, ?, ?, ?)",
-                                (digest, arch, weights, text))
-            return self.db.execute("SELECT id FROM setups WHERE key = ?", (digest,)).fetchone()[0]
-        return self._retry_if_damaged(register)
-
-    # ------------------------------------------------------------ vectors
-
-    def lookup(self, setup: int, digests: Sequence[bytes]) -> dict[bytes, bytes]:
-        """The stored vectors among `digests` for `setup`: content hash -> float32 bytes."""
-        def find():
-            found, wanted = {}, list(dict.fromkeys(digests))
-            for part in _chunks(wanted):
+                                (name, arch, weights, text))
+            setup = self.db.execute("SELECT id FROM setups WHERE key = ?", (name,)).fetchone()[0]
+            found = {}
+            for part in _chunks(list(dict.fromkeys(digests))):
                 found.update(self.db.execute(
                     f"SELECT digest, vector FROM vectors WHERE setup = ? AND digest IN ({_marks(len(part))})",
                     (setup, *part)))
-            return found
+            return digests, setup, found
         return self._retry_if_damaged(find)
 
     def put(self, setup: int, rows: Iterable[tuple[bytes, bytes]]) -> None:

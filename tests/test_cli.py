@@ -108,6 +108,7 @@ EDGE_CASES = {
     "export.py": (["m.pth", "--nope"], ["{missing}.pth"]),
     "gpumemcheck.py": (["--watch", "0"], ["--arch", "{missing}"]),
     "data_utils.py": (["flowers102", "D", "--seed", "x"], ["flowers102", "D", "--source", "{missing}"]),
+    "cache.py": (["nope"], ["clear", "--arch"]),
 }
 
 
@@ -146,7 +147,7 @@ def test_hidden_units_zero_gives_a_linear_head(image_folder, tmp_path):
     assert [type(m).__name__ for m in model.head] == ["Dropout", "Linear"]
 
 
-@pytest.mark.parametrize("script", ["train.py", "predict.py", "evaluate.py", "export.py", "gpumemcheck.py"])
+@pytest.mark.parametrize("script", ["train.py", "predict.py", "evaluate.py", "export.py", "gpumemcheck.py", "cache.py"])
 def test_help_explains_every_flag(script):
     out = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True,
                          text=True, check=True).stdout
