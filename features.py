@@ -144,9 +144,10 @@ def feature_setup(arch: str, weights: str, fingerprint: str, preprocess: du.Prep
     """Everything but the image and the view that changes a feature vector (the store's key), and names to show."""
     versions = {"torch": torch.__version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__,
                 "numpy": np.__version__}
-    if engine == "onnxruntime":
+    if engine == "onnxruntime":  # the exporter's output and the runtime's kernels
+        import onnx
         import onnxruntime
-        versions["onnxruntime"] = onnxruntime.__version__
+        versions.update(onnx=onnx.__version__, onnxruntime=onnxruntime.__version__)
     precision = str(amp_dtype(device)).removeprefix("torch.") if amp else "float32"
     return {"arch": arch, "weights": weights, "backbone": fingerprint, "preprocess": preprocess.to_dict(),
             "engine": engine, "device": device.type, "precision": precision, "versions": versions}
