@@ -196,17 +196,25 @@ class FeaturePass:
         for i in missing:
             first.setdefault(keys[i], i)
         todo = list(first.values())  # one backbone pass per distinct content
-        vectors = {k: found[k] for k, h in zip(keys, hit) if h}
+        computed = None
         if todo:
             part = du.ImageSet(images.root, [images.files[i] for i in todo], [images.labels[i] for i in todo])
             store = (lambda idx, feats: self._put(setup, [keys[todo[i]] for i in idx], feats)) \
                 if setup is not None else None
-            feats, _ = sharded_features(self.forward, part, view_transform(self.preprocess, view, seed),
-                                        self.batch_size, self.num_workers, self.device, f"features {desc}", store)
-            vectors.update((keys[i], row.numpy().tobytes()) for i, row in zip(todo, feats))
+            computed = sharded_features(self.forward, part, view_transform(self.preprocess, view, seed),
+                                        self.batch_size, self.num_workers, self.device, f"features {desc}",
+                                        store)[0].numpy()
         self.log(f"features {desc}: {len(images) - len(missing):,} cached, {len(missing):,} computed")
-        flat = np.frombuffer(bytearray().join(vectors[k] for k in keys), np.float32)
-        return torch.from_numpy(flat.reshape(len(images), -1)), torch.as_tensor(images.labels)
+        # one array, filled in two vectorized copies: no per-image objects outlive the pass
+        hits = [i for i, h in enumerate(hit) if h]
+        dim = len(found[keys[hits[0]]]) // 4 if hits else computed.shape[1]
+        out = np.empty((len(images), dim), np.float32)
+        if hits:
+            out[hits] = np.frombuffer(b"".join(found[keys[i]] for i in hits), np.float32).reshape(len(hits), dim)
+        if missing:
+            row = {keys[i]: j for j, i in enumerate(todo)}
+            out[missing] = computed[[row[keys[i]] for i in missing]]
+        return torch.from_numpy(out), torch.as_tensor(images.labels)
 
     def _lookup(self, images: du.ImageSet, view: int | None, seed: int) -> tuple[list, dict, int | None]:
         """(content hashes, stored vectors among them, setup id); (indices, {}, None) without a store."""
