@@ -78,13 +78,18 @@ def gather_rows(local: torch.Tensor, n: int, device: torch.device) -> torch.Tens
     return out
 
 
+def agree(flags: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Element-wise AND of a bool vector over ranks: true where it is true on every rank."""
+    if world() == 1:
+        return flags
+    t = flags.to(device=device, dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t.cpu().bool()
+
+
 def all_true(flag: bool, device: torch.device) -> bool:
     """True only when `flag` is true on every rank (so all ranks take the same branch)."""
-    if world() == 1:
-        return flag
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+    return bool(agree(torch.tensor([flag]), device)[0])
 
 
 def all_sum(value: float, device: torch.device) -> float:

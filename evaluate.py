@@ -44,8 +44,9 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, list[str]]:
     import report_html
     from checkpoints import load_model
     from devices import resolve_device, resolve_feature_batch_size, resolve_num_workers, tune_for
-    from features import feature_forward, state_fingerprint
-    from loops import split_logits
+    from features import FeaturePass, feature_forward, feature_setup, state_fingerprint
+    from loops import features_logits
+    from store import open_store
 
     names = du.load_category_names(args.category_names)
     device = resolve_device(args.device, args.gpu)
@@ -54,18 +55,22 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, list[str]]:
     images = du.scan_split(args.split, ckpt["class_to_idx"])
     train_args = ckpt.get("args", {})
     batch_size = args.batch_size or train_args.get("feature_batch_size") or resolve_feature_batch_size(0, device)
-    # features on the engine training used, so the numbers match what train.py printed
-    forward, _ = feature_forward(
-        model.backbone, ckpt["model"]["arch"], ckpt["preprocess"]["crop_size"],
-        "torch" if train_args.get("unfreeze") else train_args.get("engine", "torch"), device,
-        bool(train_args.get("amp")), state_fingerprint(model.backbone), lambda line: print(line, file=sys.stderr))
-    logits, labels = split_logits(model, images, du.Preprocess.from_dict(ckpt["preprocess"]), batch_size,
-                                  device, forward=forward,
-                                  num_workers=resolve_num_workers(args.num_workers, device))
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731  (stdout may be --json)
+    # features on the engine training used, from the same store, so the numbers match what train.py printed
+    arch, engine, amp = ckpt["model"]["arch"], train_args.get("engine", "torch"), bool(train_args.get("amp"))
+    engine = "torch" if train_args.get("unfreeze") else engine
+    preprocess = du.Preprocess.from_dict(ckpt["preprocess"])
+    fingerprint = state_fingerprint(model.backbone)
+    forward, engine = feature_forward(model.backbone, arch, preprocess.crop_size, engine, device, amp, fingerprint, log)
+    setup = feature_setup(arch, ckpt["model"].get("weights", ""), fingerprint, preprocess, engine, device, amp)
+    passes = FeaturePass(forward, preprocess, setup, open_store(log), batch_size,
+                         resolve_num_workers(args.num_workers, device), device, log)
+    stem = os.path.basename(os.path.normpath(args.split))
+    feats, labels = passes.features(images, stem)
+    logits = features_logits(model.head, feats, device)
     result = report.classification_report(logits.numpy(), labels.numpy(), du.class_names(ckpt["class_to_idx"]),
                                           names, files=images.files)
     out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
-    stem = os.path.basename(os.path.normpath(args.split))
     written = report.write_report(result, out, stem)
     facts = report_html.run_facts("evaluate.py", train_args, str(device), args.split, f"{len(images)} {stem}",
                                   ckpt.get("epoch", "?"))

@@ -13,7 +13,7 @@ import report
 from checkpoints import first_non_finite
 from devices import autocast
 from errors import FlowerclfError
-from features import Forward, eval_transform, sharded_features, torch_forward
+from features import eval_transform, sharded_features, torch_forward
 from progress import progress
 
 
@@ -108,10 +108,10 @@ def features_logits(head: nn.Module, feats: torch.Tensor, device: torch.device,
 
 
 def split_logits(model: nn.Sequential, images: du.ImageSet, preprocess: du.Preprocess, batch_size: int,
-                 device: torch.device, amp: bool = False, desc: str = "eval", forward: Forward | None = None,
+                 device: torch.device, amp: bool = False, desc: str = "eval",
                  num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, labels) of a whole split, computed as training computes them: backbone, then head."""
-    feats, labels = sharded_features(forward or torch_forward(model.backbone, device, amp), images,
+    """(logits, labels) of a whole split through the whole model (fine-tuning): backbone, then head."""
+    feats, labels = sharded_features(torch_forward(model.backbone, device, amp), images,
                                      eval_transform(preprocess), batch_size, num_workers, device, desc)
     return features_logits(model.head, feats, device), labels
 

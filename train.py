@@ -68,9 +68,9 @@ def build_parser() -> cli.ArgumentParser:
                         "same optimizer state, epoch and history; pass the same model flags")
     g = p.add_argument_group("speed and fine-tuning")
     g.add_argument("--no_cache", "--no-cache", dest="cache", action="store_false",
-                   help="do not keep backbone features on disk under SAVE_DIR/.feature_cache (they are "
-                        "still computed once per run); by default a rerun with other head settings skips "
-                        "the backbone entirely")
+                   help="neither read nor write the per-user feature store ($FLOWERCLF_CACHE/features.sqlite, "
+                        "see python cache.py info): every image goes through the backbone once in this run; by "
+                        "default only images the store lacks do")
     g.add_argument("--augment_views", "--augment-views", type=cli.whole_number, default=0, metavar="K",
                    help="store K random-crop+flip views of each training image and train on all of them; "
                         "each view costs one backbone pass over train/ (default: 0, center crop only)")

@@ -1,8 +1,8 @@
 """A training run: the frozen and fine-tuning plans, and the epochs that keep the best model.
 
 Two plans share one epoch loop:
-- frozen backbone (default): features are computed once per image (and per augmented
-  view), cached in memory and on disk, and the head trains on them in seconds;
+- frozen backbone (default): features come from the per-user feature store, and only the
+  images it lacks (per augmented view) go through the backbone; the head trains on them in seconds;
 - `unfreeze`: the last N backbone stages train too, on decoded images, with a lower
   learning rate for the backbone, warm-up + cosine schedule and optional AMP.
 """
@@ -29,12 +29,11 @@ from config import TrainConfig
 from devices import (amp_dtype, resolve_device, resolve_feature_batch_size, resolve_num_workers,
                      to_channels_last, tune_for)
 from errors import FlowerclfError
-from features import (cached_features, eval_transform, feature_forward, feature_key, make_loader,
-                      state_fingerprint)
+from features import FeaturePass, feature_forward, feature_setup, make_loader, state_fingerprint
 from loops import (NonFiniteLoss, check_finite_epoch, features_logits, finetune_epoch, metrics_from_logits,
                    split_logits, train_head_epoch, warmup_cosine, wrap_ddp)
+from store import open_store
 
-CACHE_DIRNAME = ".feature_cache"
 DIST_TIMEOUT_S = 300  # a collective waiting longer than this means a rank died or hung: end the job
 
 
@@ -52,37 +51,33 @@ class Plan:
 
 
 def _features(model, spec, preprocess, splits, cfg, device, log) -> tuple[dict, str]:
-    """(features, labels) per split, from the cache or one backbone pass, and the engine used.
+    """(features, labels) per split, from the feature store and one backbone pass over the misses; the engine.
 
-    Runs inside its own random stream, so a cache hit and a miss leave training on the same one.
+    Runs inside its own random stream, so a store hit and a miss (and a first run's ONNX export,
+    which draws random inputs) leave training on the same one.
     """
-    cache_dir = os.path.join(cfg.save_dir, CACHE_DIRNAME)
     started = time.perf_counter()
-    fingerprint = state_fingerprint(model.backbone)
-    forward, engine = feature_forward(model.backbone, spec.arch, preprocess.crop_size, cfg.engine, device, cfg.amp,
-                                      fingerprint, log)
-    log(f"feature pass on {engine}")
-
-    def features(images, transform, view, desc):
-        key = feature_key(images, fingerprint, preprocess, view, cfg.seed, cfg.amp, engine) if cfg.cache else None
-        return cached_features(forward, images, transform, key, cache_dir, cfg.feature_batch_size,
-                               cfg.num_workers, device, desc, log)
-
     with torch.random.fork_rng(devices=[]):
-        feats = {name: features(images, eval_transform(preprocess), None, f"features {name}")
-                 for name, images in splits.items()}
+        fingerprint = state_fingerprint(model.backbone)
+        forward, engine = feature_forward(model.backbone, spec.arch, preprocess.crop_size, cfg.engine, device,
+                                          cfg.amp, fingerprint, log)
+        log(f"feature pass on {engine}")
+        setup = feature_setup(spec.arch, spec.weights, fingerprint, preprocess, engine, device, cfg.amp)
+        passes = FeaturePass(forward, preprocess, setup, open_store(log) if cfg.cache else None,
+                             cfg.feature_batch_size, cfg.num_workers, device, log)
+        feats = {name: passes.features(images, name) for name, images in splits.items()}
         if cfg.augment_views:
-            augment, views = du.train_transform(preprocess), []
-            for view in range(cfg.augment_views):
-                torch.manual_seed(cfg.seed * 1000 + view)  # each view is its own reproducible draw
-                views.append(features(splits["train"], augment, view, f"features train view {view + 1}"))
+            views = [passes.features(splits["train"], f"train view {view + 1}", view, cfg.seed)
+                     for view in range(cfg.augment_views)]
             feats["train"] = tuple(torch.cat(parts) for parts in zip(*views))
+    if passes.store is not None:
+        passes.store.close()
     log(f"features ready in {time.perf_counter() - started:.1f}s")
     return feats, engine
 
 
 def _frozen_plan(model, spec, preprocess, splits, cfg, device, log) -> Plan:
-    """Cache features once; the head trains on them."""
+    """Features once, from the store or the backbone; the head trains on them."""
     feats, engine = _features(model, spec, preprocess, splits, cfg, device, log)
     head = model.head.to(device)
     runner = wrap_ddp(head, device)

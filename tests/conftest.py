@@ -50,10 +50,19 @@ def image_folder(tmp_path):
     return make_image_folder(tmp_path / "data")
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _onnx_cache(tmp_path_factory):
-    """Exported backbones go to a per-session folder, never the user's ~/.cache."""
-    os.environ["FLOWERCLF_CACHE"] = str(tmp_path_factory.mktemp("flowerclf-cache"))
+@pytest.fixture(scope="session")
+def _onnx_exports(tmp_path_factory):
+    """One folder of exported backbones for the whole session (an export takes seconds)."""
+    return tmp_path_factory.mktemp("onnx-exports")
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, _onnx_exports, monkeypatch):
+    """Each test starts with an empty feature store and the session's exported backbones, never ~/.cache."""
+    cache = tmp_path_factory.mktemp("flowerclf-cache")
+    os.symlink(_onnx_exports, cache / "onnx")
+    monkeypatch.setenv("FLOWERCLF_CACHE", str(cache))
+    return cache
 
 
 @pytest.fixture(autouse=True)

@@ -112,6 +112,7 @@ EDGE_CASES = {
     "serve.py": (["m.onnx", "--port", "70000"], ["{missing}.onnx"]),
     "gpumemcheck.py": (["--watch", "0"], ["--arch", "{missing}"]),
     "data_utils.py": (["flowers102", "D", "--seed", "x"], ["flowers102", "D", "--source", "{missing}"]),
+    "cache.py": (["nope"], ["clear", "--arch"]),
 }
 
 
@@ -151,7 +152,7 @@ def test_hidden_units_zero_gives_a_linear_head(image_folder, tmp_path):
 
 
 @pytest.mark.parametrize("script", ["train.py", "predict.py", "evaluate.py", "export.py", "gpumemcheck.py",
-                                    "serve.py"])
+                                    "serve.py", "cache.py"])
 def test_help_explains_every_flag(script):
     out = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True,
                          text=True, check=True).stdout

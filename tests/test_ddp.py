@@ -1,7 +1,10 @@
 """torchrun --nproc_per_node=2 on the CPU (gloo): frozen and fine-tuning paths, equivalence, failures."""
+import contextlib
 import io
 import json
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -13,18 +16,21 @@ from PIL import Image
 
 import data_utils as du
 import ddp
-from conftest import ROOT
+import store
+from conftest import ROOT, make_image_folder
 from errors import FlowerclfError
 
 COMMON = ["--arch", "mobilenet_v3_small", "--weights", "none", "--hidden_units", "8", "--dropout", "0",
           "--batch_size", "6", "--engine", "torch", "--device", "cpu"]  # gloo on the CPU, GPUs or not
 
 
-def _run(data, save, nproc, *extra, timeout=240):
+def _run(data, save, nproc, *extra, timeout=240, cache=None):
+    """train.py under torchrun (nproc > 1) or alone; `cache`: another FLOWERCLF_CACHE than the test's."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]
     cmd = launcher + [os.path.join(ROOT, "train.py"), data, "--save_dir", str(save)] + COMMON + list(extra)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    env = dict(os.environ, **({"FLOWERCLF_CACHE": str(cache)} if cache else {}))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
 def _predicts(data, save):
@@ -34,8 +40,8 @@ def _predicts(data, save):
     return json.loads(run.stdout)
 
 
-@pytest.mark.parametrize("extra", [[], ["--unfreeze", "1"]], ids=["frozen-cached", "unfreeze"])
-def test_two_processes_train_and_write_one_checkpoint(image_folder, tmp_path, extra):
+@pytest.mark.parametrize("extra", [[], ["--unfreeze", "1"]], ids=["frozen-stored", "unfreeze"])
+def test_two_processes_train_and_write_one_checkpoint(image_folder, tmp_path, _cache, extra):
     run = _run(image_folder, tmp_path / "s", 2, "--epochs", "2", *extra)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("epoch 2/2") == 1  # only rank 0 prints
@@ -46,12 +52,22 @@ def test_two_processes_train_and_write_one_checkpoint(image_folder, tmp_path, ex
     ckpt = torch.load(tmp_path / "s" / "checkpoint.pth", weights_only=True)
     assert not any(k.startswith(("module.", "head.module.")) for k in ckpt["state_dict"])
     assert len(_predicts(image_folder, tmp_path / "s")) == 3
+    if extra:
+        return
+    with contextlib.closing(sqlite3.connect(os.path.join(_cache, store.STORE_NAME))) as db:
+        assert db.execute("SELECT count(*) FROM vectors").fetchone()[0] == 18 + 9 + 9  # each rank's shard
+    make_image_folder(tmp_path / "new", per_class={"train": 1}, seed=7)
+    shutil.copy(tmp_path / "new" / "train" / "1" / "1_0.png", os.path.join(image_folder, "train", "1", "new.png"))
+    run = _run(image_folder, tmp_path / "s", 2, "--epochs", "1")  # one miss, two ranks: both compute it
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "features train: 18 cached, 1 computed" in run.stdout and "features test: 9 cached, 0 computed" in run.stdout
 
 
 def test_two_processes_match_one_with_the_same_global_batch(image_folder, tmp_path):
     one = _run(image_folder, tmp_path / "one", 1, "--epochs", "4")
-    two = _run(image_folder, tmp_path / "two", 2, "--epochs", "4")
+    two = _run(image_folder, tmp_path / "two", 2, "--epochs", "4", cache=tmp_path / "store2")  # not one's features
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    assert "features train: 0 cached, 18 computed" in two.stdout
     h1 = json.loads((tmp_path / "one" / "history.json").read_text())
     h2 = json.loads((tmp_path / "two" / "history.json").read_text())
     # same features (each rank extracts half, then they swap), same batches, gradients averaged to

@@ -24,6 +24,7 @@ import model_utils as mu
 import predict
 import progress
 import rundir
+import store
 import train
 from errors import FlowerclfError
 from conftest import ROOT, TINY, make_image_folder, run_script as _main
@@ -162,7 +163,7 @@ def test_a_damaged_cached_backbone_is_exported_again(image_folder, tmp_path):
     args = (model.backbone, "mobilenet_v3_small", pp.crop_size, "onnxruntime", torch.device("cpu"), False,
             fingerprint, lines.append)
     assert features.feature_forward(*args)[1] == "onnxruntime"
-    cached = [os.path.join(d, f) for d, _, fs in os.walk(features.onnx_cache_dir()) for f in fs
+    cached = [os.path.join(d, f) for d, _, fs in os.walk(store.cache_dir()) for f in fs
               if f.startswith("mobilenet_v3_small-")]
     for path in cached:
         with open(path, "wb") as f:

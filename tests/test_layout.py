@@ -5,7 +5,7 @@ import os
 
 from conftest import ROOT
 
-SCRIPTS = {"train", "predict", "evaluate", "export", "gpumemcheck", "serve"}
+SCRIPTS = {"train", "predict", "evaluate", "export", "gpumemcheck", "serve", "cache"}
 MAX_LINES = 350
 
 

@@ -1,6 +1,4 @@
-"""Feature cache, augmented views and fine-tuning."""
-import os
-
+"""Fine-tuning, its schedule and stages, and the checks of TrainConfig (the feature store: test_store.py)."""
 import pytest
 import torch
 
@@ -17,62 +15,6 @@ def _cfg(data, save, **kw):
     base = dict(data_dir=data, save_dir=str(save), arch="mobilenet_v3_small", weights="none", hidden_units=[8],
                 epochs=2, batch_size=8, overwrite=True)
     return training.TrainConfig(**{**base, **kw})
-
-
-def _count_passes(monkeypatch):
-    calls = []
-    real = features.extract_features
-
-    def counting(*a, **k):
-        calls.append(k.get("desc", a[2] if len(a) > 2 else ""))
-        return real(*a, **k)
-    monkeypatch.setattr(features, "extract_features", counting)
-    return calls
-
-
-def test_rerun_with_other_head_settings_skips_the_backbone(image_folder, tmp_path, monkeypatch):
-    calls = _count_passes(monkeypatch)
-    training.train(_cfg(image_folder, tmp_path), log=lambda s: None)
-    assert len(calls) == 3  # train, valid, test
-    first = len(os.listdir(tmp_path / training.CACHE_DIRNAME))
-    calls.clear()
-    training.train(_cfg(image_folder, tmp_path, learning_rate=0.01, hidden_units=[4, 4], epochs=3),
-                 log=lambda s: None)
-    assert calls == []
-    assert len(os.listdir(tmp_path / training.CACHE_DIRNAME)) == first
-
-
-def test_changed_image_or_arch_is_a_cache_miss(image_folder, tmp_path, monkeypatch):
-    calls = _count_passes(monkeypatch)
-    training.train(_cfg(image_folder, tmp_path), log=lambda s: None)
-    calls.clear()
-    changed = os.path.join(image_folder, "valid", "1", "1_0.png")
-    du.load_rgb(changed).rotate(90).save(changed)
-    os.utime(changed, ns=(1, 1))
-    training.train(_cfg(image_folder, tmp_path), log=lambda s: None)
-    assert calls == ["features valid"]
-    calls.clear()
-    training.train(_cfg(image_folder, tmp_path, arch="squeezenet1_1"), log=lambda s: None)
-    assert len(calls) == 3
-
-
-def test_no_cache_writes_nothing(image_folder, tmp_path):
-    training.train(_cfg(image_folder, tmp_path, cache=False), log=lambda s: None)
-    assert not (tmp_path / training.CACHE_DIRNAME).exists()
-    assert (tmp_path / "checkpoint.pth").exists()
-
-
-def test_augmented_views_are_cached_and_distinct(image_folder, tmp_path, monkeypatch):
-    calls = _count_passes(monkeypatch)
-    training.train(_cfg(image_folder, tmp_path, augment_views=2), log=lambda s: None)
-    assert calls[-2:] == ["features train view 1", "features train view 2"]
-    files = sorted((tmp_path / training.CACHE_DIRNAME).iterdir())
-    assert len(files) == 5
-    sizes = {len(torch.load(f, weights_only=True)["labels"]) for f in files}
-    assert sizes == {18, 9}  # 3 classes x 6 train images per view; 3 x 3 valid / test
-    views = [torch.load(f, weights_only=True)["features"] for f in files]
-    train_like = [v for v in views if len(v) == 18]
-    assert not torch.equal(train_like[0], train_like[1])
 
 
 def test_unfreeze_trains_only_the_last_stages(image_folder):

@@ -1,0 +1,103 @@
+"""The feature store at scale: a cold pass, a full hit and 1% new photos, on synthetic folders of growing size.
+
+usage: python benchmarks/bench_store.py [--sizes 1000 4000 16000] [--arch mobilenet_v3_small]
+
+For each size N: a folder of N training images (drawn shapes, 32 px, 4 classes) and 100
+validation images; then three `train.py DIR --arch ARCH --weights none --epochs 1` processes
+on one fresh store: cold (every image computed), full hit (the same command again), and +1%
+(N/100 new training photos). Each row: the process's wall time, the feature time (its
+`features ready in` line), what it computed, the store's size on disk and the process's peak
+RSS. The exported backbone comes from the user's cache, so no row pays for the export.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import sample_data  # noqa: E402
+import store  # noqa: E402
+
+VALID_PER_CLASS = 25
+
+
+def run_train(data: str, save: str, arch: str, cache: str) -> dict:
+    """One train.py process: wall seconds, feature seconds, images computed, peak RSS in MiB."""
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), data, "--save_dir", save, "--arch", arch,
+           "--weights", "none", "--epochs", "1"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=dict(os.environ, FLOWERCLF_CACHE=cache))
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS (KiB on Linux)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"train.py failed:\n{out}")
+    computed = sum(int(n.replace(",", "")) for n in re.findall(r"cached, ([\d,]+) computed", out))
+    return {"wall": seconds, "features": float(re.search(r"features ready in ([\d.]+)s", out)[1]),
+            "computed": computed, "rss": usage.ru_maxrss / 1024}
+
+
+def add_photos(data: str, n: int, seed: int) -> None:
+    """n new training photos, spread over the classes, with names of their own."""
+    with tempfile.TemporaryDirectory() as tmp:
+        sample_data.make_demo(tmp, {"train": -(-n // len(sample_data.DEMO_SHAPES))}, size=32, seed=seed)
+        new = sorted(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(tmp, "train")) for f in fs)[:n]
+        for path in new:
+            shape = os.path.basename(os.path.dirname(path))
+            shutil.copy(path, os.path.join(data, "train", shape, "new_" + os.path.basename(path)))
+
+
+def fresh_cache(path: str, exports: str) -> str:
+    """A FLOWERCLF_CACHE folder with no feature store yet, sharing the user's exported backbones."""
+    os.makedirs(path)
+    os.symlink(exports, os.path.join(path, "onnx"))
+    return path
+
+
+def bench_size(n: int, arch: str, work: str, exports: str) -> None:
+    """Print the three scenarios on a folder of n training images and a fresh store."""
+    data, cache = os.path.join(work, f"data{n}"), fresh_cache(os.path.join(work, f"cache{n}"), exports)
+    sample_data.make_demo(data, {"train": n // len(sample_data.DEMO_SHAPES), "valid": VALID_PER_CLASS}, size=32)
+    for scenario in ("cold", "full hit", "+1%"):
+        if scenario == "+1%":
+            add_photos(data, n // 100, seed=n)
+        r = run_train(data, os.path.join(work, "run"), arch, cache)
+        path = os.path.join(cache, store.STORE_NAME)
+        mib = sum(os.path.getsize(p) for p in (path, path + "-wal") if os.path.exists(p)) / 2 ** 20
+        print(f"{n:7,d} {scenario:9s} {r['wall']:7.1f} {r['features']:10.1f} {r['computed']:9,d} {mib:9.1f} "
+              f"{r['rss']:8.0f}", flush=True)
+    shutil.rmtree(data)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000],
+                   help="training images per folder (default: %(default)s)")
+    p.add_argument("--arch", default="mobilenet_v3_small", help="backbone, random weights (default: %(default)s)")
+    args = p.parse_args(argv)
+    exports = os.path.join(store.cache_dir(), "onnx")
+    os.makedirs(exports, exist_ok=True)
+    with tempfile.TemporaryDirectory() as work:
+        # warm-up: the exported backbone lands in the user's cache, as after any first run
+        sample_data.make_demo(os.path.join(work, "warm"), {"train": 2, "valid": 1}, size=32)
+        run_train(os.path.join(work, "warm"), os.path.join(work, "run"), args.arch,
+                  fresh_cache(os.path.join(work, "cachewarm"), exports))
+        print(f"{args.arch} --weights none, {os.cpu_count()} CPUs; train.py --epochs 1 per row "
+              f"(+ {VALID_PER_CLASS * len(sample_data.DEMO_SHAPES)} validation images)")
+        print(f"{'images':>7s} {'scenario':9s} {'wall s':>7s} {'features s':>10s} {'computed':>9s} "
+              f"{'store MiB':>9s} {'RSS MiB':>8s}")
+        for n in args.sizes:
+            bench_size(n, args.arch, work, exports)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Show or clear the feature store: the backbone features that train.py and evaluate.py keep for you.
+
+usage: python cache.py info | clear [--arch ARCH]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+import cli
+
+EXAMPLES = """examples:
+  python cache.py info                          # entries and size per backbone, and where the store is
+  python cache.py clear --arch densenet121      # forget densenet121's features only
+  python cache.py clear                         # forget every feature and remembered file hash
+
+The store is FLOWERCLF_CACHE/features.sqlite (default ~/.cache/flowerclf/features.sqlite).
+A cleared feature is computed again the next time a run needs it.
+"""
+
+
+def build_parser() -> cli.ArgumentParser:
+    """The command-line interface of cache.py."""
+    p = cli.ArgumentParser("cache.py", __doc__, EXAMPLES)
+    p.add_argument("command", choices=("info", "clear"),
+                   help="info: entries and size per backbone; clear: delete entries and shrink the file")
+    p.add_argument("--arch", help="only this backbone's entries, e.g. efficientnet_lite0 (default: all)")
+    return p
+
+
+def run(args: argparse.Namespace) -> None:
+    """Print the store's contents, or clear all or one backbone's entries."""
+    import sqlite3
+
+    import store
+    from errors import FlowerclfError
+
+    path = store.default_path()
+    if not os.path.exists(path):
+        print(f"no feature store yet at {path}")
+        return
+    try:
+        with contextlib.closing(store.FeatureStore(path, print)) as features:
+            if args.command == "clear":
+                deleted = features.clear(args.arch)
+                print(f"deleted {deleted:,} feature vectors{' of ' + args.arch if args.arch else ''}; "
+                      f"{path} is now {features.disk_bytes() / 2 ** 20:,.1f} MiB")
+                return
+            print(f"{path}: {features.disk_bytes() / 2 ** 20:,.1f} MiB on disk, "
+                  f"{features.files_known():,} file hashes remembered")
+            print(f"{'arch':24s} {'weights':16s} {'setups':>6s} {'entries':>9s} {'MiB':>9s} {'bytes/vector':>12s}")
+            for r in features.summary():
+                if args.arch in (None, r["arch"]):
+                    print(f"{cli.printable(r['arch']):24s} {cli.printable(r['weights']):16s} {r['setups']:6d} "
+                          f"{r['entries']:9,d} {r['bytes'] / 2 ** 20:9,.1f} {r['bytes'] // max(1, r['entries']):12,d}")
+    except sqlite3.Error as e:  # e.g. a run holding the store for longer than the busy timeout
+        raise FlowerclfError(f"{path}: {e}; try again when no train.py or evaluate.py run is using it",
+                             exit_code=1) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, show or clear the store; return the exit code."""
+    return cli.run_main(build_parser(), argv, run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The feature store: keyed by content, incremental, shared, resumable after kill -9, safe with two runs, healing."""
+import contextlib
+import io
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cache
+import data_utils as du
+import evaluate
+import features
+import store
+import training
+from conftest import ROOT, make_image_folder
+
+TINY = ["--arch", "mobilenet_v3_small", "--weights", "none", "--hidden_units", "8", "--epochs", "1",
+        "--engine", "torch"]
+
+
+def _train(data, save, **kw) -> tuple[dict, list[str]]:
+    """Train in-process; return {split: (cached, computed)} from the `features ...` lines, and all lines."""
+    lines = []
+    cfg = dict(data_dir=data, save_dir=str(save), arch="mobilenet_v3_small", weights="none", hidden_units=[8],
+               epochs=2, batch_size=8, engine="torch")
+    training.train(training.TrainConfig(**{**cfg, **kw}), log=lines.append)
+    return _counts(lines), lines
+
+
+def _counts(lines) -> dict:
+    found = (re.fullmatch(r"features (.+): ([\d,]+) cached, ([\d,]+) computed", line) for line in lines)
+    return {m[1]: (int(m[2].replace(",", "")), int(m[3].replace(",", ""))) for m in found if m}
+
+
+def _vectors(cache_dir) -> dict:
+    """(setup key, content hash) -> vector bytes of a store."""
+    with contextlib.closing(sqlite3.connect(os.path.join(cache_dir, store.STORE_NAME))) as db:
+        return {(key, digest): vector for key, digest, vector in db.execute(
+            "SELECT s.key, v.digest, v.vector FROM vectors v JOIN setups s ON s.id = v.setup")}
+
+
+def _train_cmd(data, save, *extra):
+    return [sys.executable, os.path.join(ROOT, "train.py"), data, "--save_dir", str(save)] + TINY + list(extra)
+
+
+def _edit_pixels_keep_times(path):
+    """Invert a photo's pixels and put its mtime back (as copy tools do): the change must still be seen."""
+    st = os.stat(path)
+    img = du.load_rgb(path)
+    Image.fromarray(255 - np.asarray(img)).save(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.fixture
+def small(tmp_path):
+    """3 classes: 3 training photos each, 1 validation photo each."""
+    return make_image_folder(tmp_path / "small", per_class={"train": 3, "valid": 1})
+
+
+def test_only_what_changed_goes_through_the_backbone(small, tmp_path, _cache, capsys):
+    assert _train(small, tmp_path / "a", cache=False)[0] == {"train": (0, 9), "valid": (0, 3)}
+    assert not os.path.exists(os.path.join(_cache, store.STORE_NAME))  # --no_cache writes nothing
+    assert _train(small, tmp_path / "a")[0] == {"train": (0, 9), "valid": (0, 3)}
+    # another save dir and other head settings: nothing to compute; --no_cache reads nothing
+    assert _train(small, tmp_path / "b", learning_rate=0.01, hidden_units=[4])[0] == {"train": (9, 0), "valid": (3, 0)}
+    assert _train(small, tmp_path / "b", cache=False)[0] == {"train": (0, 9), "valid": (0, 3)}
+    make_image_folder(tmp_path / "more", per_class={"train": 1}, seed=7)  # 3 new photos
+    for cls in ("1", "2", "3"):
+        shutil.copy(tmp_path / "more" / "train" / cls / f"{cls}_0.png", os.path.join(small, "train", cls, "new.png"))
+    folder = os.path.join(small, "train", "2")  # and renamed photos, one of them moved to another class
+    for name in os.listdir(folder):
+        os.rename(os.path.join(folder, name), os.path.join(folder, "renamed_" + name))
+    os.rename(os.path.join(folder, "renamed_2_0.png"), os.path.join(small, "train", "1", "moved.png"))
+    assert _train(small, tmp_path / "a")[0]["train"] == (9, 3)
+    _edit_pixels_keep_times(os.path.join(small, "train", "3", "3_1.png"))
+    assert _train(small, tmp_path / "a")[0] == {"train": (11, 1), "valid": (3, 0)}
+    capsys.readouterr()  # evaluate.py reads the same store
+    assert evaluate.main([str(tmp_path / "a" / "checkpoint.pth"), os.path.join(small, "valid")]) == 0
+    assert "features valid: 3 cached, 0 computed" in capsys.readouterr().err
+
+
+def test_same_command_cold_and_warm_gives_identical_checkpoints(small, tmp_path):
+    cold, _ = _train(small, tmp_path / "cold", augment_views=2)
+    warm, _ = _train(small, tmp_path / "warm", augment_views=2)
+    assert cold["train view 2"] == (0, 9) and warm["train view 2"] == (9, 0)
+    a = torch.load(tmp_path / "cold" / "checkpoint_last.pth", weights_only=True)
+    b = torch.load(tmp_path / "warm" / "checkpoint_last.pth", weights_only=True)
+    assert a["history"] == [{**h, "seconds": a["history"][i]["seconds"]} for i, h in enumerate(b["history"])]
+    for key in a["trained_state"]:
+        assert torch.equal(a["trained_state"][key], b["trained_state"][key]), key
+
+
+def test_a_view_depends_only_on_the_image_the_seed_and_the_view(image_folder):
+    pp = du.Preprocess(32, 24)
+    files = du.scan_split(os.path.join(image_folder, "train")).files
+    a, b = du.load_rgb(files[0]), du.load_rgb(files[1])
+    rng = torch.get_rng_state()
+    first = features.view_transform(pp, 0, seed=5)(a)
+    features.view_transform(pp, 0, seed=5)(b)  # another image in between changes nothing
+    assert np.array_equal(features.view_transform(pp, 0, seed=5)(a), first)
+    assert not np.array_equal(features.view_transform(pp, 1, seed=5)(a), first)
+    assert not np.array_equal(features.view_transform(pp, 0, seed=6)(a), first)
+    assert torch.equal(torch.get_rng_state(), rng)  # training's random stream is left alone
+
+
+def test_content_hash_is_remembered_per_path(tmp_path, monkeypatch):
+    hashed = []
+    real = store.file_digest
+    monkeypatch.setattr(store, "file_digest", lambda path: hashed.append(os.path.basename(path)) or real(path))
+    root = make_image_folder(tmp_path / "d", per_class={"train": 2})
+    files = du.scan_split(os.path.join(root, "train")).files
+    s = store.FeatureStore(str(tmp_path / "s.sqlite"), print)
+    first = s.digests(files)
+    assert len(hashed) == 6 and len(set(first)) == 6
+    hashed.clear()
+    assert s.digests(files) == first and hashed == []  # size and times unchanged: nothing read
+    _edit_pixels_keep_times(files[0])
+    moved = os.path.join(os.path.dirname(files[1]), "moved.png")
+    os.rename(files[1], moved)
+    again = s.digests([files[0], moved] + files[2:])
+    assert hashed == ["1_0.png", "moved.png"]
+    assert again[0] != first[0] and again[1:] == first[1:]
+
+
+def test_kill_during_the_feature_pass_then_rerun_computes_only_the_rest(tmp_path, _cache, monkeypatch):
+    data = make_image_folder(tmp_path / "d", per_class={"train": 10, "valid": 1})
+    cmd = _train_cmd(data, tmp_path / "s", "--feature_batch_size", "2")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    path, stored = os.path.join(_cache, store.STORE_NAME), 0
+    deadline = time.monotonic() + 120
+    while stored < 2 and time.monotonic() < deadline:  # a batch committed: kill it mid-pass
+        time.sleep(0.005)
+        with contextlib.suppress(sqlite3.Error), contextlib.closing(sqlite3.connect(path)) as db:
+            stored = db.execute("SELECT count(*) FROM vectors").fetchone()[0]
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    kept = len(_vectors(_cache))
+    assert 2 <= kept < 30 and kept % 2 == 0  # whole batches only
+    assert _train(data, tmp_path / "s", epochs=1, feature_batch_size=2)[0]["train"] == (kept, 30 - kept)
+    monkeypatch.setenv("FLOWERCLF_CACHE", str(tmp_path / "uninterrupted"))
+    _train(data, tmp_path / "u", epochs=1, feature_batch_size=2)
+    assert _vectors(_cache) == _vectors(tmp_path / "uninterrupted")  # bit for bit, all 33
+
+
+def test_two_runs_at_once_share_one_consistent_store(small, tmp_path, _cache):
+    procs = [subprocess.Popen(_train_cmd(small, tmp_path / name), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
+    for proc in procs:
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-2000:]
+        assert _counts(out.splitlines()).keys() == {"train", "valid"}
+    with contextlib.closing(sqlite3.connect(os.path.join(_cache, store.STORE_NAME))) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert db.execute("SELECT count(*) FROM vectors").fetchone()[0] == 12
+        assert db.execute("SELECT count(*) FROM files").fetchone()[0] == 12
+
+
+@pytest.mark.parametrize("start", [0, store.PAGE_SIZE], ids=["all-garbage", "pages-after-the-first"])
+def test_a_damaged_store_is_one_warning_then_rebuilt(small, tmp_path, _cache, start):
+    path = os.path.join(_cache, store.STORE_NAME)
+    with contextlib.closing(store.open_store(print)) as s:  # a store with something in it
+        s.put(s.lookup([os.path.join(small, "valid", "1", "1_0.png")], {}, "a", "b")[1], [(b"x", b"y")])
+    with open(path, "r+b") as f:
+        f.seek(start)
+        f.write(os.urandom(3 * store.PAGE_SIZE))
+        f.seek(0)
+        garbage = f.read()
+    counts, lines = _train(small, tmp_path / "s")
+    warnings = [line for line in lines if "warning" in line]
+    assert len(warnings) == 1 and "is damaged" in warnings[0] and path in warnings[0]
+    assert counts == {"train": (0, 9), "valid": (0, 3)} and (tmp_path / "s" / "checkpoint.pth").exists()
+    with open(path + ".damaged", "rb") as f:  # set aside (its first page may have been touched)
+        assert f.read()[store.PAGE_SIZE:] == garbage[store.PAGE_SIZE:]
+    assert len(_vectors(_cache)) == 12  # the new store
+
+
+def _cache_cli(*argv) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cache.main(list(argv))
+    return code, out.getvalue()
+
+
+def test_cache_command_shows_and_clears_by_backbone(tmp_path):
+    assert _cache_cli("info")[1].startswith("no feature store yet at")
+    for name in ("a", "b"):
+        (tmp_path / name).write_text(name)
+    s = store.open_store(print)
+    for arch, dim in (("resnet18", 512), ("densenet121", 1024)):
+        digests, setup, _ = s.lookup([str(tmp_path / "a"), str(tmp_path / "b")], {"backbone": arch}, arch, "DEFAULT")
+        s.put(setup, [(d, bytes(4 * dim)) for d in digests])
+    s.close()
+    code, out = _cache_cli("info")
+    assert code == 0 and "2 file hashes remembered" in out
+    rows = {line.split()[0]: line.split()[3:] for line in out.splitlines()[2:]}
+    assert rows == {"densenet121": ["2", "0.0", "4,096"], "resnet18": ["2", "0.0", "2,048"]}
+    assert _cache_cli("clear", "--arch", "resnet18")[1].startswith("deleted 2 feature vectors of resnet18")
+    assert [line.split()[0] for line in _cache_cli("info")[1].splitlines()[2:]] == ["densenet121"]
+    assert _cache_cli("clear")[1].startswith("deleted 2 feature vectors;")
+    code, out = _cache_cli("info")
+    assert "0 file hashes remembered" in out and len(out.splitlines()) == 2
