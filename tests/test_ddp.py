@@ -58,7 +58,7 @@ def test_two_processes_train_and_write_one_checkpoint(image_folder, tmp_path, _c
         assert db.execute("SELECT count(*) FROM vectors").fetchone()[0] == 18 + 9 + 9  # each rank's shard
     make_image_folder(tmp_path / "new", per_class={"train": 1}, seed=7)
     shutil.copy(tmp_path / "new" / "train" / "1" / "1_0.png", os.path.join(image_folder, "train", "1", "new.png"))
-    run = _run(image_folder, tmp_path / "s", 2, "--epochs", "1")  # one miss, two ranks: both compute it
+    run = _run(image_folder, tmp_path / "s", 2, "--epochs", "1", "--overwrite")  # one miss: both ranks compute it
     assert run.returncode == 0, run.stderr[-3000:]
     assert "features train: 18 cached, 1 computed" in run.stdout and "features test: 9 cached, 0 computed" in run.stdout
 

@@ -31,7 +31,7 @@ def _train(data, save, **kw) -> tuple[dict, list[str]]:
     """Train in-process; return {split: (cached, computed)} from the `features ...` lines, and all lines."""
     lines = []
     cfg = dict(data_dir=data, save_dir=str(save), arch="mobilenet_v3_small", weights="none", hidden_units=[8],
-               epochs=2, batch_size=8, engine="torch")
+               epochs=2, batch_size=8, engine="torch", overwrite=True)
     training.train(training.TrainConfig(**{**cfg, **kw}), log=lines.append)
     return _counts(lines), lines
 
