@@ -146,7 +146,7 @@ def test_gpu_flag_without_cuda_is_a_clear_error(image_folder, monkeypatch, capsy
 def test_hidden_units_zero_gives_a_linear_head(image_folder, tmp_path):
     save = str(tmp_path / "s")
     assert train.main([image_folder, "--arch", "mobilenet_v3_small", "--weights", "none", "--hidden_units", "0",
-                       "--epochs", "1", "--save_dir", save]) == 0
+                       "--epochs", "1", "--save_dir", save, "--engine", "torch"]) == 0
     model, _ = checkpoints.load_model(os.path.join(save, "checkpoint.pth"))
     assert [type(m).__name__ for m in model.head] == ["Dropout", "Linear"]
 

@@ -150,11 +150,12 @@ def test_an_unusable_save_dir_fails_before_the_feature_pass(image_folder, tmp_pa
 
 # ------------------------------------------------------------------ 5. ONNX files
 
-def test_export_leaves_one_self_contained_file(run, tmp_path):
-    _, save = run
+def test_export_leaves_one_self_contained_file(tiny_onnx, tmp_path):
+    net, meta, _ = tiny_onnx
     out = tmp_path / "export" / "model.onnx"
-    assert _main(__import__("export"), [str(save / "checkpoint.pth"), "--out", str(out)])[0] == 0
-    assert os.listdir(out.parent) == ["model.onnx"]
+    checkpoints.export_onnx(net, str(out), 8, {"flowerclf": json.dumps(meta)})
+    assert os.listdir(out.parent) == ["model.onnx"]  # no weights kept aside in a .data file
+    inference.Predictor.from_onnx(str(out))  # loads alone
 
 
 def test_a_damaged_cached_backbone_is_exported_again(image_folder, tmp_path):

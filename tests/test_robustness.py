@@ -147,7 +147,7 @@ def test_sigkill_never_leaves_a_broken_checkpoint(image_folder, tmp_path):
     subprocess.run(_train_cmd(image_folder, save, "--epochs", "2"), check=True, capture_output=True)
     rng = random.Random(0)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    for _ in range(4):
+    for _ in range(2):
         # a high learning rate keeps valid accuracy moving, so checkpoint.pth is rewritten now and then too
         proc = subprocess.Popen(_train_cmd(image_folder, save, "--epochs", "400", "--learning_rate", "0.05",
                                            "--resume"), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
