@@ -68,9 +68,9 @@ def resolve_num_workers(requested: int | str, device: torch.device) -> int:
     CUDA: every core but one (the main process feeds the GPU), at most 16: PIL decoding of 500x667
     JPEGs ran 292 / 1,568 / 2,567 img/s with 0 / 8 / 16 workers on a 16-core H100 machine.
     CPU: the backbone (ONNX Runtime or torch) already uses every core, so 0 below 8 cores and a quarter
-    of them from 8 on. On 2 cores shared with other jobs (load 9), 1-2 workers measured 1.2-1.3x for the
-    frozen pass and 1.0-1.1x for fine-tuning (benchmarks/bench_workers.py), but there extra processes
-    also win a larger share of the contended cores: to be measured on an idle machine before changing.
+    of them from 8 on. On 2 idle cores a whole efficientnet_lite0 feature pass over flowers5-dev took
+    15.0 / 14.5 s with 0 workers and 15.2 / 13.8 s with 1: even (on a loaded machine 1-2 workers looked
+    1.2-1.3x faster, but there extra processes only win a larger share of the contended cores).
     """
     if requested != "auto":
         return int(requested)
