@@ -12,7 +12,6 @@ import torch
 import torchvision
 
 import checkpoints
-import model_utils as mu
 import predict
 import train
 from conftest import ROOT, make_image_folder

@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-import urllib.error
 from collections import Counter
 
 import numpy as np

@@ -18,7 +18,6 @@ from torch import nn
 
 import checkpoints
 import data_utils as du
-import model_utils as mu
 import predict
 import schema
 import train
