@@ -9,7 +9,7 @@ import contextlib
 import os
 import sys
 
-import cli
+from flowerclf.base import cli
 
 EXAMPLES = """examples:
   python cache.py info                          # entries and size per backbone, and where the store is
@@ -34,8 +34,8 @@ def run(args: argparse.Namespace) -> None:
     """Print the store's contents, or clear all or one backbone's entries."""
     import sqlite3
 
-    import store
-    from errors import FlowerclfError
+    from flowerclf.base.errors import FlowerclfError
+    from flowerclf.features import store
 
     path = store.default_path()
     if not os.path.exists(path):

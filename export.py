@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import cli
+from flowerclf.base import cli
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -21,9 +21,9 @@ def build_parser() -> cli.ArgumentParser:
 
 def run(args: argparse.Namespace) -> None:
     """Export the checkpoint and say where the file went."""
-    from checkpoints import export_checkpoint_onnx
+    from flowerclf.models.onnx import export_checkpoint
 
-    print(f"wrote {export_checkpoint_onnx(args.checkpoint, args.out)}")
+    print(f"wrote {export_checkpoint(args.checkpoint, args.out)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,8 @@ import json
 import sys
 import time
 
-import cli
-from errors import FlowerclfError
+from flowerclf.base import cli
+from flowerclf.base.errors import FlowerclfError
 
 EXAMPLES = """examples:
   python gpumemcheck.py                                   # devices, this process, live tensors
@@ -84,7 +84,7 @@ def format_text(r: dict) -> str:
 
 def estimate(args, step, what: str, device) -> dict:
     """Peak memory of `step`: measured on CUDA, modelled from two small real steps on the CPU."""
-    import memory
+    from flowerclf.runtime import memory
 
     out = {"arch": args.arch, "device": device.type, "step": what, "amp": args.amp}
     if device.type == "cuda":
@@ -107,8 +107,8 @@ def estimate(args, step, what: str, device) -> dict:
 def report(args) -> dict:
     """Everything gpumemcheck prints, as plain data."""
     import torch
-    import memory
-    from devices import resolve_device
+    from flowerclf.runtime import memory
+    from flowerclf.runtime.devices import resolve_device
 
     r = {"cuda": memory.cuda_report() if torch.cuda.is_available() else [], "host": memory.host_report()}
     step = None
@@ -128,8 +128,8 @@ def watch(args: argparse.Namespace) -> None:
     if args.watch is not None and not args.watch > 0:
         raise FlowerclfError("--watch needs a positive number of seconds")
     if args.arch:
-        import model_utils as mu
-        mu.resolve_weights(args.arch, "none")  # unknown arch: one line, before any work
+        from flowerclf.models.registry import resolve_weights
+        resolve_weights(args.arch, "none")  # unknown arch: one line, before any work
     try:
         while True:
             r = report(args)

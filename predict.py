@@ -9,8 +9,8 @@ import json
 import os
 import sys
 
-import cli
-from errors import FlowerclfError
+from flowerclf.base import cli
+from flowerclf.base.errors import FlowerclfError
 
 EXAMPLES = """examples:
   python predict.py rose.jpg checkpoint.pth
@@ -51,20 +51,21 @@ def run(args: argparse.Namespace) -> int:
         raise FlowerclfError("give at least one IMAGE and then the CHECKPOINT (see predict.py --help)")
     *inputs, checkpoint = args.paths
 
-    import data_utils as du
-    import inference
+    from flowerclf.data.folders import load_category_names
+    from flowerclf.data.images import load_rgb
+    from flowerclf.serving.predictor import Predictor
 
     if args.plot and os.path.isdir(args.plot):
         raise FlowerclfError(f"--plot {args.plot} is a folder; give a file name such as {args.plot}/top5.png")
-    names = du.load_category_names(args.category_names)
-    predictor = inference.Predictor.load(checkpoint, args.device, args.gpu)
+    names = load_category_names(args.category_names)
+    predictor = Predictor.load(checkpoint, args.device, args.gpu)
     results, errors = predictor.predict_paths(inputs, args.top_k, names)
     if args.plot and results:  # before the text, so a closed stdout (| head) cannot stop it
-        import report
-        shown = results[:report.PLOT_MAX_IMAGES]
+        from flowerclf.serving.figure import PLOT_MAX_IMAGES, plot_predictions
+        shown = results[:PLOT_MAX_IMAGES]
         if len(shown) < len(results):
             print(f"note: --plot shows the first {len(shown)} of {len(results)} images", file=sys.stderr)
-        report.plot_predictions([du.load_rgb(r["image"]) for r in shown], shown, args.plot)
+        plot_predictions([load_rgb(r["image"]) for r in shown], shown, args.plot)
         print(f"wrote {cli.printable(args.plot)}", file=sys.stderr)
     for err in errors:
         print(cli.error_line(err), file=sys.stderr)

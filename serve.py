@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import cli
+from flowerclf.base import cli
 
 EXAMPLES = """examples:
   python serve.py runs/lite0/model.onnx                      # then open http://127.0.0.1:8000/
@@ -45,14 +45,13 @@ def build_parser() -> cli.ArgumentParser:
 
 def run(args: argparse.Namespace) -> None:
     """Load the model, then serve until Ctrl-C."""
-    import data_utils as du
-    import inference
-    import webapp
+    from flowerclf.data.folders import load_category_names
+    from flowerclf.serving.app import App, serve
+    from flowerclf.serving.predictor import Predictor
 
-    predictor = inference.Predictor.load(args.model, args.device, args.gpu)
-    app = webapp.App(predictor, args.model, args.top_k, du.load_category_names(args.category_names),
-                     args.max_upload_mb * 2 ** 20)
-    webapp.serve(app, args.host, args.port)
+    predictor = Predictor.load(args.model, args.device, args.gpu)
+    app = App(predictor, args.model, args.top_k, load_category_names(args.category_names), args.max_upload_mb * 2 ** 20)
+    serve(app, args.host, args.port)
 
 
 def main(argv: list[str] | None = None) -> int:

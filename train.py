@@ -9,7 +9,7 @@ import dataclasses
 import os
 import sys
 
-import cli
+from flowerclf.base import cli
 
 EXAMPLES = """examples:
   python train.py flowers --arch efficientnet_lite0 --epochs 5 --save_dir runs/lite0
@@ -67,10 +67,10 @@ def build_parser() -> cli.ArgumentParser:
                    help="continue from SAVE_DIR/checkpoint_last.pth (written after every epoch) with the "
                         "same optimizer state, epoch and history; pass the same model flags")
     g = p.add_argument_group("speed and fine-tuning")
-    g.add_argument("--no_cache", "--no-cache", dest="cache", action="store_false",
-                   help="neither read nor write the per-user feature store ($FLOWERCLF_CACHE/features.sqlite, "
+    g.add_argument("--no_store", "--no-store", "--no_cache", "--no-cache", dest="store", action="store_false",
+                   help="neither read nor write the per-user feature store ($FLOWERCLF_STORE/features.sqlite, "
                         "see python cache.py info): every image goes through the backbone once in this run; by "
-                        "default only images the store lacks do")
+                        "default only images the store lacks do (--no_cache is the old name)")
     g.add_argument("--augment_views", "--augment-views", type=cli.whole_number, default=0, metavar="K",
                    help="store K random-crop+flip views of each training image and train on all of them; "
                         "each view costs one backbone pass over train/ (default: 0, center crop only)")
@@ -102,17 +102,17 @@ def run(args: argparse.Namespace) -> None:
     """Check the settings, then check the data (--check) or train."""
     import torch  # imported here so --help stays instant
 
-    import training
-    from config import TrainConfig
-    from errors import FlowerclfError
+    from flowerclf.base.errors import FlowerclfError
+    from flowerclf.training.config import TrainConfig
+    from flowerclf.training.trainer import check_data, train
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     if args.check:
-        print(training.check_data(cfg))
+        print(check_data(cfg))
         return
     try:
-        training.train(cfg, log=lambda line: print(cli.printable(line), flush=True))
+        train(cfg, log=lambda line: print(cli.printable(line), flush=True))
     except torch.cuda.OutOfMemoryError:
         raise FlowerclfError(
             f"CUDA out of memory at --batch_size {cfg.batch_size} (feature batch {cfg.feature_batch_size or 'auto'}); "

@@ -20,26 +20,30 @@ import time
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
+from flowerclf.data.transforms import create_transform
+from flowerclf.features.engines import feature_forward
+from flowerclf.features.engines import state_fingerprint
+from flowerclf.data.folders import scan_data_dir
+from flowerclf.features.passes import sharded_features
+from flowerclf.models.registry import ModelSpec, build_model
+from flowerclf.training.config import TrainConfig
+from flowerclf.training.trainer import train
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import features  # noqa: E402
-import training  # noqa: E402
 
 
 def frozen_features(data_dir: str, arch: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The features train.py trains its head on (same engine, same preprocessing), per split."""
     import torch
-    import data_utils as du
-    import model_utils as mu
 
-    splits = du.scan_data_dir(data_dir)
-    model, pp = mu.build_model(mu.ModelSpec(arch, "DEFAULT", [], 0.0, 2))
+    splits = scan_data_dir(data_dir)
+    model, pp = build_model(ModelSpec(arch, "DEFAULT", [], 0.0, 2))
     device = torch.device("cpu")
-    forward, _ = features.feature_forward(model.backbone, arch, pp.crop_size, "auto", device, False,
-                                          features.state_fingerprint(model.backbone), print)
+    forward, _ = feature_forward(model.backbone, arch, pp.crop_size, "auto", device, False,
+                                 state_fingerprint(model.backbone), print)
     out = {}
     for name, images in splits.items():
-        feats, labels = features.sharded_features(forward, images, features.eval_transform(pp), 8, 0, device, name)
+        feats, labels = sharded_features(forward, images, create_transform(pp), 8, 0, device, name)
         out[name] = (feats.numpy(), labels.numpy())
     return out
 
@@ -70,11 +74,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.save_dir or tmp
         quiet = lambda line: None  # noqa: E731
-        head = training.train(training.TrainConfig(data_dir=args.data_dir, save_dir=os.path.join(root, "head"),
+        head = train(TrainConfig(data_dir=args.data_dir, save_dir=os.path.join(root, "head"),
                                                    arch=args.arch), log=quiet)["metrics"]
         lr = logistic_regression(frozen_features(args.data_dir, args.arch))
         start = time.perf_counter()
-        tuned = training.train(training.TrainConfig(
+        tuned = train(TrainConfig(
             data_dir=args.data_dir, save_dir=os.path.join(root, "finetune"), arch=args.arch, unfreeze=unfreeze,
             epochs=args.finetune_epochs, learning_rate=args.finetune_lr), log=print)["metrics"]
         seconds = time.perf_counter() - start

@@ -3,7 +3,7 @@
 usage: python benchmarks/bench_archs.py [--archs mobilenet_v3_large,resnet50,...] [--seconds 4]
 
 Random weights (speed does not depend on their values, and nothing is downloaded);
-torch in channels-last at batch 8 under inference mode, as features.torch_forward runs it.
+torch in channels-last at batch 8 under inference mode, as torch_forward runs it.
 Size and ImageNet accuracy are torchvision's published figures (weights.meta).
 """
 import argparse
@@ -13,10 +13,12 @@ import time
 
 import torch
 import torchvision
+from flowerclf.features.engines import torch_forward
+from flowerclf.models.lite import EXTRA_ARCHS
+from flowerclf.models.registry import ModelSpec
+from flowerclf.models.registry import build_model
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import features  # noqa: E402
-import model_utils as mu  # noqa: E402
 
 DEFAULT = "efficientnet_lite0,mobilenet_v3_large,efficientnet_b0,resnet18,densenet121,resnet50,convnext_tiny,vit_b_16"
 
@@ -29,8 +31,8 @@ def main(argv=None) -> int:
     print(f"{'arch':20s} {'params M':>9s} {'ImageNet top-1':>15s} {'crop':>5s} {'img/s (CPU)':>12s}")
     for arch in args.archs.split(","):
         torch.manual_seed(0)
-        model, pp = mu.build_model(mu.ModelSpec(arch, "none", [], 0.0, 2), load_pretrained=False)
-        forward = features.torch_forward(model.backbone, torch.device("cpu"))
+        model, pp = build_model(ModelSpec(arch, "none", [], 0.0, 2), load_pretrained=False)
+        forward = torch_forward(model.backbone, torch.device("cpu"))
         x = torch.randn(8, 3, pp.crop_size, pp.crop_size)
         with torch.inference_mode():
             forward(x)
@@ -39,7 +41,7 @@ def main(argv=None) -> int:
                 forward(x)
                 n += len(x)
         rate = n / (time.perf_counter() - start)
-        if arch in mu.EXTRA_ARCHS:
+        if arch in EXTRA_ARCHS:
             params, top1 = sum(p.numel() for p in model.backbone.parameters()) + 1000 * 1281, "75.1 (a)"
         else:
             meta = torchvision.models.get_model_weights(arch).DEFAULT.meta

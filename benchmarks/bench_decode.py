@@ -15,12 +15,20 @@ import sys
 import time
 
 import torch
+from flowerclf.data.folders import ImageSet
+from flowerclf.data.folders import scan_data_dir
+from flowerclf.data.loaders import JpegBatches
+from flowerclf.data.loaders import jpeg_orientation
+from flowerclf.data.loaders import make_loader
+from flowerclf.data.transforms import create_transform
+from flowerclf.features.engines import torch_forward
+from flowerclf.models.registry import _final_layer
+from flowerclf.models.registry import build_imagenet_model
+from flowerclf.models.registry import default_preprocess
+from flowerclf.models.registry import pretrained_state
+from flowerclf.models.registry import resolve_weights
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data_utils as du  # noqa: E402
-import decode  # noqa: E402
-import features  # noqa: E402
-import model_utils as mu  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -38,21 +46,21 @@ def main(argv=None) -> int:
     p.add_argument("--arch", default="efficientnet_lite0", help="backbone with ImageNet weights (default: %(default)s)")
     p.add_argument("--limit", type=int, default=0, help="only the first N images (default: all)")
     args = p.parse_args(argv)
-    splits = du.scan_data_dir(args.data_dir)
+    splits = scan_data_dir(args.data_dir)
     files = sum((s.files for s in splits.values()), [])[:args.limit or None]
-    images = du.ImageSet(args.data_dir, files, [0] * len(files))
-    weights = mu.resolve_weights(args.arch, "DEFAULT")
-    net = mu.build_imagenet_model(args.arch, weights)
-    net.load_state_dict(mu.pretrained_state(args.arch, weights, net))
-    pp = mu.default_preprocess(args.arch, weights)
-    on_tensors = sum(decode.jpeg_orientation(open(f, "rb").read()) is not None for f in files)
+    images = ImageSet(args.data_dir, files, [0] * len(files))
+    weights = resolve_weights(args.arch, "DEFAULT")
+    net = build_imagenet_model(args.arch, weights)
+    net.load_state_dict(pretrained_state(args.arch, weights, net))
+    pp = default_preprocess(args.arch, weights)
+    on_tensors = sum(jpeg_orientation(open(f, "rb").read()) is not None for f in files)
     print(f"{len(files)} images ({on_tensors} on the tensor path), {args.arch}, {pp}", flush=True)
 
-    ours, t_ours = inputs(decode.JpegBatches(images, pp, 32, 0, CPU))
-    theirs, t_theirs = inputs(features.make_loader(images, features.eval_transform(pp), 32, 0, CPU))
+    ours, t_ours = inputs(JpegBatches(images, pp, 32, 0, CPU))
+    theirs, t_theirs = inputs(make_loader(images, create_transform(pp), 32, 0, CPU))
     pre_logits = []  # the backbone's features are the input of the ImageNet layer that build_model strips
-    mu._final_layer(net)[1].register_forward_hook(lambda module, args, out: pre_logits.append(args[0].float()))
-    classify = features.torch_forward(net, CPU)
+    _final_layer(net)[1].register_forward_hook(lambda module, args, out: pre_logits.append(args[0].float()))
+    classify = torch_forward(net, CPU)
     cosine, same = [], 0
     with torch.inference_mode():
         for i in range(0, len(files), 32):

@@ -22,14 +22,24 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from PIL import Image
+from flowerclf.data.folders import ImageSet
+from flowerclf.data.folders import scan_data_dir
+from flowerclf.data.images import load_rgb
+from flowerclf.data.loaders import decode_batch
+from flowerclf.data.loaders import input_batches
+from flowerclf.data.loaders import jpeg_orientation
+from flowerclf.data.loaders import make_loader
+from flowerclf.data.transforms import create_transform
+from flowerclf.features.engines import torch_forward
+from flowerclf.features.passes import extract_features
+from flowerclf.features.passes import sharded_features
+from flowerclf.models.registry import ModelSpec
+from flowerclf.models.registry import build_model
+from flowerclf.runtime import devices
+from flowerclf.training.config import TrainConfig
+from flowerclf.training.trainer import train
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data_utils as du  # noqa: E402
-import decode  # noqa: E402
-import devices  # noqa: E402
-import features  # noqa: E402
-import model_utils as mu  # noqa: E402
-import training  # noqa: E402
 
 BIG = (500, 667)  # width, height
 
@@ -37,14 +47,14 @@ BIG = (500, 667)  # width, height
 def reencode(data_dir: str, out: str) -> str:
     """A copy of DATA_DIR's tree with every photo resized to 500x667 and saved as a JPEG."""
     jobs = []
-    for split, images in du.scan_data_dir(data_dir).items():
+    for split, images in scan_data_dir(data_dir).items():
         for f in images.files:
             jobs.append((f, os.path.join(out, split, os.path.relpath(f, images.root))))
 
     def one(job):
         src, dst = job
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        du.load_rgb(src).resize(BIG, Image.BICUBIC).save(os.path.splitext(dst)[0] + ".jpg", quality=90)
+        load_rgb(src).resize(BIG, Image.BICUBIC).save(os.path.splitext(dst)[0] + ".jpg", quality=90)
     with ThreadPoolExecutor(devices.cpu_cores()) as pool:
         list(pool.map(one, jobs))
     return out
@@ -59,19 +69,19 @@ def timed(work, images: int, device: torch.device) -> float:
     return images / (time.perf_counter() - start)
 
 
-def floors(everything: du.ImageSet, arch: str, workers: int, device: torch.device) -> dict[str, float]:
+def floors(everything: ImageSet, arch: str, workers: int, device: torch.device) -> dict[str, float]:
     """img/s the machine allows: input (PIL with 0 / N workers, nvjpeg) and compute (forward, forward + backward)."""
-    model, pp = mu.build_model(mu.ModelSpec(arch, "DEFAULT", [], 0.0, 5))
+    model, pp = build_model(ModelSpec(arch, "DEFAULT", [], 0.0, 5))
     out = {}
     for w in (0, workers):
-        loader = features.make_loader(everything, features.eval_transform(pp), 128, w, torch.device("cpu"))
+        loader = make_loader(everything, create_transform(pp), 128, w, torch.device("cpu"))
         out[f"PIL decode, {w} workers"] = timed(lambda: sum(1 for _ in loader), len(everything), device)
     items = [(f, torch.frombuffer(bytearray(open(f, "rb").read()), dtype=torch.uint8), 1, 0)
              for f in everything.files]
-    items = [item for item in items if decode.jpeg_orientation(item[1].numpy().tobytes()) is not None]
+    items = [item for item in items if jpeg_orientation(item[1].numpy().tobytes()) is not None]
     batches = [items[i:i + 128] for i in range(0, len(items), 128)]
-    decode.decode_batch(batches[0], pp, device)  # nvjpeg's handles and buffers are made on first use
-    out["nvjpeg decode"] = timed(lambda: [decode.decode_batch(b, pp, device) for b in batches], len(items), device)
+    decode_batch(batches[0], pp, device)  # nvjpeg's handles and buffers are made on first use
+    out["nvjpeg decode"] = timed(lambda: [decode_batch(b, pp, device) for b in batches], len(items), device)
     backbone = devices.to_channels_last(model.backbone.to(device))
     x = torch.randn(256, 3, pp.crop_size, pp.crop_size, device=device).contiguous(memory_format=torch.channels_last)
     for amp, name in ((False, "fp32"), (True, "bf16")):
@@ -88,23 +98,23 @@ def floors(everything: du.ImageSet, arch: str, workers: int, device: torch.devic
     return out
 
 
-def ours(data_dir: str, everything: du.ImageSet, arch: str, workers: int, device: torch.device) -> dict:
+def ours(data_dir: str, everything: ImageSet, arch: str, workers: int, device: torch.device) -> dict:
     """img/s of the frozen pass and of fine-tuning epochs as train.py runs them, and peak GPU memory."""
-    model, pp = mu.build_model(mu.ModelSpec(arch, "DEFAULT", [], 0.0, 5))
-    forward = features.torch_forward(model.backbone.to(device), device)
+    model, pp = build_model(ModelSpec(arch, "DEFAULT", [], 0.0, 5))
+    forward = torch_forward(model.backbone.to(device), device)
     batch = devices.resolve_feature_batch_size(0, device)
-    warm = du.ImageSet(everything.root, everything.files[:2 * batch], everything.labels[:2 * batch])
-    features.extract_features(forward, features.input_batches(warm, features.eval_transform(pp), batch, workers,
+    warm = ImageSet(everything.root, everything.files[:2 * batch], everything.labels[:2 * batch])
+    extract_features(forward, input_batches(warm, create_transform(pp), batch, workers,
                                                                 device))  # cuDNN autotuning, as a run's first batch
-    out = {"frozen feature pass": timed(lambda: features.sharded_features(
-        forward, everything, features.eval_transform(pp), batch, workers, device, "frozen"), len(everything), device)}
+    out = {"frozen feature pass": timed(lambda: sharded_features(
+        forward, everything, create_transform(pp), batch, workers, device, "frozen"), len(everything), device)}
     for amp in (False, True):
         torch.cuda.reset_peak_memory_stats(device)
         with tempfile.TemporaryDirectory() as save:
-            result = training.train(training.TrainConfig(data_dir=data_dir, save_dir=save, arch=arch, epochs=3,
+            result = train(TrainConfig(data_dir=data_dir, save_dir=save, arch=arch, epochs=3,
                                                          unfreeze="all", amp=amp, device=device.type),
                                     log=lambda line: None)
-        splits = du.scan_data_dir(data_dir)
+        splits = scan_data_dir(data_dir)
         n = len(splits["train"]) + len(splits["valid"])
         seconds = [h["seconds"] for h in result["history"]]
         name = "fine-tune" + (" --amp" if amp else " fp32")
@@ -134,12 +144,12 @@ def main(argv=None) -> int:
         print("bench_gpu.py: no CUDA device here, nothing measured")
         return 0
     device = torch.device("cuda")
-    devices.tune_for(device)
+    devices.enable_cudnn_autotune(device)
     workers = devices.resolve_num_workers("auto", device)
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = reencode(args.data_dir, tmp) if args.big else args.data_dir
-        splits = du.scan_data_dir(data_dir)
-        everything = du.ImageSet(data_dir, sum((s.files for s in splits.values()), []),
+        splits = scan_data_dir(data_dir)
+        everything = ImageSet(data_dir, sum((s.files for s in splits.values()), []),
                                  sum((s.labels for s in splits.values()), []))
         print(f"{torch.cuda.get_device_name(device)}, {devices.cpu_cores()} cores, torch {torch.__version__}, "
               f"{args.arch}, {len(everything)} images{' at 500x667' if args.big else ''}, {workers} workers",

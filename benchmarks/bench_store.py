@@ -19,11 +19,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from flowerclf.data import samples
+from flowerclf.features import store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import sample_data  # noqa: E402
-import store  # noqa: E402
 
 VALID_PER_CLASS = 25
 
@@ -48,7 +48,7 @@ def run_train(data: str, save: str, arch: str, cache: str) -> dict:
 def add_photos(data: str, n: int, seed: int) -> None:
     """n new training photos, spread over the classes, with names of their own."""
     with tempfile.TemporaryDirectory() as tmp:
-        sample_data.make_demo(tmp, {"train": -(-n // len(sample_data.DEMO_SHAPES))}, size=32, seed=seed)
+        samples.make_demo(tmp, {"train": -(-n // len(samples.DEMO_SHAPES))}, size=32, seed=seed)
         new = sorted(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(tmp, "train")) for f in fs)[:n]
         for path in new:
             shape = os.path.basename(os.path.dirname(path))
@@ -65,7 +65,7 @@ def fresh_cache(path: str, exports: str) -> str:
 def bench_size(n: int, arch: str, work: str, exports: str) -> None:
     """Print the three scenarios on a folder of n training images and a fresh store."""
     data, cache = os.path.join(work, f"data{n}"), fresh_cache(os.path.join(work, f"cache{n}"), exports)
-    sample_data.make_demo(data, {"train": n // len(sample_data.DEMO_SHAPES), "valid": VALID_PER_CLASS}, size=32)
+    samples.make_demo(data, {"train": n // len(samples.DEMO_SHAPES), "valid": VALID_PER_CLASS}, size=32)
     for scenario in ("cold", "full hit", "+1%"):
         if scenario == "+1%":
             add_photos(data, n // 100, seed=n)
@@ -87,11 +87,11 @@ def main(argv=None) -> int:
     os.makedirs(exports, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
         # warm-up: the exported backbone lands in the user's cache, as after any first run
-        sample_data.make_demo(os.path.join(work, "warm"), {"train": 2, "valid": 1}, size=32)
+        samples.make_demo(os.path.join(work, "warm"), {"train": 2, "valid": 1}, size=32)
         run_train(os.path.join(work, "warm"), os.path.join(work, "run"), args.arch,
                   fresh_cache(os.path.join(work, "cachewarm"), exports))
         print(f"{args.arch} --weights none, {os.cpu_count()} CPUs; train.py --epochs 1 per row "
-              f"(+ {VALID_PER_CLASS * len(sample_data.DEMO_SHAPES)} validation images)")
+              f"(+ {VALID_PER_CLASS * len(samples.DEMO_SHAPES)} validation images)")
         print(f"{'images':>7s} {'scenario':9s} {'wall s':>7s} {'features s':>10s} {'computed':>9s} "
               f"{'store MiB':>9s} {'RSS MiB':>8s}")
         for n in args.sizes:

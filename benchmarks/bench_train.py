@@ -5,7 +5,7 @@ usage: python benchmarks/bench_train.py DATA_DIR [--arch efficientnet_lite0] [--
 classic: the frozen backbone runs again on every image in every epoch (MLP head of 500
          hidden units + dropout 0.2, Adam lr 0.003, batch 64, RandomRotation(30) +
          RandomResizedCrop + flip, validation once per epoch), then the test split.
-ours:    training.train with train.py's defaults (--engine auto: ONNX Runtime on a CPU), in an empty
+ours:    train with train.py's defaults (--engine auto: ONNX Runtime on a CPU), in an empty
          save dir with an empty feature store (every image goes through the backbone and into
          the store; the exported backbone is cached per user, so the first run ever on a machine
          also pays for the export, which this prints separately).
@@ -25,24 +25,34 @@ from unittest import mock
 import torch
 from torch import nn
 from torchvision import transforms as T
+from flowerclf.data.folders import ImageSet
+from flowerclf.data.folders import scan_data_dir
+from flowerclf.data.folders import scan_split
+from flowerclf.data.loaders import ImageDataset
+from flowerclf.data.loaders import make_loader
+from flowerclf.data.transforms import create_transform
+from flowerclf.features import store
+from flowerclf.features.engines import feature_forward
+from flowerclf.features.engines import state_fingerprint
+from flowerclf.features.passes import extract_features
+from flowerclf.models.onnx import export_module
+from flowerclf.models.registry import ModelSpec
+from flowerclf.models.registry import build_model
+from flowerclf.models.registry import freeze
+from flowerclf.runtime import devices
+from flowerclf.training.config import TrainConfig
+from flowerclf.training.trainer import train
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import checkpoints  # noqa: E402
-import data_utils as du  # noqa: E402
-import devices  # noqa: E402
-import features  # noqa: E402
-import model_utils as mu  # noqa: E402
-import store  # noqa: E402
-import training  # noqa: E402
 
 
 def classic(data_dir: str, arch: str, epochs: int, device: torch.device) -> dict:
     """The loop of the classic flower-classifier project, faithfully: model.train() and all."""
     torch.manual_seed(0)
-    splits = du.scan_data_dir(data_dir)
+    splits = scan_data_dir(data_dir)
     n_classes = len(splits["train"].class_to_idx)
-    model, pp = mu.build_model(mu.ModelSpec(arch, "DEFAULT", [], 0.0, n_classes))
-    mu.freeze(model.backbone)
+    model, pp = build_model(ModelSpec(arch, "DEFAULT", [], 0.0, n_classes))
+    freeze(model.backbone)
     model.head = nn.Sequential(nn.Linear(model.head[-1].in_features, 500), nn.ReLU(), nn.Dropout(0.2),
                                nn.Linear(500, n_classes), nn.LogSoftmax(dim=1))
     model.to(device)
@@ -52,7 +62,7 @@ def classic(data_dir: str, arch: str, epochs: int, device: torch.device) -> dict
     plain = T.Compose([T.Resize(pp.resize_size, interpolation=interp), T.CenterCrop(pp.crop_size),
                        T.ToTensor(), T.Normalize(pp.mean, pp.std)])
     loader = lambda s, t, shuffle: torch.utils.data.DataLoader(  # noqa: E731
-        du.ImageDataset(s.files, s.labels, t), batch_size=64, shuffle=shuffle)
+        ImageDataset(s.files, s.labels, t), batch_size=64, shuffle=shuffle)
     train, valid = loader(splits["train"], augment, True), loader(splits["valid"], plain, False)
     criterion = nn.NLLLoss()
     optimizer = torch.optim.Adam(model.head.parameters(), lr=0.003)
@@ -86,7 +96,7 @@ def ours(data_dir: str, arch: str, epochs: int, engine_name: str = "auto") -> di
     with tempfile.TemporaryDirectory() as save, mock.patch.dict(os.environ, FLOWERCLF_CACHE=save):
         os.symlink(exports, os.path.join(save, "onnx"))
         start = time.perf_counter()
-        result = training.train(training.TrainConfig(data_dir=data_dir, save_dir=save, arch=arch, epochs=epochs,
+        result = train(TrainConfig(data_dir=data_dir, save_dir=save, arch=arch, epochs=epochs,
                                                      engine=engine_name),
                                 log=lambda line: print(f"  {engine_name}", line, flush=True))
         seconds = time.perf_counter() - start
@@ -96,35 +106,35 @@ def ours(data_dir: str, arch: str, epochs: int, engine_name: str = "auto") -> di
 
 def floor(data_dir: str, arch: str, device: torch.device) -> dict:
     """One inference pass over every image with the fastest engine and batch size of a quick probe."""
-    splits = du.scan_data_dir(data_dir)
-    model, pp = mu.build_model(mu.ModelSpec(arch, "DEFAULT", [], 0.0, 2))
-    everything = du.ImageSet("all", sum((s.files for s in splits.values()), []),
+    splits = scan_data_dir(data_dir)
+    model, pp = build_model(ModelSpec(arch, "DEFAULT", [], 0.0, 2))
+    everything = ImageSet("all", sum((s.files for s in splits.values()), []),
                              sum((s.labels for s in splits.values()), []))
-    probe = du.ImageSet("probe", everything.files[:192], everything.labels[:192])
-    fingerprint = features.state_fingerprint(model.backbone)
+    probe = ImageSet("probe", everything.files[:192], everything.labels[:192])
+    fingerprint = state_fingerprint(model.backbone)
     engines = ("torch", "onnxruntime") if device.type == "cpu" else ("torch",)  # ONNX Runtime runs on the CPU
-    forwards = {name: features.feature_forward(model.backbone, arch, pp.crop_size, name, device, False, fingerprint,
+    forwards = {name: feature_forward(model.backbone, arch, pp.crop_size, name, device, False, fingerprint,
                                                print)[0] for name in engines}
     rates = {}
     for name, forward in forwards.items():
         for bs in (4, 8, 16, 32, 64):
-            loader = features.make_loader(probe, features.eval_transform(pp), bs, 0, device)
+            loader = make_loader(probe, create_transform(pp), bs, 0, device)
             t = time.perf_counter()
-            features.extract_features(forward, loader)
+            extract_features(forward, loader)
             rates[name, bs] = len(probe) / (time.perf_counter() - t)
     name, bs = max(rates, key=rates.get)
-    loader = features.make_loader(everything, features.eval_transform(pp), bs, 0, device)
+    loader = make_loader(everything, create_transform(pp), bs, 0, device)
     start = time.perf_counter()
-    features.extract_features(forwards[name], loader)
+    extract_features(forwards[name], loader)
     return {"seconds": time.perf_counter() - start, "batch_size": bs, "engine": name, "images": len(everything)}
 
 
 def export_seconds(arch: str) -> float:
     """What the first run on a machine pays once to export the backbone to ONNX."""
-    model, pp = mu.build_model(mu.ModelSpec(arch, "DEFAULT", [], 0.0, 2))
+    model, pp = build_model(ModelSpec(arch, "DEFAULT", [], 0.0, 2))
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        checkpoints.export_onnx(model.backbone, os.path.join(tmp, "backbone.onnx"), pp.crop_size)
+        export_module(model.backbone, os.path.join(tmp, "backbone.onnx"), pp.crop_size)
         return time.perf_counter() - start
 
 
@@ -136,7 +146,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip_classic", action="store_true", help="leave out the (slow) classic loop")
     args = p.parse_args(argv)
     device = devices.resolve_device("auto")
-    n_train = len(du.scan_split(os.path.join(args.data_dir, "train")))
+    n_train = len(scan_split(os.path.join(args.data_dir, "train")))
     print(f"{args.arch}, {args.epochs} epochs, {device}, {torch.get_num_threads()} threads", flush=True)
     results = {} if args.skip_classic else {"classic": classic(args.data_dir, args.arch, args.epochs, device)}
     ours(args.data_dir, args.arch, 1)  # warm-up: the exported backbone lands in the per-user cache

@@ -17,39 +17,47 @@ import time
 
 import torch
 from torch import nn
+from flowerclf.data.folders import ImageSet
+from flowerclf.data.folders import scan_split
+from flowerclf.data.loaders import input_batches
+from flowerclf.data.loaders import make_loader
+from flowerclf.data.transforms import create_transform
+from flowerclf.features.engines import feature_forward
+from flowerclf.features.engines import state_fingerprint
+from flowerclf.features.passes import extract_features
+from flowerclf.models.registry import ModelSpec
+from flowerclf.models.registry import build_model
+from flowerclf.models.registry import unfreeze_last
+from flowerclf.runtime import devices
+from flowerclf.training.loops import finetune_epoch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data_utils as du  # noqa: E402
-import devices  # noqa: E402
-import features  # noqa: E402
-import loops  # noqa: E402
-import model_utils as mu  # noqa: E402
 
 
-def frozen(images: du.ImageSet, arch: str, workers: int, device: torch.device) -> float:
+def frozen(images: ImageSet, arch: str, workers: int, device: torch.device) -> float:
     """img/s of the feature pass."""
-    model, pp = mu.build_model(mu.ModelSpec(arch, "DEFAULT", [], 0.0, 2))
-    forward, _ = features.feature_forward(model.backbone, arch, pp.crop_size, "auto", device, False,
-                                          features.state_fingerprint(model.backbone), print)
-    batches = features.input_batches(images, features.eval_transform(pp), devices.resolve_feature_batch_size(0, device),
+    model, pp = build_model(ModelSpec(arch, "DEFAULT", [], 0.0, 2))
+    forward, _ = feature_forward(model.backbone, arch, pp.crop_size, "auto", device, False,
+                                          state_fingerprint(model.backbone), print)
+    batches = input_batches(images, create_transform(pp), devices.resolve_feature_batch_size(0, device),
                                      workers, device)
     start = time.perf_counter()
-    features.extract_features(forward, batches)
+    extract_features(forward, batches)
     return len(images) / (time.perf_counter() - start)
 
 
-def finetune(images: du.ImageSet, arch: str, workers: int, device: torch.device) -> float:
+def finetune(images: ImageSet, arch: str, workers: int, device: torch.device) -> float:
     """img/s of one fine-tuning epoch of the whole network."""
     torch.manual_seed(0)
-    model, pp = mu.build_model(mu.ModelSpec(arch, "DEFAULT", [64], 0.0, len(set(images.labels))))
-    mu.unfreeze_last(model.backbone, "all")
+    model, pp = build_model(ModelSpec(arch, "DEFAULT", [64], 0.0, len(set(images.labels))))
+    unfreeze_last(model.backbone, "all")
     devices.to_channels_last(model.to(device))
-    loader = features.make_loader(images, du.train_transform(pp), 32, workers, device, shuffle=True)
+    loader = make_loader(images, create_transform(pp, augment=True), 32, workers, device, shuffle=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     start = time.perf_counter()
-    loops.finetune_epoch(model, loader, optimizer, scheduler, scaler, nn.CrossEntropyLoss(), device, False)
+    finetune_epoch(model, loader, optimizer, scheduler, scaler, nn.CrossEntropyLoss(), device, False)
     return len(images) / (time.perf_counter() - start)
 
 
@@ -62,9 +70,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the best counts (default: 2)")
     args = p.parse_args(argv)
     device = devices.resolve_device("auto")
-    train = du.scan_split(os.path.join(args.data_dir, "train"))
+    train = scan_split(os.path.join(args.data_dir, "train"))
     step = max(1, len(train) // args.images)  # every class, not just the first folders
-    images = du.ImageSet(train.root, train.files[::step][:args.images], train.labels[::step][:args.images])
+    images = ImageSet(train.root, train.files[::step][:args.images], train.labels[::step][:args.images])
     print(f"{args.arch} on {device}, {devices.cpu_cores()} cores, {len(images)} images; auto picks "
           f"{devices.resolve_num_workers('auto', device)} workers", flush=True)
     best = {}

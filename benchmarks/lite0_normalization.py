@@ -12,10 +12,15 @@ import random
 import sys
 
 import torch
+from flowerclf.data.folders import scan_split
+from flowerclf.data.images import load_rgb
+from flowerclf.data.transforms import Preprocess
+from flowerclf.data.transforms import preprocess_image
+from flowerclf.models.registry import build_imagenet_model
+from flowerclf.models.registry import pretrained_state
+from flowerclf.models.registry import resolve_weights
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data_utils as du  # noqa: E402
-import model_utils as mu  # noqa: E402
 
 SCALINGS = {"mean=std=0.5 (TF-Lite)": ((0.5,) * 3, (0.5,) * 3),
             "ImageNet mean/std": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
@@ -26,16 +31,16 @@ def main(argv=None) -> int:
     p.add_argument("data_dir", help="an ImageFolder tree with train/")
     p.add_argument("--images", type=int, default=200, help="photos to use (default: %(default)s)")
     args = p.parse_args(argv)
-    files = du.scan_split(os.path.join(args.data_dir, "train")).files
+    files = scan_split(os.path.join(args.data_dir, "train")).files
     random.Random(0).shuffle(files)
-    weights = mu.resolve_weights("efficientnet_lite0", "DEFAULT")
-    model = mu.build_imagenet_model("efficientnet_lite0", weights)
-    model.load_state_dict(mu.pretrained_state("efficientnet_lite0", weights, model))
+    weights = resolve_weights("efficientnet_lite0", "DEFAULT")
+    model = build_imagenet_model("efficientnet_lite0", weights)
+    model.load_state_dict(pretrained_state("efficientnet_lite0", weights, model))
     model.eval()
-    images = [du.load_rgb(f) for f in files[:args.images]]
+    images = [load_rgb(f) for f in files[:args.images]]
     for name, (mean, std) in SCALINGS.items():
-        pp = du.Preprocess(256, 224, mean, std, "bicubic")
-        x = torch.stack([torch.from_numpy(du.preprocess_image(img, pp)) for img in images])
+        pp = Preprocess(256, 224, mean, std, "bicubic")
+        x = torch.stack([torch.from_numpy(preprocess_image(img, pp)) for img in images])
         with torch.inference_mode():
             var = model.conv_stem(x).var(dim=(0, 2, 3))
         ratio = (var / model.bn1.running_var).median().item()

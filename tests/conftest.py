@@ -36,6 +36,50 @@ def make_image_folder(root, classes=("1", "2", "3"), per_class=None, size=16, se
     return str(root)
 
 
+def one_error_line(code, err, expected_code=2) -> str:
+    """The single `error: ...` line a failing script printed (asserted), with its exit code."""
+    lines = err.strip().splitlines()
+    assert code == expected_code and len(lines) == 1 and lines[0].startswith("error: "), (code, err)
+    return lines[0]
+
+
+def an_image(data) -> str:
+    """One test photo of a make_image_folder tree."""
+    return os.path.join(data, "test", "1", "1_0.png")
+
+
+def truncated_jpeg(path) -> None:
+    """Write a JPEG cut in half at `path`: its header reads, its pixels do not."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    with open(path, "wb") as f:
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+
+
+def tiny_config(data, save, **kw):
+    """The TrainConfig of in-process runs: a tiny untrained backbone, 2 epochs; `kw` overrides."""
+    from flowerclf.training.config import TrainConfig
+    base = dict(data_dir=str(data), save_dir=str(save), arch="mobilenet_v3_small", weights="none", hidden_units=[8],
+                epochs=2, batch_size=8)
+    return TrainConfig(**{**base, **kw})
+
+
+def mutate(ckpt, dotted, value):
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        ckpt = ckpt[p]
+    if value is KeyError:
+        del ckpt[leaf]
+    else:
+        ckpt[leaf] = value
+
+
+def tiny_spec(arch="mobilenet_v3_small", hidden=(8,), classes=3, weights="none"):
+    """A ModelSpec of a small backbone and head, untrained unless `weights` says otherwise."""
+    from flowerclf.models.registry import ModelSpec
+    return ModelSpec(arch, weights, list(hidden), 0.1, classes)
+
+
 def run_script(module, argv):
     """Run a script's main in-process; return (exit code, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
@@ -48,6 +92,17 @@ def run_script(module, argv):
 def image_folder(tmp_path):
     """A 3-class ImageFolder with train/valid/test splits of 16-pixel images."""
     return make_image_folder(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A tiny model trained once for the session: (data folder, save folder). Tests must not change it."""
+    import train
+    tmp = tmp_path_factory.mktemp("tiny-run")
+    data = make_image_folder(tmp / "data")
+    code, _, err = run_script(train, [data, "--save_dir", str(tmp / "s"), "--epochs", "2"] + TINY)
+    assert code == 0, err
+    return data, tmp / "s"
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +123,7 @@ def _cache(tmp_path_factory, _onnx_exports, monkeypatch):
 @pytest.fixture(autouse=True)
 def _no_progress_lines(monkeypatch):
     """A loaded machine must not add "features: batch 3/9, 10s" lines to the stderr tests count."""
-    import progress
+    from flowerclf.base import progress
     monkeypatch.setattr(progress, "LOG_EVERY_S", float("inf"))
 
 
@@ -78,8 +133,6 @@ def trained_run(tmp_path_factory):
 
     The mislabelled photo makes a real mistake: the highest loss and a confused pair (1 taken for 2).
     """
-    import contextlib
-    import io
     import json
     import shutil
 

@@ -12,13 +12,13 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, make_image_folder
 from PIL import Image
 
-import data_utils as du
-import ddp
-import store
-from conftest import ROOT, make_image_folder
-from errors import FlowerclfError
+from flowerclf.base.errors import FlowerclfError
+from flowerclf.data.folders import scan_split
+from flowerclf.features import store
+from flowerclf.runtime import ddp
 
 COMMON = ["--arch", "mobilenet_v3_small", "--weights", "none", "--hidden_units", "8", "--dropout", "0",
           "--batch_size", "6", "--engine", "torch", "--device", "cpu"]  # gloo on the CPU, GPUs or not
@@ -41,6 +41,7 @@ def _predicts(data, save):
 
 
 @pytest.mark.parametrize("extra", [[], ["--unfreeze", "1"]], ids=["frozen-stored", "unfreeze"])
+@pytest.mark.slow
 def test_two_processes_train_and_write_one_checkpoint(image_folder, tmp_path, _cache, extra):
     run = _run(image_folder, tmp_path / "s", 2, "--epochs", "2", *extra)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -63,6 +64,7 @@ def test_two_processes_train_and_write_one_checkpoint(image_folder, tmp_path, _c
     assert "features train: 18 cached, 1 computed" in run.stdout and "features test: 9 cached, 0 computed" in run.stdout
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(image_folder, tmp_path):
     one = _run(image_folder, tmp_path / "one", 1, "--epochs", "4")
     two = _run(image_folder, tmp_path / "two", 2, "--epochs", "4", cache=tmp_path / "store2")  # not one's features
@@ -77,13 +79,14 @@ def test_two_processes_match_one_with_the_same_global_batch(image_folder, tmp_pa
     np.testing.assert_allclose([h["train_loss"] for h in h1], [h["train_loss"] for h in h2], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_failing_rank_ends_the_job(image_folder, tmp_path):
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
     bad = os.path.join(image_folder, "train", "1", "1_0a.jpg")
     with open(bad, "wb") as f:
         f.write(buf.getvalue()[:len(buf.getvalue()) // 2])  # a valid header, truncated data: decoding fails
-    assert du.scan_split(os.path.join(image_folder, "train")).files.index(bad) % 2 == 1  # rank 1's shard
+    assert scan_split(os.path.join(image_folder, "train")).files.index(bad) % 2 == 1  # rank 1's shard
     start = time.monotonic()
     run = _run(image_folder, tmp_path / "s", 2, "--epochs", "2", timeout=120)
     assert run.returncode != 0
@@ -99,10 +102,11 @@ def test_more_processes_per_node_than_gpus_is_one_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(FlowerclfError, match=r"torchrun started 2 processes on this node but it has 1 CUDA "
                                              r"device\(s\); pass --nproc_per_node=1"):
-        ddp.setup(torch.device("cuda"), 10)
+        ddp.join(torch.device("cuda"), 10)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.slow
 def test_torchrun_with_more_processes_than_gpus_stops_with_one_line(image_folder, tmp_path):
     nproc = torch.cuda.device_count() + 1
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import gpumemcheck
-import memory
 import train
+from flowerclf.runtime import memory
+from flowerclf.training import trainer
 
 
 def _run(argv):
@@ -77,11 +78,9 @@ def test_bad_arguments(capsys):
 
 
 def test_train_out_of_memory_hint(image_folder, monkeypatch, capsys):
-    import training
-
     def oom(cfg, log=print):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    monkeypatch.setattr(training, "train", oom)
+    monkeypatch.setattr(trainer, "train", oom)
     assert train.main([image_folder, "--arch", "resnet50", "--batch_size", "256", "--unfreeze", "2"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: CUDA out of memory at --batch_size 256 (feature batch auto); python gpumemcheck.py "

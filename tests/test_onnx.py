@@ -11,14 +11,21 @@ import pytest
 import torch
 from PIL import Image
 
-import data_utils as du
 import export
-import features
-import inference
-import model_utils as mu
 import predict
 import train
-from conftest import ROOT, make_image_folder
+from flowerclf.data.folders import scan_split
+from flowerclf.data.loaders import make_loader
+from flowerclf.data.transforms import Preprocess, create_transform
+from flowerclf.features import store
+from flowerclf.features.engines import feature_forward, state_fingerprint, torch_forward
+from flowerclf.features.passes import extract_features
+from flowerclf.models import onnx as onnx_module
+from flowerclf.models.onnx import export_module
+from flowerclf.models.registry import ModelSpec, build_model
+from flowerclf.serving.predictor import Predictor
+from conftest import ROOT, an_image, make_image_folder, mutate, one_error_line
+from conftest import run_script as _main
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +53,8 @@ def exported(tmp_path_factory):
 def test_onnx_predictions_match_torch(exported):
     save, images = exported
     files = sorted(str(p) for p in images.iterdir())
-    via_torch, _ = inference.Predictor.from_checkpoint(str(save / "checkpoint.pth"), "cpu").predict_paths(files, 3)
-    via_onnx, _ = inference.Predictor.from_onnx(str(save / "model.onnx")).predict_paths(files, 3)
+    via_torch, _ = Predictor.from_checkpoint(str(save / "checkpoint.pth"), "cpu").predict_paths(files, 3)
+    via_onnx, _ = Predictor.from_onnx(str(save / "model.onnx")).predict_paths(files, 3)
     assert len(via_torch) == len(via_onnx) == 6
     for t, o in zip(via_torch, via_onnx):
         assert [p["class"] for p in t["predictions"]] == [p["class"] for p in o["predictions"]]
@@ -57,15 +64,15 @@ def test_onnx_predictions_match_torch(exported):
 
 def test_onnx_features_match_torch(image_folder):
     torch.manual_seed(0)
-    model, pp = mu.build_model(mu.ModelSpec("mobilenet_v3_small", "none", [], 0.0, 3), load_pretrained=False)
-    images = du.scan_split(os.path.join(image_folder, "valid"))
-    loader = features.make_loader(images, features.eval_transform(pp), 4, 0, torch.device("cpu"))
-    fingerprint = features.state_fingerprint(model.backbone)
-    ort_forward, used = features.feature_forward(model.backbone, "mobilenet_v3_small", pp.crop_size, "onnxruntime",
+    model, pp = build_model(ModelSpec("mobilenet_v3_small", "none", [], 0.0, 3), load_pretrained=False)
+    images = scan_split(os.path.join(image_folder, "valid"))
+    loader = make_loader(images, create_transform(pp), 4, 0, torch.device("cpu"))
+    fingerprint = state_fingerprint(model.backbone)
+    ort_forward, used = feature_forward(model.backbone, "mobilenet_v3_small", pp.crop_size, "onnxruntime",
                                                torch.device("cpu"), False, fingerprint, print)
     assert used == "onnxruntime"
-    via_ort, _ = features.extract_features(ort_forward, loader)
-    via_torch, _ = features.extract_features(features.torch_forward(model.backbone, torch.device("cpu")), loader)
+    via_ort, _ = extract_features(ort_forward, loader)
+    via_torch, _ = extract_features(torch_forward(model.backbone, torch.device("cpu")), loader)
     assert via_ort.shape == via_torch.shape == (9, 1024)
     assert (via_ort - via_torch).abs().max().item() < 1e-4
 
@@ -73,12 +80,12 @@ def test_onnx_features_match_torch(image_folder):
 def test_failed_export_falls_back_to_torch_in_one_line(image_folder, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("unsupported operator aten::frobnicate\nmore detail")
-    monkeypatch.setattr(features, "export_onnx", broken)
+    monkeypatch.setattr(onnx_module, "export_module", broken)
     torch.manual_seed(1)  # a backbone the export cache has not seen
-    model, pp = mu.build_model(mu.ModelSpec("squeezenet1_1", "none", [], 0.0, 3), load_pretrained=False)
+    model, pp = build_model(ModelSpec("squeezenet1_1", "none", [], 0.0, 3), load_pretrained=False)
     lines = []
-    _, used = features.feature_forward(model.backbone, "squeezenet1_1", pp.crop_size, "auto", torch.device("cpu"),
-                                     False, features.state_fingerprint(model.backbone), lines.append)
+    _, used = feature_forward(model.backbone, "squeezenet1_1", pp.crop_size, "auto", torch.device("cpu"),
+                                     False, state_fingerprint(model.backbone), lines.append)
     assert used == "torch"
     assert len(lines) == 1 and "aten::frobnicate" in lines[0] and lines[0].endswith("using torch")
 
@@ -89,6 +96,7 @@ def test_engine_is_recorded_and_evaluate_uses_it(exported):
     assert ckpt["args"]["engine"] == "onnxruntime"  # auto on a CPU
 
 
+@pytest.mark.slow
 def test_predict_with_onnx_never_imports_torch(exported):
     save, images = exported
     script = ("import runpy, sys\n"
@@ -112,3 +120,54 @@ def test_export_cli_and_bad_onnx_files(exported, tmp_path, capsys):
     assert "is not a loadable ONNX model" in capsys.readouterr().err
     assert predict.main([str(images / "rgb.jpg"), str(save / "model.onnx"), "--gpu"]) == 2
     assert "ONNX Runtime's CPU provider" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory):
+    """A 2-class model.onnx of a tiny network, and its valid metadata."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    meta = {"format": "flowerclf-checkpoint", "version": 1,
+            "model": {"arch": "tiny", "weights": "none", "hidden_units": [], "dropout": 0.0, "num_classes": 2},
+            "preprocess": Preprocess(16, 8).to_dict(), "class_to_idx": {"a": 0, "b": 1}}
+    return net, meta, tmp_path_factory.mktemp("onnx")
+
+
+def test_export_leaves_one_self_contained_file(tiny_onnx, tmp_path):
+    net, meta, _ = tiny_onnx
+    out = tmp_path / "export" / "model.onnx"
+    export_module(net, str(out), 8, {"flowerclf": json.dumps(meta)})
+    assert os.listdir(out.parent) == ["model.onnx"]  # no weights kept aside in a .data file
+    Predictor.from_onnx(str(out))  # loads alone
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("preprocess", KeyError, "preprocess"), ("class_to_idx", KeyError, "class_to_idx"),
+    ("preprocess.mean", KeyError, "preprocess.mean"), (None, [], "flowerclf description"),
+    ("preprocess.crop_size", 12, "preprocess.crop_size")])
+def test_malformed_onnx_metadata_names_the_field(tiny_onnx, tiny_run, field, value, named):
+    net, meta, folder = tiny_onnx
+    meta = json.loads(json.dumps(meta))
+    if field is None:
+        meta = value
+    else:
+        mutate(meta, field, value)
+    path = str(folder / f"{named}.onnx")
+    export_module(net, path, 8, {"flowerclf": json.dumps(meta)})
+    line = one_error_line(*_main(predict, [an_image(tiny_run[0]), path])[::2])
+    assert named in line
+
+
+def test_a_damaged_cached_backbone_is_exported_again(image_folder, tmp_path):
+    model, pp = build_model(ModelSpec("mobilenet_v3_small", "none", [], 0.0, 3))
+    fingerprint, lines = state_fingerprint(model.backbone), []
+    args = (model.backbone, "mobilenet_v3_small", pp.crop_size, "onnxruntime", torch.device("cpu"), False,
+            fingerprint, lines.append)
+    assert feature_forward(*args)[1] == "onnxruntime"
+    cached = [os.path.join(d, f) for d, _, fs in os.walk(store.cache_dir()) for f in fs
+              if f.startswith("mobilenet_v3_small-")]
+    for path in cached:
+        with open(path, "wb") as f:
+            f.write(b"garbage")
+    forward, engine = feature_forward(*args)
+    images = torch.zeros(1, 3, pp.crop_size, pp.crop_size)
+    assert engine == "onnxruntime" and not lines and forward(images).shape == (1, 1024)

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 import evaluate
-import report
+from flowerclf.evaluation.metrics import classification_report
 
 
 def test_top_losses_and_pair_examples_on_a_hand_example():
     logits = np.array([[3.0, 0.0], [0.0, 2.0], [1.0, 0.0], [0.0, 4.0], [0.0, 0.5]])
     labels = np.array([0, 0, 0, 1, 0])
     files = ["a.png", "b.png", "c.png", "d.png", "e.png"]
-    r = report.classification_report(logits, labels, ["x", "y"], {"x": "ex"}, files=files, top_losses=3)
+    r = classification_report(logits, labels, ["x", "y"], {"x": "ex"}, files=files, top_losses=3)
     # cross-entropy by hand: b = log(1 + e^2), e = log(1 + e^0.5), c = log(1 + e^-1)
     assert [t["path"] for t in r["top_losses"]] == ["b.png", "e.png", "c.png"]
     b = r["top_losses"][0]
@@ -23,7 +23,7 @@ def test_top_losses_and_pair_examples_on_a_hand_example():
     assert b["loss"] == pytest.approx(np.log1p(np.exp(2.0)))
     assert b["probability"] == pytest.approx(1 / (1 + np.exp(-2.0)))  # of the predicted class
     assert r["most_confused"] == [{"true": "ex", "predicted": "y", "count": 2, "example": "b.png"}]
-    assert "top_losses" not in report.classification_report(logits, labels, ["x", "y"])
+    assert "top_losses" not in classification_report(logits, labels, ["x", "y"])
 
 
 def _evaluate(trained_run, out, split, *flags):

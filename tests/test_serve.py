@@ -20,9 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 import pytest
-from PIL import Image
-
 from conftest import ROOT
+from PIL import Image
 
 SERVE_PYTHON = os.environ.get("FLOWERCLF_SERVE_PYTHON") or sys.executable
 TOP_K = 3
@@ -106,6 +105,7 @@ def _photos(trained_run):
     return sorted(glob.glob(os.path.join(trained_run["data"], "test", "*", "*.png")))
 
 
+@pytest.mark.slow
 def test_predict_answers_as_predict_json_does(server, trained_run, expected):
     photos = _photos(trained_run)[:2]
     status, answer = _predict(server, [(os.path.basename(p), open(p, "rb").read()) for p in photos])
@@ -114,6 +114,7 @@ def test_predict_answers_as_predict_json_does(server, trained_run, expected):
     assert len(answer[0]["predictions"]) == TOP_K and answer[0]["predictions"][0]["name"] == "pink primrose"
 
 
+@pytest.mark.slow
 def test_20_concurrent_requests_get_20_right_answers(server, trained_run, expected):
     photos = (_photos(trained_run) * 3)[:20]
     with ThreadPoolExecutor(20) as pool:
@@ -143,6 +144,7 @@ def _jpeg():
     ("warned.png", lambda: _png_header(10000, 10000), 422, "warned.png is too large"),  # over 1x the limit, not 2x
     ("big.jpg", lambda: b"\0" * (30 * 2 ** 20), 413, "upload of 30.0 MB is over the limit of 20 MB"),
 ], ids=["text", "truncated-jpeg", "bomb", "bomb-warning", "30MB"])
+@pytest.mark.slow
 def test_bad_uploads_are_4xx_and_the_server_keeps_serving(server, trained_run, expected, name, make, status, says):
     answer_status, answer = _predict(server, [(name, make())])
     assert answer_status == status and says in answer["error"], answer
@@ -151,6 +153,7 @@ def test_bad_uploads_are_4xx_and_the_server_keeps_serving(server, trained_run, e
         expected[os.path.basename(good)]
 
 
+@pytest.mark.slow
 def test_malformed_requests_are_4xx(server):
     assert _request(server, "POST", "/predict", b"x=1", {"Content-Type": "application/x-www-form-urlencoded"})[0] == 415
     status, answer = _request(server, "POST", "/predict", b"--nope--", {"Content-Type": "multipart/form-data"})
@@ -166,6 +169,7 @@ def test_malformed_requests_are_4xx(server):
 @pytest.mark.parametrize("path", ["/../../../../etc/passwd", "/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
                                   "/..%2f..%2f..%2fetc%2fpasswd", "//etc/passwd", "/predict/../../serve.py",
                                   "/serve.py", "/README.md", "/..\\..\\serve.py"])
+@pytest.mark.slow
 def test_no_url_reaches_a_file(server, path):
     for method in ("GET", "POST"):
         status, answer = _request(server, method, path, b"" if method == "POST" else None)
@@ -174,18 +178,21 @@ def test_no_url_reaches_a_file(server, path):
     assert _request(server, "GET", "/")[0] == 200  # and the server keeps answering
 
 
+@pytest.mark.slow
 def test_upload_names_lose_their_folders(server, trained_run):
     photo = _photos(trained_run)[0]
     status, answer = _predict(server, [("../../../tmp/evil.png", open(photo, "rb").read())])
     assert status == 200 and answer[0]["image"] == "evil.png"
 
 
+@pytest.mark.slow
 def test_page_is_served_and_self_contained(server):
     status, page = _request(server, "GET", "/")
     assert status == 200 and '<input id="files" type="file" accept="image/*" multiple>' in page
     assert "http://" not in page and "https://" not in page  # nothing fetched from elsewhere
 
 
+@pytest.mark.slow
 def test_other_host_warns_and_busy_port_is_one_line(trained_run, server):
     model = str(trained_run["save"] / "model.onnx")
     proc, line = _start(model, "--host", "0.0.0.0", "--port", "0")  # only started and stopped: no traffic
@@ -198,6 +205,7 @@ def test_other_host_warns_and_busy_port_is_one_line(trained_run, server):
     assert busy.returncode == 2 and len(err) == 1 and f"cannot listen on 127.0.0.1:{server}" in err[0]
 
 
+@pytest.mark.slow
 def test_page_in_a_browser(server, trained_run, expected, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

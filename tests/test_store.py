@@ -13,15 +13,16 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, make_image_folder, tiny_config
 from PIL import Image
 
 import cache
-import data_utils as du
 import evaluate
-import features
-import store
-import training
-from conftest import ROOT, make_image_folder
+from flowerclf.data.folders import scan_split
+from flowerclf.data.images import load_rgb
+from flowerclf.data.transforms import Preprocess, create_transform
+from flowerclf.features import store
+from flowerclf.training.trainer import train
 
 TINY = ["--arch", "mobilenet_v3_small", "--weights", "none", "--hidden_units", "8", "--epochs", "1",
         "--engine", "torch"]
@@ -30,9 +31,7 @@ TINY = ["--arch", "mobilenet_v3_small", "--weights", "none", "--hidden_units", "
 def _train(data, save, **kw) -> tuple[dict, list[str]]:
     """Train in-process; return {split: (cached, computed)} from the `features ...` lines, and all lines."""
     lines = []
-    cfg = dict(data_dir=data, save_dir=str(save), arch="mobilenet_v3_small", weights="none", hidden_units=[8],
-               epochs=2, batch_size=8, engine="torch", overwrite=True)
-    training.train(training.TrainConfig(**{**cfg, **kw}), log=lines.append)
+    train(tiny_config(data, save, **{"engine": "torch", "overwrite": True, **kw}), log=lines.append)
     return _counts(lines), lines
 
 
@@ -55,7 +54,7 @@ def _train_cmd(data, save, *extra):
 def _edit_pixels_keep_times(path):
     """Invert a photo's pixels and put its mtime back (as copy tools do): the change must still be seen."""
     st = os.stat(path)
-    img = du.load_rgb(path)
+    img = load_rgb(path)
     Image.fromarray(255 - np.asarray(img)).save(path)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
@@ -67,12 +66,12 @@ def small(tmp_path):
 
 
 def test_only_what_changed_goes_through_the_backbone(small, tmp_path, _cache, capsys):
-    assert _train(small, tmp_path / "a", cache=False)[0] == {"train": (0, 9), "valid": (0, 3)}
+    assert _train(small, tmp_path / "a", store=False)[0] == {"train": (0, 9), "valid": (0, 3)}
     assert not os.path.exists(os.path.join(_cache, store.STORE_NAME))  # --no_cache writes nothing
     assert _train(small, tmp_path / "a")[0] == {"train": (0, 9), "valid": (0, 3)}
     # another save dir and other head settings: nothing to compute; --no_cache reads nothing
     assert _train(small, tmp_path / "b", learning_rate=0.01, hidden_units=[4])[0] == {"train": (9, 0), "valid": (3, 0)}
-    assert _train(small, tmp_path / "b", cache=False)[0] == {"train": (0, 9), "valid": (0, 3)}
+    assert _train(small, tmp_path / "b", store=False)[0] == {"train": (0, 9), "valid": (0, 3)}
     make_image_folder(tmp_path / "more", per_class={"train": 1}, seed=7)  # 3 new photos
     for cls in ("1", "2", "3"):
         shutil.copy(tmp_path / "more" / "train" / cls / f"{cls}_0.png", os.path.join(small, "train", cls, "new.png"))
@@ -100,15 +99,15 @@ def test_same_command_cold_and_warm_gives_identical_checkpoints(small, tmp_path)
 
 
 def test_a_view_depends_only_on_the_image_the_seed_and_the_view(image_folder):
-    pp = du.Preprocess(32, 24)
-    files = du.scan_split(os.path.join(image_folder, "train")).files
-    a, b = du.load_rgb(files[0]), du.load_rgb(files[1])
+    pp = Preprocess(32, 24)
+    files = scan_split(os.path.join(image_folder, "train")).files
+    a, b = load_rgb(files[0]), load_rgb(files[1])
     rng = torch.get_rng_state()
-    first = features.view_transform(pp, 0, seed=5)(a)
-    features.view_transform(pp, 0, seed=5)(b)  # another image in between changes nothing
-    assert np.array_equal(features.view_transform(pp, 0, seed=5)(a), first)
-    assert not np.array_equal(features.view_transform(pp, 1, seed=5)(a), first)
-    assert not np.array_equal(features.view_transform(pp, 0, seed=6)(a), first)
+    first = create_transform(pp, view=0, seed=5)(a)
+    create_transform(pp, view=0, seed=5)(b)  # another image in between changes nothing
+    assert np.array_equal(create_transform(pp, view=0, seed=5)(a), first)
+    assert not np.array_equal(create_transform(pp, view=1, seed=5)(a), first)
+    assert not np.array_equal(create_transform(pp, view=0, seed=6)(a), first)
     assert torch.equal(torch.get_rng_state(), rng)  # training's random stream is left alone
 
 
@@ -117,7 +116,7 @@ def test_content_hash_is_remembered_per_path(tmp_path, monkeypatch):
     real = store.file_digest
     monkeypatch.setattr(store, "file_digest", lambda path: hashed.append(os.path.basename(path)) or real(path))
     root = make_image_folder(tmp_path / "d", per_class={"train": 2})
-    files = du.scan_split(os.path.join(root, "train")).files
+    files = scan_split(os.path.join(root, "train")).files
     s = store.FeatureStore(str(tmp_path / "s.sqlite"), print)
     first = s.digests(files)
     assert len(hashed) == 6 and len(set(first)) == 6
@@ -131,6 +130,7 @@ def test_content_hash_is_remembered_per_path(tmp_path, monkeypatch):
     assert again[0] != first[0] and again[1:] == first[1:]
 
 
+@pytest.mark.slow
 def test_kill_during_the_feature_pass_then_rerun_computes_only_the_rest(tmp_path, _cache, monkeypatch):
     data = make_image_folder(tmp_path / "d", per_class={"train": 10, "valid": 1})
     cmd = _train_cmd(data, tmp_path / "s", "--feature_batch_size", "2")
@@ -151,6 +151,7 @@ def test_kill_during_the_feature_pass_then_rerun_computes_only_the_rest(tmp_path
     assert _vectors(_cache) == _vectors(tmp_path / "uninterrupted")  # bit for bit, all 33
 
 
+@pytest.mark.slow
 def test_two_runs_at_once_share_one_consistent_store(small, tmp_path, _cache):
     procs = [subprocess.Popen(_train_cmd(small, tmp_path / name), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for name in ("a", "b")]

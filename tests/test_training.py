@@ -1,35 +1,44 @@
-"""Fine-tuning, its schedule and stages, and the checks of TrainConfig (the feature store: test_store.py)."""
+"""None"""
+import os
+
 import pytest
 import torch
 
-import checkpoints
-import data_utils as du
-import features
-import loops
-import model_utils as mu
-import training
-from errors import FlowerclfError
+import train
+from flowerclf.base.errors import FlowerclfError
+from flowerclf.data.folders import scan_data_dir
+from flowerclf.data.loaders import make_loader
+from flowerclf.data.transforms import create_transform
+from flowerclf.models.checkpoints import load_model
+from flowerclf.models.registry import (
+    ModelSpec,
+    backbone_stages,
+    build_model,
+    unfreeze_last,
+)
+from flowerclf.training import trainer
+from flowerclf.training.loops import finetune_epoch, train_head_epoch, warmup_cosine
+from conftest import TINY, one_error_line, tiny_config
+from conftest import run_script as _main
 
 
 def _cfg(data, save, **kw):
-    base = dict(data_dir=data, save_dir=str(save), arch="mobilenet_v3_small", weights="none", hidden_units=[8],
-                epochs=2, batch_size=8, overwrite=True)
-    return training.TrainConfig(**{**base, **kw})
+    return tiny_config(data, save, overwrite=True, **kw)
 
 
 def test_unfreeze_trains_only_the_last_stages(image_folder):
     torch.manual_seed(0)
-    model, pp = mu.build_model(mu.ModelSpec("mobilenet_v3_small", "none", [8], 0.0, 3), load_pretrained=False)
-    names = mu.unfreeze_last(model.backbone, 2)
-    stages = dict(mu.backbone_stages(model.backbone))
+    model, pp = build_model(ModelSpec("mobilenet_v3_small", "none", [8], 0.0, 3), load_pretrained=False)
+    names = unfreeze_last(model.backbone, 2)
+    stages = dict(backbone_stages(model.backbone))
     assert names == list(stages)[-2:]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    images = du.scan_data_dir(image_folder)["train"]
-    loader = features.make_loader(images, du.train_transform(pp), 9, 0, torch.device("cpu"), shuffle=True)
+    images = scan_data_dir(image_folder)["train"]
+    loader = make_loader(images, create_transform(pp, augment=True), 9, 0, torch.device("cpu"), shuffle=True)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    loops.finetune_epoch(model, loader, opt, sched, scaler, torch.nn.CrossEntropyLoss(), torch.device("cpu"),
+    finetune_epoch(model, loader, opt, sched, scaler, torch.nn.CrossEntropyLoss(), torch.device("cpu"),
                           amp=False)
     after = model.state_dict()
     for name in stages:
@@ -41,28 +50,18 @@ def test_unfreeze_trains_only_the_last_stages(image_folder):
 
 
 def test_finetune_run_end_to_end(image_folder, tmp_path):
-    result = training.train(_cfg(image_folder, tmp_path, unfreeze=1, epochs=2, label_smoothing=0.1),
+    result = trainer.train(_cfg(image_folder, tmp_path, unfreeze=1, epochs=2, label_smoothing=0.1),
                           log=lambda s: None)
     assert len(result["history"]) == 2 and "test_acc" in result["metrics"]
     lrs = [h["lr"] for h in result["history"]]
     assert lrs[0] < 0.001  # warm-up starts below the peak
-    loaded, _ = checkpoints.load_model(result["checkpoint"])
+    loaded, _ = load_model(result["checkpoint"])
     assert loaded.head[-1].out_features == 3
 
 
 def test_warmup_cosine_schedule():
-    f = loops.warmup_cosine(total_steps=10, warmup_steps=2)
+    f = warmup_cosine(total_steps=10, warmup_steps=2)
     assert [round(f(s), 3) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
-
-
-@pytest.mark.parametrize("model_name", ["mobilenet_v3_small", "vit_b_32"])
-def test_stages_cover_the_trainable_backbone(model_name):
-    with torch.device("meta"):
-        model, _ = mu.build_model(mu.ModelSpec(model_name, "none", [], 0.0, 3), load_pretrained=False)
-    stages = mu.backbone_stages(model.backbone)
-    assert len(stages) >= 5
-    assert mu.unfreeze_last(model.backbone, "all") == ["all"]
-    assert all(p.requires_grad for p in model.backbone.parameters())
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -75,5 +74,67 @@ def test_stages_cover_the_trainable_backbone(model_name):
 ])
 def test_train_config_checks_itself(image_folder, tmp_path, bad, message):
     with pytest.raises(FlowerclfError, match=message):
-        training.train(_cfg(image_folder, tmp_path / "s", **bad), log=lambda s: None)
+        trainer.train(_cfg(image_folder, tmp_path / "s", **bad), log=lambda s: None)
     assert not (tmp_path / "s").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("flags", [["--backbone_lr_ratio", "nan", "--unfreeze", "1"], ["--learning_rate", "inf"],
+                                   ["--learning_rate", "nan"], ["--label_smoothing", "5"],
+                                   ["--hidden_units", "1000000000"], ["--warmup_epochs", "nan"],
+                                   ["--seed", "-1", "--valid_split", "0.2"], ["--seed", "1" * 23]])
+def test_bad_flags_are_one_line_before_any_work(image_folder, tmp_path, flags):
+    code, _, err = _main(train, [image_folder, "--save_dir", str(tmp_path / "s")] + TINY + flags)
+    one_error_line(code, err)
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_blown_up_model_is_never_saved(image_folder, tmp_path):
+    save = tmp_path / "s"
+    code, _, err = _main(train, [image_folder, "--save_dir", str(save), "--epochs", "2", "--learning_rate", "1e308",
+                                 "--batch_size", "64"] + TINY[:-4] + ["--engine", "torch"])
+    line = one_error_line(code, err)
+    assert "(epoch 1)" in line and "no checkpoint was saved" in line
+    assert not (save / "checkpoint.pth").exists() and not (save / "checkpoint_last.pth").exists()
+
+
+def test_same_command_cold_then_warm_gives_identical_checkpoints(image_folder, tmp_path):
+    states = []
+    for _ in range(2):  # the first run fills the feature cache, the second reads it
+        code, _, err = _main(train, [image_folder, "--save_dir", str(tmp_path / "s"), "--epochs", "3",
+                                     "--overwrite"] + TINY)
+        assert code == 0, err
+        states.append(torch.load(tmp_path / "s" / "checkpoint.pth", weights_only=True)["state_dict"])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_ctrl_c_before_any_epoch_says_no_checkpoint_was_saved(tmp_path):
+    args = train.build_parser().parse_args(["D", "--save_dir", str(tmp_path)])
+    assert train.interrupted(args) == "no epoch had finished, so no checkpoint was saved"
+
+
+def test_nan_loss_stops_and_keeps_the_best_checkpoint(image_folder, tmp_path, monkeypatch):
+    real = train_head_epoch
+    calls = []
+
+    def poisoned(head, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            with torch.no_grad():
+                head[-1].weight.fill_(float("nan"))
+        return real(head, *a, **k)
+    monkeypatch.setattr(trainer, "train_head_epoch", poisoned)
+    code, _, err = _main(train, [image_folder, "--save_dir", str(tmp_path), "--epochs", "5", "--dropout", "0"]
+                         + TINY)
+    assert code == 2 and err.count("\n") == 1
+    assert "the training loss became nan" in err and "(epoch 3)" in err and "keeps epoch" in err
+    model, ckpt = load_model(str(tmp_path / "checkpoint.pth"))
+    assert ckpt["epoch"] in (1, 2)
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_hidden_units_zero_gives_a_linear_head(image_folder, tmp_path):
+    save = str(tmp_path / "s")
+    assert train.main([image_folder, "--arch", "mobilenet_v3_small", "--weights", "none", "--hidden_units", "0",
+                       "--epochs", "1", "--save_dir", save, "--engine", "torch"]) == 0
+    model, _ = load_model(os.path.join(save, "checkpoint.pth"))
+    assert [type(m).__name__ for m in model.head] == ["Dropout", "Linear"]

@@ -1,0 +1,1 @@
+"""The torch-free base every layer shares: the error type, the command-line edge, atomic files, formats."""

@@ -1,0 +1,36 @@
+"""RunFiles: the name of every file a run leaves in its save directory, spelled once."""
+from __future__ import annotations
+
+import os
+
+
+class RunFiles:
+    """The files of one save directory. A split's report files take its folder name (`stem`); test/ gets the
+    plain names (report.html, test_report.json, confusion_matrix.png)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.checkpoint = self._path("checkpoint.pth")      # the best epoch: what predict, evaluate and export read
+        self.last = self._path("checkpoint_last.pth")       # the last finished epoch, for --resume
+        self.history_json = self._path("history.json")
+        self.history_csv = self._path("history.csv")
+        self.curves = self._path("training_curves.png")
+        self.onnx = self._path("model.onnx")
+        self.lock = self._path(".flowerclf.lock")           # held (flock) by the run writing here
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.folder, name)
+
+    def report_json(self, stem: str = "test") -> str:
+        return self._path(f"{stem}_report.json")
+
+    def confusion(self, stem: str = "test") -> str:
+        return self._path("confusion_matrix.png" if stem == "test" else f"{stem}_confusion_matrix.png")
+
+    def report_html(self, stem: str = "test") -> str:
+        return self._path("report.html" if stem == "test" else f"{stem}_report.html")
+
+    def outputs(self) -> list[str]:
+        """What train.py writes: all of it describes one model, so a new run replaces all of it."""
+        return [self.checkpoint, self.last, self.history_json, self.history_csv, self.curves, self.report_json(),
+                self.confusion(), self.report_html(), self.onnx]

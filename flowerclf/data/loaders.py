@@ -1,0 +1,172 @@
+"""The loaders of the input path: PIL in worker processes, and JPEG batches decoded on the device (nvjpeg on CUDA).
+
+`input_batches` is the one choice between them. The PIL path decodes each file in a worker
+(`load_rgb` + a transform). The JPEG batch path lets workers read each file's bytes and look at
+its header only; the main process decodes the batch's plain JPEGs in one
+`torchvision.io.decode_jpeg` call on the device, applies the EXIF orientation, and resizes, crops
+and normalizes there with the same `Preprocess` as the PIL path. Every other file (PNG, CMYK,
+grayscale, 16-bit, palette, progressive, truncated, unreadable) takes the PIL path in the worker.
+A bad file in a worker still ends as one line: FlowerclfError drops the traceback DataLoader wraps around it.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, default_collate
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from flowerclf.data.folders import ImageSet
+from flowerclf.data.images import load_rgb
+from flowerclf.data.transforms import EvalTransform, Preprocess, preprocess_image
+
+
+# ---------------------------------------------------------------- the PIL path
+
+class ImageDataset:
+    """Map-style dataset of (CHW float32 array, label); works with torch's DataLoader."""
+
+    def __init__(self, files: list[str], labels: list[int], transform):
+        self.files, self.labels, self.transform = files, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        return self.transform(load_rgb(self.files[i])), self.labels[i]
+
+
+def loader(dataset, batch_size: int, num_workers: int, device: torch.device, collate_fn=default_collate,
+           **kwargs) -> DataLoader:
+    """Batches of `dataset`; with workers they persist across epochs and prefetch, and CUDA gets pinned memory."""
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn,
+                      pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+                      prefetch_factor=4 if num_workers else None, **kwargs)
+
+
+def make_loader(images: ImageSet, transform, batch_size: int, num_workers: int, device: torch.device,
+                shuffle: bool = False, generator: torch.Generator | None = None, sampler=None,
+                drop_last: bool = False) -> DataLoader:
+    """The PIL path: batches of `images` through `transform` (PIL RGB -> CHW float32 array), in workers."""
+    return loader(ImageDataset(images.files, images.labels, transform), batch_size, num_workers, device,
+                  shuffle=shuffle, generator=generator, sampler=sampler, drop_last=drop_last)
+
+
+def input_batches(images: ImageSet, transform, batch_size: int, num_workers: int, device: torch.device):
+    """The one choice of input path: (normalized images, labels) batches of `images`, in order.
+
+    On CUDA the eval transform runs on the GPU (JpegBatches below), the PIL path for the rest.
+    Elsewhere, and for augmentation, PIL in worker processes: on a CPU the backbone is the
+    bottleneck, not decoding.
+    """
+    if device.type == "cuda" and isinstance(transform, EvalTransform):
+        return JpegBatches(images, transform.preprocess, batch_size, num_workers, device)
+    return make_loader(images, transform, batch_size, num_workers, device)
+
+
+# ---------------------------------------------------------------- the JPEG batch path
+
+EXIF_ORIENTATION = 0x0112
+# PIL's ImageOps.exif_transpose, as tensor ops on (C, H, W)
+_ORIENT = {
+    2: lambda x: x.flip(-1),
+    3: lambda x: x.flip(-2, -1),
+    4: lambda x: x.flip(-2),
+    5: lambda x: x.transpose(-2, -1),
+    6: lambda x: x.rot90(-1, (-2, -1)),
+    7: lambda x: x.transpose(-2, -1).flip(-2, -1),
+    8: lambda x: x.rot90(1, (-2, -1)),
+}
+
+
+def jpeg_orientation(data: bytes) -> int | None:
+    """The EXIF orientation of a JPEG the tensor decoder takes (baseline, 8-bit, 3 channels, complete), else None."""
+    if not data.startswith(b"\xff\xd8") or not data.endswith(b"\xff\xd9"):  # not a JPEG, or truncated
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            if img.format != "JPEG" or img.mode != "RGB" or "progressive" in img.info or "progression" in img.info:
+                return None
+            return int(img.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # any header PIL cannot parse: the PIL path reports it properly
+        return None
+
+
+class JpegBytes:
+    """Map-style dataset of (path, JPEG bytes or None, EXIF orientation or the PIL path's array, label)."""
+
+    def __init__(self, images: ImageSet, preprocess: Preprocess):
+        self.files, self.labels, self.preprocess = images.files, images.labels, preprocess
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        try:
+            with open(self.files[i], "rb") as f:
+                data = f.read()
+        except OSError:
+            data = b""  # load_rgb below says what is wrong with the file
+        orientation = jpeg_orientation(data)
+        if orientation is None:
+            array = preprocess_image(load_rgb(self.files[i]), self.preprocess)
+            return self.files[i], None, torch.from_numpy(array), self.labels[i]
+        return self.files[i], torch.frombuffer(bytearray(data), dtype=torch.uint8), orientation, self.labels[i]
+
+
+def resize_center_crop(img: torch.Tensor, pp: Preprocess) -> torch.Tensor:
+    """uint8 (C, H, W) -> uint8 (C, crop, crop): the tensor twin of transforms.resize_center_crop."""
+    img = F.resize(img, [pp.resize_size], interpolation=InterpolationMode(pp.interpolation), antialias=True)
+    return F.center_crop(img, [pp.crop_size, pp.crop_size])
+
+
+def normalize(batch: torch.Tensor, pp: Preprocess) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float32 scaled to [0, 1] and normalized, as transforms.normalize does."""
+    std = torch.tensor(pp.std, device=batch.device).view(1, 3, 1, 1)
+    mean = torch.tensor(pp.mean, device=batch.device).view(1, 3, 1, 1)
+    return batch.float().mul_(1 / (255.0 * std)).add_(-mean / std)
+
+
+def decode_batch(items: list, pp: Preprocess, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A collated list of JpegBytes items -> (normalized float32 batch on `device`, labels)."""
+    jpegs = [k for k, item in enumerate(items) if item[1] is not None]
+    out = torch.empty((len(items), 3, pp.crop_size, pp.crop_size), dtype=torch.float32, device=device)
+    if jpegs:
+        try:
+            with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of torchcodec
+                warnings.simplefilter("ignore", DeprecationWarning)
+                decoded = decode_jpeg([items[k][1] for k in jpegs], mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # the batch fails as a whole: decode it file by file, through PIL
+            decoded = None
+        if decoded is None:
+            for k in jpegs:
+                array = preprocess_image(load_rgb(items[k][0]), pp)
+                out[k] = torch.from_numpy(array).to(device)
+        else:
+            crops = [resize_center_crop(_ORIENT.get(items[k][2], lambda x: x)(img), pp)
+                     for k, img in zip(jpegs, decoded)]
+            out[jpegs] = normalize(torch.stack(crops), pp)
+    for k, item in enumerate(items):
+        if item[1] is None:
+            out[k] = item[2].to(device, non_blocking=True)
+    return out, torch.tensor([item[3] for item in items])
+
+
+class JpegBatches:
+    """Iterable of (normalized batch on the device, labels) over an ImageSet, in order."""
+
+    def __init__(self, images: ImageSet, preprocess: Preprocess, batch_size: int, num_workers: int,
+                 device: torch.device):
+        self.preprocess, self.device = preprocess, device
+        self.loader = loader(JpegBytes(images, preprocess), batch_size, num_workers, device, collate_fn=list)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for items in self.loader:
+            yield decode_batch(items, self.preprocess, self.device)

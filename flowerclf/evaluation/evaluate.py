@@ -1,0 +1,46 @@
+"""Evaluating a checkpoint on an ImageFolder split, with its features computed (and stored) as training did."""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from flowerclf.base.runfiles import RunFiles
+from flowerclf.data.folders import class_names, load_category_names, scan_split
+from flowerclf.data.transforms import Preprocess
+from flowerclf.evaluation.html import run_facts, write_html_report
+from flowerclf.evaluation.metrics import classification_report
+from flowerclf.evaluation.reports import write_report
+from flowerclf.features.passes import FeaturePass, head_logits
+from flowerclf.models.checkpoints import load_model
+from flowerclf.runtime.devices import (enable_cudnn_autotune, resolve_device, resolve_feature_batch_size,
+                                       resolve_num_workers)
+
+
+def evaluate_split(checkpoint: str, split: str, out: str | None = None, category_names: str | None = None,
+                   batch_size: int | None = None, device: str = "auto", gpu: bool = False,
+                   num_workers: int | str = "auto", log: Callable[[str], None] = print) -> tuple[dict, list[str], str]:
+    """(the report of `checkpoint` on `split`, the report files written, report.html's path)."""
+    names = load_category_names(category_names)
+    dev = resolve_device(device, gpu)
+    enable_cudnn_autotune(dev)
+    model, ckpt = load_model(checkpoint, dev)
+    images = scan_split(split, ckpt["class_to_idx"])
+    train_args = ckpt.get("args", {})
+    batch_size = batch_size or train_args.get("feature_batch_size") or resolve_feature_batch_size(0, dev)
+    # features on the engine training used, from the same store, so the numbers match what train.py printed
+    engine = "torch" if train_args.get("unfreeze") else train_args.get("engine", "torch")
+    stem = os.path.basename(os.path.normpath(split))
+    with FeaturePass(model.backbone, ckpt["model"]["arch"], ckpt["model"].get("weights", ""),
+                     Preprocess.from_dict(ckpt["preprocess"]), engine, dev, bool(train_args.get("amp")), batch_size,
+                     resolve_num_workers(num_workers, dev), True, log) as passes:
+        feats, labels = passes.features(images, stem)
+    logits = head_logits(model.head, feats, dev)
+    result = classification_report(logits.numpy(), labels.numpy(), class_names(ckpt["class_to_idx"]), names,
+                                   files=images.files)
+    files = RunFiles(out or os.path.dirname(os.path.abspath(checkpoint)))
+    written = write_report(result, files, stem)
+    facts = run_facts("evaluate.py", train_args, str(dev), split, f"{len(images)} {stem}", ckpt.get("epoch", "?"))
+    curves = RunFiles(os.path.dirname(os.path.abspath(checkpoint))).curves
+    page = write_html_report(files.folder, stem, result, facts, train_args, {
+        "Training curves": curves, "Confusion matrix": files.confusion(stem)})
+    return result, written, page

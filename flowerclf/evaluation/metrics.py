@@ -1,0 +1,79 @@
+"""Metrics of a split's logits: top-1/top-k accuracy, per-class precision/recall/F1, confusions, top losses.
+
+numpy only: the same numbers for training, evaluate.py and the reports.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
+    """counts[true, predicted]."""
+    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(cm, (labels, predicted), 1)
+    return cm
+
+
+def ranked(logits: np.ndarray, k: int) -> np.ndarray:
+    """The k highest-scoring classes of each row, best first; ties go to the lower class index."""
+    return np.argsort(-np.asarray(logits), axis=1, kind="stable")[:, :k]
+
+
+def accuracies(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Top-1 and top-k accuracy, k = min(5, classes): the one definition training and reports share."""
+    topk = ranked(logits, min(5, np.shape(logits)[1]))
+    labels = np.asarray(labels)
+    return float((topk[:, 0] == labels).mean()), float((topk == labels[:, None]).any(axis=1).mean())
+
+
+TOP_LOSSES = 24  # photos in report.html's top-loss grid
+
+
+def classification_report(logits: np.ndarray, labels: np.ndarray, classes: list[str],
+                          names: dict[str, str] | None = None, most_confused: int = 10,
+                          files: list[str] | None = None, top_losses: int = TOP_LOSSES) -> dict:
+    """Top-1/top-5 accuracy, per-class precision/recall/F1/support, the most confused pairs.
+
+    With the `files` of the rows, also the `top_losses` highest-loss photos and an example photo per pair.
+    """
+    names = names or {}
+    logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
+    top1, top5 = accuracies(logits, labels)
+    cm = confusion_matrix(labels, ranked(logits, 1)[:, 0], len(classes))
+    tp = np.diag(cm).astype(float)
+    predicted, support = cm.sum(axis=0), cm.sum(axis=1)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp),
+                   where=(precision + recall) > 0)
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    pairs = sorted(((int(off[i, j]), i, j) for i, j in zip(*np.nonzero(off))), key=lambda t: (-t[0], t[1], t[2]))
+    label = lambda i: names.get(classes[i], classes[i])  # noqa: E731
+    result = {
+        "images": int(len(labels)),
+        "top1": top1,
+        "top5": top5,
+        "per_class": [{"class": c, "name": label(i), "precision": float(precision[i]), "recall": float(recall[i]),
+                       "f1": float(f1[i]), "support": int(support[i])} for i, c in enumerate(classes)],
+        "most_confused": [{"true": label(i), "predicted": label(j), "count": n} for n, i, j in pairs[:most_confused]],
+        "confusion_matrix": cm.tolist(),
+    }
+    if files is not None:
+        _add_mistakes(result, logits, labels, files, label, [(i, j) for _, i, j in pairs[:most_confused]], top_losses)
+    return result
+
+
+def _add_mistakes(result: dict, logits: np.ndarray, labels: np.ndarray, files: list[str], label,
+                  pairs: list[tuple[int, int]], n: int) -> None:
+    """result["top_losses"]: the n photos of highest cross-entropy; each confused pair's highest-loss "example"."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    rows = np.arange(len(labels))
+    loss, predicted = -log_probs[rows, labels], ranked(logits, 1)[:, 0]
+    order = np.argsort(-loss, kind="stable")  # ties keep the file order
+    result["top_losses"] = [{"path": files[r], "true": label(labels[r]), "predicted": label(predicted[r]),
+                             "probability": float(np.exp(log_probs[r, predicted[r]])), "loss": float(loss[r])}
+                            for r in order[:n]]
+    for pair, (i, j) in zip(result["most_confused"], pairs):
+        pair["example"] = files[next(r for r in order if labels[r] == i and predicted[r] == j)]

@@ -1,0 +1,1 @@
+"""Backbone features: the engines (torch, ONNX Runtime), the passes over splits, the per-user store."""

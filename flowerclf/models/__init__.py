@@ -1,0 +1,1 @@
+"""Backbones and heads: the architecture registry, offline weights, checkpoints and ONNX files."""

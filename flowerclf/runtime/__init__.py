@@ -1,0 +1,1 @@
+"""Where tensors run: the device decision, torchrun processes, memory accounting."""

@@ -1,0 +1,86 @@
+"""TrainConfig: a training run's settings as plain values, checked when made (saved in the checkpoint)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from flowerclf.base.errors import FlowerclfError
+from flowerclf.base.schema import DEVICES, MAX_HIDDEN_UNITS
+
+MAX_SEED = 2 ** 32 - 1
+
+
+@dataclass
+class TrainConfig:
+    """The training run's settings, as plain values (saved in the checkpoint); checked when made."""
+
+    data_dir: str
+    save_dir: str = "."
+    arch: str = "densenet121"
+    weights: str = "DEFAULT"
+    hidden_units: list[int] = field(default_factory=lambda: [512])
+    dropout: float = 0.2
+    learning_rate: float = 0.001
+    epochs: int = 10
+    batch_size: int = 64
+    feature_batch_size: int = 0  # 0: auto, see devices.resolve_feature_batch_size
+    device: str = "auto"
+    gpu: bool = False
+    seed: int = 0
+    num_workers: int | str = "auto"  # see devices.resolve_num_workers
+    store: bool = True  # --no_store (alias --no_cache): neither read nor write the feature store
+    augment_views: int = 0
+    unfreeze: int | str = 0
+    backbone_lr_ratio: float = 0.1
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    amp: bool = False
+    compile: bool = False
+    category_names: str | None = None
+    engine: str = "auto"
+    export: str | None = None
+    valid_split: float = 0.0
+    skip_bad_images: bool = False
+    resume: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self):
+        """Every caller (train.py, tests, benchmarks) gets the same checks, before any work."""
+        self.hidden_units = [h for h in self.hidden_units if h != 0]  # "0" means no hidden layer
+        finite = all(math.isfinite(v) for v in (self.dropout, self.learning_rate, self.backbone_lr_ratio,
+                                                  self.warmup_epochs, self.label_smoothing, self.valid_split))
+        problems = [
+            (finite, "--dropout, --learning_rate, --backbone_lr_ratio, --warmup_epochs, --label_smoothing and "
+                     "--valid_split must be finite numbers"),
+            (self.epochs >= 1, "--epochs must be at least 1"),
+            (self.batch_size >= 1, "--batch_size must be at least 1"),
+            (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
+            (self.learning_rate > 0, "--learning_rate must be positive"),
+            (self.backbone_lr_ratio > 0, "--backbone_lr_ratio must be positive"),
+            (self.warmup_epochs >= 0, "--warmup_epochs must be 0 or more"),
+            (0 <= self.label_smoothing < 1, "--label_smoothing must be in [0, 1)"),
+            (0 <= self.valid_split < 1, "--valid_split must be in [0, 1)"),
+            (all(0 < h <= MAX_HIDDEN_UNITS for h in self.hidden_units),
+             f"--hidden_units must be whole numbers from 0 to {MAX_HIDDEN_UNITS}"),
+            (0 <= self.seed <= MAX_SEED, f"--seed must be a whole number from 0 to {MAX_SEED}"),
+            (self.num_workers == "auto" or (isinstance(self.num_workers, int) and self.num_workers >= 0),
+             "--num_workers must be auto or a whole number, 0 or more"),
+            (self.feature_batch_size >= 0, "--feature_batch_size must be 0 (auto) or more"),
+            (self.augment_views >= 0, "--augment_views must be 0 or more"),
+            (self.unfreeze == "all" or (isinstance(self.unfreeze, int) and self.unfreeze >= 0),
+             "--unfreeze must be a number of stages or 'all'"),
+            (not (self.augment_views and self.unfreeze),
+             "--augment_views is for the frozen, cached path; --unfreeze augments every epoch already"),
+            (not self.compile or bool(self.unfreeze),
+             "--compile applies to --unfreeze training (the frozen path trains a small head)"),
+            (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}"),
+            (not self.gpu or self.device in ("auto", "cuda"),
+             f"--gpu asks for CUDA but --device is {self.device}; pass one of them"),
+            (self.engine in ("auto", "torch", "onnxruntime"), "--engine must be auto, torch or onnxruntime"),
+            (self.export in (None, "onnx"), "--export takes onnx"),
+            (not (self.resume and self.overwrite), "--resume continues the run in --save_dir and --overwrite "
+                                                   "replaces it; pass one of them"),
+        ]
+        for ok, message in problems:
+            if not ok:
+                raise FlowerclfError(message)

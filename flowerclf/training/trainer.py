@@ -1,0 +1,296 @@
+"""A training run: the frozen and fine-tuning plans, and the epochs that keep the best model.
+
+Two plans share one epoch loop:
+- frozen backbone (default): features come from the per-user feature store, and only the
+  images it lacks (per augmented view) go through the backbone; the head trains on them in seconds;
+- `unfreeze`: the last N backbone stages train too, on decoded images, with a lower
+  learning rate for the backbone, warm-up + cosine schedule and optional AMP.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+from typing import Callable
+
+import torch
+from torch import nn
+
+from flowerclf.base.errors import FlowerclfError
+from flowerclf.base.runfiles import RunFiles
+from flowerclf.data.folders import check_splits, class_names, load_category_names, scan_data_dir
+from flowerclf.data.loaders import make_loader
+from flowerclf.data.transforms import Preprocess, create_transform
+from flowerclf.evaluation.html import run_facts, write_html_report
+from flowerclf.evaluation.metrics import classification_report
+from flowerclf.evaluation.reports import write_history, write_report
+from flowerclf.features.passes import FeaturePass, head_logits
+from flowerclf.models.checkpoints import atomic_save, first_non_finite, make_checkpoint
+from flowerclf.models.onnx import export_checkpoint
+from flowerclf.models.registry import ModelSpec, build_model, freeze, resolve_weights, unfreeze_last
+from flowerclf.runtime import ddp
+from flowerclf.runtime.devices import (amp_dtype, enable_cudnn_autotune, resolve_device, resolve_feature_batch_size,
+                                       resolve_num_workers, to_channels_last)
+from flowerclf.training import rundir
+from flowerclf.training.config import TrainConfig
+from flowerclf.training.loops import (NonFiniteModel, finetune_epoch, metrics_from_logits, split_logits,
+                                      train_head_epoch, warmup_cosine, wrap_ddp)
+from flowerclf.training.resume import ResumeState
+
+DIST_TIMEOUT_S = 300  # a collective waiting longer than this means a rank died or hung: end the job
+
+
+@dataclass
+class Plan:
+    """What a training path hands the shared epoch loop."""
+
+    trainable: nn.Module                  # the part whose weights change: the head, or the whole model
+    train_epoch: Callable[[int], dict]
+    validate: Callable[[], dict]
+    test_logits: Callable[[], tuple] | None
+    stateful: dict                        # optimizer, scheduler, scaler...: objects with state_dict()
+    generator: torch.Generator            # the order of training batches
+    engine: str
+
+
+def _features(model, spec, preprocess, splits, cfg, device, log) -> tuple[dict, str]:
+    """(features, labels) per split, from the feature store and one backbone pass over the misses; the engine.
+
+    Runs inside its own random stream, so a store hit and a miss (and a first run's ONNX export,
+    which draws random inputs) leave training on the same one.
+    """
+    started = time.perf_counter()
+    with torch.random.fork_rng(devices=[]), FeaturePass(
+            model.backbone, spec.arch, spec.weights, preprocess, cfg.engine, device, cfg.amp, cfg.feature_batch_size,
+            cfg.num_workers, cfg.store, log) as passes:
+        log(f"feature pass on {passes.engine}")
+        feats = {name: passes.features(images, name) for name, images in splits.items()}
+        if cfg.augment_views:
+            views = [passes.features(splits["train"], f"train view {view + 1}", view, cfg.seed)
+                     for view in range(cfg.augment_views)]
+            feats["train"] = tuple(torch.cat(parts) for parts in zip(*views))
+    log(f"features ready in {time.perf_counter() - started:.1f}s")
+    return feats, passes.engine
+
+
+def _frozen_plan(model, spec, preprocess, splits, cfg, device, log) -> Plan:
+    """Features once, from the store or the backbone; the head trains on them."""
+    feats, engine = _features(model, spec, preprocess, splits, cfg, device, log)
+    head = model.head.to(device)
+    runner = wrap_ddp(head, device)
+    optimizer = torch.optim.Adam(head.parameters(), lr=cfg.learning_rate)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return Plan(
+        head,
+        lambda epoch: train_head_epoch(runner, *feats["train"], optimizer, cfg.batch_size, generator, device,
+                                       loss_fn),
+        lambda: metrics_from_logits(head_logits(head, feats["valid"][0], device), feats["valid"][1]),
+        (lambda: (head_logits(head, feats["test"][0], device), feats["test"][1])) if "test" in feats else None,
+        {"optimizer": optimizer}, generator, engine)
+
+
+def _finetune_plan(model, preprocess, splits, cfg, device, log) -> Plan:
+    """The last stages of the backbone train with the head, on augmented images."""
+    names = unfreeze_last(model.backbone, cfg.unfreeze)
+    log(f"fine-tuning backbone stages: {', '.join(names) or 'none'}")
+    to_channels_last(model)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    # --batch_size is global: under torchrun each of the N processes takes batch_size / N per step
+    sampler = torch.utils.data.DistributedSampler(range(len(splits["train"])), seed=cfg.seed) \
+        if ddp.world() > 1 else None
+    # on CUDA every step has the same shape (one cuDNN autotuning), unless that would leave no step at all
+    train_loader = make_loader(splits["train"], create_transform(preprocess, augment=True),
+                               max(1, cfg.batch_size // ddp.world()), cfg.num_workers, device,
+                               shuffle=sampler is None, generator=generator, sampler=sampler,
+                               drop_last=device.type == "cuda" and len(splits["train"]) >= cfg.batch_size)
+    backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([
+        {"params": model.head.parameters(), "lr": cfg.learning_rate},
+        {"params": backbone_params, "lr": cfg.learning_rate * cfg.backbone_lr_ratio}], weight_decay=1e-4)
+    steps = cfg.epochs * len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(steps, min(steps, max(1, round(cfg.warmup_epochs * len(train_loader))))))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and amp_dtype(device) == torch.float16)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    runner = wrap_ddp(model, device)
+    runner = torch.compile(runner) if cfg.compile else runner
+
+    def train_epoch(epoch: int) -> dict:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        return finetune_epoch(model, train_loader, optimizer, scheduler, scaler, loss_fn, device, cfg.amp, runner)
+
+    def logits(split: str):
+        return split_logits(model, splits[split], preprocess, cfg.feature_batch_size, device, cfg.amp, split,
+                            num_workers=cfg.num_workers)
+
+    return Plan(
+        model, train_epoch, lambda: metrics_from_logits(*logits("valid")),
+        (lambda: logits("test")) if "test" in splits else None,
+        {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}, generator, "torch")
+
+
+def _cpu_state(state: dict) -> dict:
+    """A copy of a state dict on the CPU (a copy even for CPU tensors, so training cannot change it)."""
+    return {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
+def check_finite_epoch(trainable: nn.Module, valid_loss: float) -> None:
+    """Stop when an epoch ends with non-finite weights or validation loss (one batch can blow up a model)."""
+    bad = first_non_finite(trainable.state_dict())
+    if bad is not None:
+        raise NonFiniteModel(f"weight {bad} became NaN or infinite; lower --learning_rate (or drop --amp)")
+    if not math.isfinite(valid_loss):
+        raise NonFiniteModel(f"the validation loss became {valid_loss}; lower --learning_rate (or drop --amp)")
+
+
+def check_data(cfg: TrainConfig) -> str:
+    """train.py --check: scan DATA_DIR, decode every image; a report, or an error listing each bad file."""
+    splits = scan_data_dir(cfg.data_dir, cfg.valid_split, cfg.seed)
+    splits, warnings_ = check_splits(splits, full=True, skip_bad=cfg.skip_bad_images)
+    summary = (f"{cfg.data_dir}: " + ", ".join(f"{len(s)} {n}" for n, s in splits.items())
+               + f" images, {len(splits['train'].class_to_idx)} classes, all readable")
+    return "\n".join(warnings_ + [summary])
+
+
+def format_epoch(epoch: int, epochs: int, train: dict, valid: dict, seconds: float) -> str:
+    """The one line printed after each epoch."""
+    return (f"epoch {epoch}/{epochs}  train loss {train['loss']:.4f}  valid loss {valid['loss']:.4f}  "
+            f"valid acc {100 * valid['acc']:.2f}%  {seconds:.1f}s")
+
+
+@dataclass
+class Run:
+    """What the epoch loop needs besides the plan: the model's identity and where it is saved."""
+
+    model: nn.Sequential
+    spec: ModelSpec
+    preprocess: Preprocess
+    class_to_idx: dict
+    cfg: TrainConfig
+    log: Callable[[str], None]
+
+    @property
+    def files(self) -> RunFiles:
+        return RunFiles(self.cfg.save_dir)
+
+    def save(self, epoch: int, history: list, **extra) -> None:
+        """checkpoint.pth (rank 0 only)."""
+        if ddp.is_main():
+            atomic_save(make_checkpoint(self.model, self.spec, self.preprocess, self.class_to_idx, epoch=epoch,
+                                        history=history, args=asdict(self.cfg), **extra), self.files.checkpoint)
+
+
+def run_epochs(plan: Plan, run: Run) -> tuple[list, dict]:
+    """Train epoch after epoch; save the best to checkpoint.pth and each to checkpoint_last.pth."""
+    cfg, last = run.cfg, run.files.last
+    start, history, best = 1, [], {"epoch": 0, "acc": -1.0, "loss": math.inf, "state": None}
+    if cfg.resume:
+        start, history, best = ResumeState.read(last, run.spec, run.class_to_idx, cfg.unfreeze).apply(
+            plan.trainable, plan.stateful, plan.generator, last)
+        run.log(f"resuming after epoch {start - 1} (best so far: epoch {best['epoch']})")
+    for epoch in range(start, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        rate = plan.stateful["optimizer"].param_groups[0]["lr"]
+        try:
+            tr = plan.train_epoch(epoch)
+            va = plan.validate()
+            check_finite_epoch(plan.trainable, va["loss"])
+        except NonFiniteModel as e:  # the run stops here; a non-finite model is never kept nor saved
+            kept = f"{run.files.checkpoint} keeps epoch {best['epoch']}, the best so far" if best["epoch"] \
+                else "no checkpoint was saved"
+            raise FlowerclfError(f"{e} (epoch {epoch}); {kept}") from None
+        seconds = time.perf_counter() - t0
+        history.append({"epoch": epoch, "train_loss": tr["loss"], "valid_loss": va["loss"], "valid_acc": va["acc"],
+                        "seconds": seconds, "lr": rate})
+        run.log(format_epoch(epoch, cfg.epochs, tr, va, seconds))
+        if va["acc"] > best["acc"]:
+            best = {"epoch": epoch, "acc": va["acc"], "loss": va["loss"],
+                    "state": _cpu_state(plan.trainable.state_dict())}
+            run.save(epoch, history, metrics={"valid_loss": va["loss"], "valid_acc": va["acc"]})
+        if ddp.is_main():
+            atomic_save(ResumeState.capture(_cpu_state(plan.trainable.state_dict()), plan.stateful, plan.generator,
+                                            run.spec, run.class_to_idx, epoch, history, best, asdict(cfg)).to_dict(),
+                        last)
+    return history, best
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
+    """Train a new head (and optionally the last backbone stages), save the best epoch; return the results.
+
+    checkpoint.pth is rewritten whenever validation accuracy improves and checkpoint_last.pth
+    after every epoch (both atomically), so a crash or Ctrl-C loses at most the running epoch.
+    Under torchrun every rank runs this; only rank 0 logs and writes files.
+    """
+    torch.manual_seed(cfg.seed)  # the same on every rank: identical initial heads
+    device = ddp.join(resolve_device(cfg.device, cfg.gpu), DIST_TIMEOUT_S)
+    main = ddp.is_main()
+    if not main:
+        log = lambda line: None  # noqa: E731
+    enable_cudnn_autotune(device)
+    cfg = replace(cfg, feature_batch_size=resolve_feature_batch_size(cfg.feature_batch_size, device),
+                  num_workers=resolve_num_workers(cfg.num_workers, device))
+    rundir.check_not_in_data(cfg.save_dir, cfg.data_dir)
+    splits = scan_data_dir(cfg.data_dir, cfg.valid_split, cfg.seed)
+    splits, warnings_ = check_splits(splits, full=cfg.skip_bad_images, skip_bad=cfg.skip_bad_images)
+    for line in warnings_:
+        log(line)
+    names = load_category_names(cfg.category_names)  # fail before training, not after
+    class_to_idx = splits["train"].class_to_idx
+    spec = ModelSpec(cfg.arch, resolve_weights(cfg.arch, cfg.weights).spec, list(cfg.hidden_units),
+                     cfg.dropout, len(class_to_idx))
+    model, preprocess = build_model(spec)
+    freeze(model.backbone)
+    model.to(device)
+    log(f"{cfg.arch} on {device}" + (f" x {ddp.world()} processes" if ddp.world() > 1 else "") + ": "
+        + ", ".join(f"{len(s)} {n}" for n, s in splits.items()) + f" images, {len(class_to_idx)} classes")
+    claim = rundir.claim(RunFiles(cfg.save_dir), cfg.data_dir, cfg.overwrite, cfg.resume, log) if main \
+        else nullcontext()
+    with claim:  # before the feature pass: a locked, unwritable or occupied save dir fails now
+        return _fit(Run(model, spec, preprocess, class_to_idx, cfg, log), splits, names, device)
+
+
+def _fit(run: Run, splits: dict, names: dict, device: torch.device) -> dict:
+    """The plan, the epochs, the test split, and the files a finished run leaves."""
+    cfg, log, main = run.cfg, run.log, ddp.is_main()
+    if cfg.unfreeze:
+        plan = _finetune_plan(run.model, run.preprocess, splits, cfg, device, log)
+    else:
+        plan = _frozen_plan(run.model, run.spec, run.preprocess, splits, cfg, device, log)
+    run.cfg = cfg = replace(cfg, engine=plan.engine)  # recorded, so evaluate.py recomputes features the same way
+    history, best = run_epochs(plan, run)
+
+    plan.trainable.load_state_dict(best["state"])
+    metrics = {"valid_loss": best["loss"], "valid_acc": best["acc"]}
+    test = plan.test_logits() if plan.test_logits else None
+    if test is not None:
+        m = metrics_from_logits(*test)
+        metrics.update(test_loss=m["loss"], test_acc=m["acc"], test_top5=m["top5"])
+        log(f"test accuracy: top-1 {100 * m['acc']:.2f}%  top-5 {100 * m['top5']:.2f}%  "
+            f"(best epoch {best['epoch']})")
+    run.save(best["epoch"], history, metrics=metrics)
+    files = run.files
+    result = {"checkpoint": files.checkpoint, "metrics": metrics, "history": history, "epoch": best["epoch"]}
+    ddp.cleanup()
+    if not main:
+        return result
+    log(f"saved {files.checkpoint} (epoch {best['epoch']}, valid acc {100 * best['acc']:.2f}%)")
+    written = write_history(history, files)
+    page = None
+    if test is not None:
+        test_report = classification_report(test[0].numpy(), test[1].numpy(), class_names(run.class_to_idx), names,
+                                            files=splits["test"].files)
+        written += write_report(test_report, files)
+        facts = run_facts("train.py", asdict(cfg), str(device), os.path.join(cfg.data_dir, "test"),
+                          ", ".join(f"{len(s)} {n}" for n, s in splits.items()), best["epoch"])
+        page = write_html_report(files.folder, "test", test_report, facts, asdict(cfg), {
+            "Training curves": files.curves, "Confusion matrix": files.confusion()})
+    if cfg.export == "onnx":
+        written.append(export_checkpoint(files.checkpoint))
+    log("wrote " + ", ".join(os.path.basename(p) for p in written))
+    if page:
+        log(f"report: {page}")
+    return result

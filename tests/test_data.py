@@ -1,0 +1,254 @@
+"""Data: scanning ImageFolder splits, checking them, reading images of any mode, the transforms."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms._presets import ImageClassification
+
+import evaluate
+import predict
+import train
+from flowerclf.base.errors import FlowerclfError
+from flowerclf.data.folders import (
+    list_images,
+    load_category_names,
+    scan_data_dir,
+    scan_split,
+)
+from flowerclf.data.images import check_image, load_rgb
+from flowerclf.data.transforms import Preprocess, preprocess_image
+from conftest import TINY, an_image, make_image_folder, one_error_line, truncated_jpeg
+from conftest import run_script as _main
+
+
+def test_scan_lists_classes_and_skips_hidden_and_non_images(tmp_path):
+    root = make_image_folder(tmp_path, classes=("a", "b"), per_class={"train": 2, "valid": 1})
+    open(os.path.join(root, "train", "a", ".hidden.png"), "wb").close()
+    open(os.path.join(root, "train", "a", "notes.txt"), "w").close()
+    os.makedirs(os.path.join(root, "train", ".ipynb_checkpoints"))
+    sets = scan_data_dir(root)
+    assert set(sets) == {"train", "valid"}
+    assert sets["train"].class_to_idx == {"a": 0, "b": 1}
+    assert len(sets["train"]) == 4 and sorted(sets["train"].labels) == [0, 0, 1, 1]
+    assert all(not os.path.basename(f).startswith(".") and f.endswith(".png") for f in sets["train"].files)
+
+
+def test_valid_class_missing_from_train_is_named(tmp_path):
+    root = make_image_folder(tmp_path, classes=("1", "2"), per_class={"train": 1, "valid": 1})
+    make_image_folder(tmp_path / "extra", classes=("3",), per_class={"valid": 1})
+    os.rename(tmp_path / "extra" / "valid" / "3", os.path.join(root, "valid", "3"))
+    with pytest.raises(FlowerclfError, match=r"valid/ has classes \['3'\] that train/ lacks"):
+        scan_data_dir(root)
+
+
+@pytest.mark.parametrize("missing", ["train", "valid"])
+def test_missing_split_is_an_error(tmp_path, missing):
+    root = make_image_folder(tmp_path, per_class={"train": 1, "valid": 1})
+    os.rename(os.path.join(root, missing), os.path.join(root, "elsewhere"))
+    with pytest.raises(FlowerclfError, match=f"no {missing}/ folder"):
+        scan_data_dir(root)
+
+
+def test_split_without_images_is_an_error(tmp_path):
+    os.makedirs(tmp_path / "train" / "a")
+    with pytest.raises(FlowerclfError, match="has no images"):
+        scan_split(tmp_path / "train")
+
+
+def _rgb_of(path):
+    return np.asarray(load_rgb(path))
+
+
+def test_image_modes_become_rgb(tmp_path):
+    gray = tmp_path / "gray.png"
+    Image.new("L", (4, 4), 100).save(gray)
+    assert _rgb_of(gray)[0, 0].tolist() == [100, 100, 100]
+
+    rgba = tmp_path / "rgba.png"  # fully transparent red -> the white background
+    Image.new("RGBA", (4, 4), (255, 0, 0, 0)).save(rgba)
+    assert _rgb_of(rgba)[0, 0].tolist() == [255, 255, 255]
+
+    pal = Image.new("P", (4, 4), 1)
+    pal.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    pal.save(tmp_path / "pal.png")
+    assert _rgb_of(tmp_path / "pal.png")[0, 0].tolist() == [10, 20, 30]
+
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(cmyk)  # pure red in CMYK
+    r, g, b = _rgb_of(cmyk)[4, 4].tolist()
+    assert r > 200 and g < 60 and b < 60
+
+    deep = tmp_path / "deep.png"  # 16-bit grayscale: 65535 is white, not clipped garbage
+    Image.fromarray(np.full((4, 4), 65535, np.uint16)).save(deep)
+    assert Image.open(deep).mode.startswith("I")
+    assert _rgb_of(deep)[0, 0].tolist() == [255, 255, 255]
+    Image.fromarray(np.full((4, 4), 32896, np.uint16)).save(deep)
+    assert _rgb_of(deep)[0, 0].tolist() == [128, 128, 128]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("RGB", (6, 2), (0, 0, 0))
+    img.putpixel((0, 0), (255, 255, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    path = tmp_path / "rot.jpg"
+    img.save(path, exif=exif, quality=100)
+    out = load_rgb(path)
+    assert out.size == (2, 6)
+
+
+def test_unreadable_files_raise_one_clear_error(tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(FlowerclfError, match="bad.jpg is not an image"):
+        load_rgb(bad)
+    with pytest.raises(FlowerclfError, match="does not exist"):
+        load_rgb(tmp_path / "nope.jpg")
+
+
+@pytest.mark.parametrize("interp", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("size", [(300, 200), (97, 131), (256, 256), (40, 500)])
+def test_preprocess_matches_torchvision(size, interp):
+    rng = np.random.default_rng(sum(size))
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+    pp = Preprocess(resize_size=232, crop_size=224, interpolation=interp)
+    ours = preprocess_image(img, pp)
+    ref = ImageClassification(crop_size=224, resize_size=232, interpolation=InterpolationMode(interp))(img)
+    assert ours.shape == (3, 224, 224) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, ref.numpy(), atol=1e-5)
+
+
+def test_preprocess_round_trips_as_plain_data():
+    pp = Preprocess(342, 299, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
+    assert Preprocess.from_dict(pp.to_dict()) == pp
+    assert all(isinstance(v, (int, str, list)) for v in pp.to_dict().values())
+
+
+def test_list_images_expands_folders(tmp_path):
+    root = make_image_folder(tmp_path, classes=("a",), per_class={"train": 2})
+    assert len(list_images([root])) == 2
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(FlowerclfError, match="contains no images"):
+        list_images([str(tmp_path / "empty")])
+
+
+def test_bad_files_stop_training_with_one_line_each(image_folder, tmp_path):
+    bad = os.path.join(image_folder, "train", "1")
+    open(os.path.join(bad, "zero.jpg"), "wb").close()
+    with open(os.path.join(bad, "garbage.png"), "wb") as f:
+        f.write(b"this is not a png")
+    code, _, err = _main(train, [image_folder, "--save_dir", str(tmp_path / "s")] + TINY)
+    assert code == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("error: 2 bad image file(s)") and "--skip_bad_images" in lines[0]
+    assert any(line.endswith("zero.jpg is empty (0 bytes)") for line in lines)
+    assert any("garbage.png is not an image" in line for line in lines)
+
+
+def test_skip_bad_images_reports_and_trains(image_folder, tmp_path):
+    truncated_jpeg(tmp_path / "cut.jpg")
+    os.rename(tmp_path / "cut.jpg", os.path.join(image_folder, "train", "2", "cut.jpg"))
+    code, out, _ = _main(train, [image_folder, "--save_dir", str(tmp_path / "s"), "--epochs", "1",
+                                 "--skip_bad_images"] + TINY)
+    assert code == 0
+    assert "warning: skipped" in out and "cut.jpg cannot be decoded" in out
+    assert "18 train" in out  # the 6 x 3 good ones
+
+
+def test_truncated_image_without_skip_names_the_file(image_folder, tmp_path):
+    truncated_jpeg(tmp_path / "cut.jpg")
+    os.rename(tmp_path / "cut.jpg", os.path.join(image_folder, "valid", "3", "cut.jpg"))
+    code, _, err = _main(train, [image_folder, "--save_dir", str(tmp_path / "s"), "--epochs", "1"] + TINY)
+    assert code == 2 and err.count("\n") == 1 and "cut.jpg cannot be read" in err
+    code, _, err = _main(train, [image_folder, "--check"])
+    assert code == 2 and "cut.jpg cannot be decoded" in err
+
+
+def test_decompression_bomb_is_refused(image_folder, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # our 16x16 images now count as bombs
+    path = os.path.join(image_folder, "train", "1", "1_0.png")
+    assert check_image(path, full=False) == "is too large to decode safely (over 100 pixels)"
+    with pytest.raises(FlowerclfError, match="too large"):
+        load_rgb(path)
+
+
+def test_check_reports_structure_problems(tmp_path):
+    root = make_image_folder(tmp_path / "d")
+    code, out, _ = _main(train, [root, "--check"])
+    assert code == 0 and out.strip() == f"{root}: 18 train, 9 valid, 9 test images, 3 classes, all readable"
+    for f in os.listdir(os.path.join(root, "valid", "3")):
+        os.remove(os.path.join(root, "valid", "3", f))
+    code, out, _ = _main(train, [root, "--check"])
+    assert code == 0 and "warning: valid/ has no images of classes ['3'] that train/ has" in out
+    os.makedirs(os.path.join(root, "train", "4"))
+    code, _, err = _main(train, [root, "--check"])
+    assert code == 2 and "train/ class folders ['4'] have no images" in err
+
+
+def test_valid_split_is_stratified_and_seeded(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class={"train": 10})
+    code, _, err = _main(train, [root, "--check"])
+    assert code == 2 and "--valid_split 0.2" in err
+    sets = scan_data_dir(root, valid_split=0.2, seed=3)
+    assert sorted(sets["valid"].labels) == [0, 0, 1, 1, 2, 2]
+    assert len(sets["train"]) == 24 and not set(sets["train"].files) & set(sets["valid"].files)
+    assert scan_data_dir(root, valid_split=0.2, seed=3)["valid"].files == sets["valid"].files
+    assert scan_data_dir(root, valid_split=0.2, seed=4)["valid"].files != sets["valid"].files
+
+
+def _odd_images(folder):
+    rng = np.random.default_rng(0)
+    base = Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8))
+    base.convert("RGBA").save(folder / "rgba.png")
+    base.convert("LA").save(folder / "la.png")
+    base.convert("P").save(folder / "palette.png")
+    base.convert("L").save(folder / "gray.jpg")
+    base.convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(np.asarray(base.convert("L"), np.uint16) * 257).save(folder / "deep16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    base.save(folder / "exif.jpg", exif=exif)
+
+
+def test_every_mode_trains_and_predicts(image_folder, tmp_path):
+    _odd_images(tmp_path)
+    for name in os.listdir(tmp_path):
+        if name.endswith((".png", ".jpg")):
+            os.link(tmp_path / name, os.path.join(image_folder, "train", "1", name))
+    code, out, _ = _main(train, [image_folder, "--save_dir", str(tmp_path / "s"), "--epochs", "1"] + TINY)
+    assert code == 0 and "25 train" in out
+    odd = sorted(str(tmp_path / n) for n in os.listdir(tmp_path) if n.endswith((".png", ".jpg")))
+    code, out, err = _main(predict, odd + [str(tmp_path / "s" / "checkpoint.pth"), "--json"])
+    assert code == 0, err
+    assert [r["image"] for r in json.loads(out)] == odd
+
+
+def test_a_file_as_data_dir(tmp_path):
+    (tmp_path / "f").write_text("x")
+    assert "is a file" in one_error_line(*_main(train, [str(tmp_path / "f")] + TINY)[::2])
+
+
+def test_a_class_folder_linked_to_its_parent(image_folder):
+    os.symlink(os.path.join(image_folder, "train"), os.path.join(image_folder, "train", "loop"))
+    with pytest.raises(FlowerclfError, match="links to .* every image would count twice"):
+        scan_split(os.path.join(image_folder, "train"))
+
+
+def test_non_utf8_category_names(tiny_run, tmp_path):
+    data, save = tiny_run
+    names = tmp_path / "names.json"
+    names.write_bytes('{"1": "café"}'.encode("latin-1"))
+    for module, argv in [(predict, [an_image(data), str(save / "checkpoint.pth")]),
+                         (evaluate, [str(save / "checkpoint.pth"), os.path.join(data, "test")]),
+                         (train, [data, "--save_dir", str(tmp_path / "t")] + TINY)]:
+        line = one_error_line(*_main(module, argv + ["--category_names", str(names)])[::2])
+        assert "is not UTF-8" in line
+
+
+def test_category_names_must_be_strings(tmp_path):
+    (tmp_path / "n.json").write_text('{"1": 3}')
+    with pytest.raises(FlowerclfError, match="not a string"):
+        load_category_names(str(tmp_path / "n.json"))

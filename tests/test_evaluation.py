@@ -1,0 +1,101 @@
+"""Evaluation: metrics by hand, the confusion matrix figure, training's outputs, evaluate.py."""
+import contextlib
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+import train
+from flowerclf.evaluation.metrics import classification_report
+from flowerclf.evaluation.plots import plot_confusion_matrix
+from flowerclf.training.loops import metrics_from_logits
+from conftest import make_image_folder
+
+
+def test_report_on_a_fixed_example_matches_a_hand_count():
+    classes = ["a", "b", "c"]
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    predicted = np.array([0, 0, 1, 1, 2, 2])
+    logits = np.eye(3)[predicted] * 5.0
+    r = classification_report(logits, labels, classes, {"a": "alpha"})
+    # rows are the true class, columns the prediction, counted by hand
+    assert r["confusion_matrix"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+    assert r["top1"] == pytest.approx(4 / 6)
+    a, b, c = r["per_class"]
+    assert a == {"class": "a", "name": "alpha", "precision": 1.0, "recall": pytest.approx(2 / 3),
+                 "f1": pytest.approx(0.8), "support": 3}
+    assert (b["precision"], b["recall"], b["support"]) == (0.5, 0.5, 2)
+    assert (c["precision"], c["recall"], c["f1"]) == (0.5, 1.0, pytest.approx(2 / 3))
+    assert r["most_confused"] == [{"true": "alpha", "predicted": "b", "count": 1},
+                                  {"true": "b", "predicted": "c", "count": 1}]
+
+
+def test_confusion_matrix_stays_readable_with_102_classes(tmp_path):
+    rng = np.random.default_rng(0)
+    cm = rng.integers(0, 5, (102, 102))
+    path = tmp_path / "cm.png"
+    plot_confusion_matrix(cm, [f"flower {i}" for i in range(102)], str(path))
+    w, h = Image.open(path).size
+    assert 2000 <= w <= 4000 and 2000 <= h <= 4000
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    data = make_image_folder(tmp / "data")
+    names = tmp / "names.json"
+    names.write_text(json.dumps({"1": "pink primrose", "2": "globe thistle", "3": "blanket flower"}))
+    save = tmp / "save"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert train.main([data, "--arch", "mobilenet_v3_small", "--weights", "none", "--epochs", "2",
+                           "--save_dir", str(save), "--category_names", str(names), "--batch_size", "8"]) == 0
+    return data, save, names, out.getvalue()
+
+
+def test_training_writes_every_output(run):
+    _, save, _, printed = run
+    for name in ("history.json", "history.csv", "training_curves.png", "test_report.json", "confusion_matrix.png"):
+        assert (save / name).is_file(), name
+    history = json.loads((save / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert set(history[0]) == {"epoch", "train_loss", "valid_loss", "valid_acc", "seconds", "lr"}
+    assert (save / "history.csv").read_text().splitlines()[0] == "epoch,train_loss,valid_loss,valid_acc,seconds,lr"
+    assert Image.open(save / "training_curves.png").size == (1000, 400)
+    w, h = Image.open(save / "confusion_matrix.png").size
+    assert 300 <= w <= 1000 and 300 <= h <= 1000
+    rep = json.loads((save / "test_report.json").read_text())
+    assert f"top-1 {100 * rep['top1']:.2f}%" in printed  # the file and the printed line agree
+    assert [c["name"] for c in rep["per_class"]] == ["pink primrose", "globe thistle", "blanket flower"]
+    assert sum(c["support"] for c in rep["per_class"]) == rep["images"] == 9
+    assert np.array(rep["confusion_matrix"]).sum() == 9
+
+
+def test_evaluate_agrees_with_training(run, tmp_path, capsys):
+    data, save, names, printed = run
+    trained = json.loads((save / "test_report.json").read_text())
+    assert evaluate.main([str(save / "checkpoint.pth"), os.path.join(data, "test"), "--out", str(tmp_path),
+                          "--category_names", str(names), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["top1"] == trained["top1"] and again["confusion_matrix"] == trained["confusion_matrix"]
+    assert (tmp_path / "test_report.json").is_file() and (tmp_path / "confusion_matrix.png").is_file()
+    assert evaluate.main([str(save / "checkpoint.pth"), os.path.join(data, "valid"), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "valid_report.json").is_file()
+
+
+def test_evaluate_bad_split_is_one_line(run, tmp_path, capsys):
+    _, save, _, _ = run
+    assert evaluate.main([str(save / "checkpoint.pth"), str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_metrics_from_logits():
+    logits = torch.tensor([[3.0, 2, 1, 0, -1, -2], [0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]])
+    m = metrics_from_logits(logits, torch.tensor([0, 0, 5]))
+    assert m["acc"] == pytest.approx(1 / 3)
+    assert m["top5"] == pytest.approx(1 / 3)  # only the first is in its top 5

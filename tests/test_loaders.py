@@ -1,0 +1,148 @@
+"""The tensor (decode_jpeg) input path against the PIL path, its fallbacks, and the choice between them."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flowerclf.base.errors import FlowerclfError
+from flowerclf.data.folders import ImageSet
+from flowerclf.data.images import load_rgb
+from flowerclf.data.loaders import (
+    EXIF_ORIENTATION,
+    JpegBatches,
+    input_batches,
+    jpeg_orientation,
+    make_loader,
+)
+from flowerclf.data.transforms import Preprocess, create_transform, preprocess_image
+from flowerclf.features.engines import torch_forward
+from flowerclf.models.registry import (
+    build_imagenet_model,
+    pretrained_state,
+    resolve_weights,
+    strip_classifier,
+)
+
+PP = Preprocess(resize_size=110, crop_size=96, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+CPU = torch.device("cpu")
+
+
+def photo(rng, h, w) -> np.ndarray:
+    """Photo-like pixels: smooth colour gradients, a soft blob and fine texture, as uint8 (H, W, 3)."""
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    channels = []
+    for _ in range(3):
+        a, b, c = rng.uniform(-1, 1, 3)
+        cy, cx, r = rng.uniform(0.2, 0.8, 3)
+        blob = np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (0.05 + 0.1 * r))
+        channels.append(128 + 60 * (a * x + b * y) + 50 * c * blob + 12 * np.sin(40 * x + 7 * rng.random())
+                        * np.cos(30 * y) + rng.normal(0, 4, (h, w)))
+    return np.clip(np.stack(channels, -1), 0, 255).astype(np.uint8)
+
+
+def jpeg_set(folder, n, seed=0) -> ImageSet:
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    images = ImageSet(str(folder))
+    for i in range(n):
+        h, w = (int(v) for v in rng.integers(80, 200, 2))
+        path = os.path.join(folder, f"{i:03d}.jpg")
+        Image.fromarray(photo(rng, h, w)).save(path, quality=int(rng.integers(75, 96)))
+        images.files.append(path)
+        images.labels.append(i % 5)
+    return images
+
+
+def tensor_path(images, batch_size=16, device=CPU):
+    return torch.cat([x.cpu() for x, _ in JpegBatches(images, PP, batch_size, 0, device)])
+
+
+def pil_path(images):
+    return torch.cat([x for x, _ in make_loader(images, create_transform(PP), 16, 0, CPU)])
+
+
+def test_tensor_path_features_match_the_pil_path(tmp_path):
+    images = jpeg_set(tmp_path / "photos", 100)
+    assert all(jpeg_orientation(open(f, "rb").read()) == 1 for f in images.files)  # all on the tensor path
+    ours, theirs = tensor_path(images), pil_path(images)
+    assert (ours - theirs).abs().mean() < 0.02  # normalized units: about a grey level on average
+    # a real network (lite0's offline ImageNet weights): a random one amplifies any difference chaotically
+    weights = resolve_weights("efficientnet_lite0", "DEFAULT")
+    net = build_imagenet_model("efficientnet_lite0", weights)
+    net.load_state_dict(pretrained_state("efficientnet_lite0", weights, net))
+    imagenet_head = net.classifier
+    strip_classifier(net)
+    forward = torch_forward(net, CPU)
+    with torch.inference_mode():
+        fa, fb = forward(ours), forward(theirs)
+        cosine = torch.nn.functional.cosine_similarity(fa, fb)
+        same_top1 = (imagenet_head(fa).argmax(1) == imagenet_head(fb).argmax(1)).float().mean()
+    assert cosine.min() >= 0.999, cosine.min()
+    assert same_top1 >= 0.99
+
+
+def _write(path, img: Image.Image, **kwargs) -> str:
+    img.save(path, **kwargs)
+    return str(path)
+
+
+def test_files_the_decoder_cannot_take_go_through_pil(tmp_path):
+    rgb = Image.fromarray(photo(np.random.default_rng(1), 90, 120))
+    wide = (np.asarray(rgb.convert("L"), np.uint16) * 257).astype(np.uint16)
+    files = {
+        "png": _write(tmp_path / "a.png", rgb),
+        "cmyk": _write(tmp_path / "b.jpg", rgb.convert("CMYK"), quality=95),
+        "16-bit": _write(tmp_path / "c.png", Image.fromarray(wide)),
+        "palette": _write(tmp_path / "d.png", rgb.convert("P")),
+        "grayscale": _write(tmp_path / "e.jpg", rgb.convert("L"), quality=95),
+        "progressive": _write(tmp_path / "f.jpg", rgb, quality=95, progressive=True),
+    }
+    for name, path in files.items():
+        assert jpeg_orientation(open(path, "rb").read()) is None, name
+    images = ImageSet(str(tmp_path), list(files.values()), list(range(len(files))))
+    x, y = next(iter(JpegBatches(images, PP, len(files), 0, CPU)))
+    expected = np.stack([preprocess_image(load_rgb(f), PP) for f in files.values()])
+    np.testing.assert_array_equal(x.numpy(), expected)  # the very PIL path, file by file
+    assert y.tolist() == list(range(len(files)))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_on_the_tensor_path(tmp_path, orientation):
+    img = Image.fromarray(photo(np.random.default_rng(orientation), 90, 150))
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = orientation
+    path = _write(tmp_path / "rotated.jpg", img, quality=95, exif=exif)
+    assert jpeg_orientation(open(path, "rb").read()) == orientation  # stays on the fast path
+    images = ImageSet(str(tmp_path), [path], [0])
+    ours, theirs = tensor_path(images), pil_path(images)
+    assert (ours - theirs).abs().mean() < 0.03  # a wrong rotation or flip differs by about 1
+
+
+def test_a_truncated_jpeg_is_one_error_naming_it_even_from_a_worker(tmp_path):
+    images = jpeg_set(tmp_path / "photos", 3)
+    data = open(images.files[1], "rb").read()
+    with open(images.files[1], "wb") as f:
+        f.write(data[:len(data) // 2])
+    assert jpeg_orientation(data[:len(data) // 2]) is None
+    for batches in (JpegBatches(images, PP, 3, 1, CPU),
+                    make_loader(images, create_transform(PP), 3, 1, CPU)):
+        with pytest.raises(FlowerclfError) as caught:
+            list(batches)
+        assert "001.jpg cannot be read" in str(caught.value) and "Traceback" not in str(caught.value)
+
+
+def test_the_input_path_is_chosen_by_device_and_transform(tmp_path):
+    images = jpeg_set(tmp_path / "photos", 2)
+    cuda = torch.device("cuda")  # only chosen here, never run
+    assert isinstance(input_batches(images, create_transform(PP), 2, 0, cuda), JpegBatches)
+    for device, transform in ((CPU, create_transform(PP)), (cuda, create_transform(PP, augment=True))):
+        assert not isinstance(input_batches(images, transform, 2, 0, device), JpegBatches)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvjpeg)")
+def test_nvjpeg_path_matches_the_pil_path_on_cuda(tmp_path):
+    images = jpeg_set(tmp_path / "photos", 40)
+    ours = tensor_path(images, 16, torch.device("cuda"))
+    assert (ours - pil_path(images)).abs().mean() < 0.03

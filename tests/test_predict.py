@@ -1,0 +1,173 @@
+"""predict.py end to end through the same main() users run: JSON, text, folders, --plot, bad input."""
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import predict
+import train
+from flowerclf.base import cli
+from flowerclf.serving.figure import plot_predictions
+from conftest import ROOT, an_image, make_image_folder, one_error_line
+from conftest import run_script as _main
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """efficientnet_lite0 (offline pretrained weights) trained 2 epochs on a 3-class set."""
+    tmp = tmp_path_factory.mktemp("run")
+    data = make_image_folder(tmp / "data")
+    save = str(tmp / "save")
+    names = tmp / "names.json"
+    names.write_text(json.dumps({"1": "pink primrose", "2": "globe thistle", "3": "blanket flower"}))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = train.main([data, "--arch", "efficientnet_lite0", "--epochs", "2", "--save_dir", save,
+                           "--batch_size", "8"])
+    assert code == 0
+    return data, save, str(names), out.getvalue()
+
+
+def test_train_then_predict_json(trained, capsys):
+    data, save, names, out = trained
+    assert "epoch 1/2" in out and "epoch 2/2" in out and "valid acc" in out
+    assert "test accuracy: top-1" in out
+    ckpt = os.path.join(save, "checkpoint.pth")
+    assert os.path.isfile(ckpt)
+
+    image = os.path.join(data, "test", "2", "2_0.png")
+    assert predict.main([image, ckpt, "--top_k", "3", "--category_names", names, "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["image"] for r in results] == [image]
+    preds = results[0]["predictions"]
+    assert len(preds) == 3
+    probs = [p["probability"] for p in preds]
+    assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1, abs=1e-5)
+    mapping = json.load(open(names))
+    assert all(p["name"] == mapping[p["class"]] for p in preds)
+    assert preds[0]["class"] == "2"  # solid colours are easy even after two epochs
+
+
+def test_predict_text_and_folders(trained, capsys):
+    data, save, _, _ = trained
+    ckpt = os.path.join(save, "checkpoint.pth")
+    folder = os.path.join(data, "test", "1")
+    assert predict.main([folder, ckpt, "--top_k", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 * 3  # 3 images, each a path line and 2 ranked lines
+    assert lines[1].startswith("  1. 1  ") and lines[1].endswith("%")
+
+
+def test_checkpoint_is_plain_data_with_the_best_epoch(trained):
+    _, save, _, _ = trained
+    ckpt = torch.load(os.path.join(save, "checkpoint.pth"), map_location="cpu", weights_only=True)
+    assert ckpt["model"]["arch"] == "efficientnet_lite0" and ckpt["model"]["num_classes"] == 3
+    assert ckpt["class_to_idx"] == {"1": 0, "2": 1, "3": 2}
+    assert ckpt["preprocess"]["mean"] == [0.5, 0.5, 0.5]
+    best = max(ckpt["history"], key=lambda h: h["valid_acc"])
+    assert ckpt["epoch"] == best["epoch"] and ckpt["metrics"]["valid_acc"] == best["valid_acc"]
+    assert ckpt["args"]["epochs"] == 2
+
+
+def test_predict_bad_inputs(trained, tmp_path, capsys):
+    data, save, _, _ = trained
+    ckpt = os.path.join(save, "checkpoint.pth")
+    good = os.path.join(data, "test", "1", "1_0.png")
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff garbage")
+    assert predict.main([good, str(bad), str(tmp_path / "missing.jpg"), ckpt, "--json"]) == 1
+    captured = capsys.readouterr()
+    assert [r["image"] for r in json.loads(captured.out)] == [good]  # the good one is still predicted
+    assert "broken.jpg" in captured.err and "missing.jpg does not exist" in captured.err
+    assert predict.main([good, str(tmp_path / "nope.pth")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: checkpoint {tmp_path / 'nope.pth'} does not exist"
+    assert predict.main([good, good]) == 2
+    assert "is an image; give the images first" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("not a model")
+    assert predict.main([good, str(tmp_path / "notes.txt")]) == 2
+    assert "is not a loadable checkpoint" in capsys.readouterr().err
+
+
+def test_predict_plot(trained, tmp_path):
+    data, save, names, _ = trained
+    out = tmp_path / "fig.png"
+    image = os.path.join(data, "test", "2", "2_0.png")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert predict.main([image, os.path.join(save, "checkpoint.pth"), "--category_names", str(names),
+                             "--top_k", "3", "--plot", str(out)]) == 0
+    w, h = Image.open(out).size
+    assert (w, h) == (420, 750)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert predict.main([os.path.join(data, "test", "1"), os.path.join(save, "checkpoint.pth"), "--plot", str(out)]) == 0
+    assert Image.open(out).size == (3 * 420, 750)  # one column per image
+
+
+def test_prediction_grid_wraps_after_four_columns(tmp_path):
+    img = Image.new("RGB", (8, 8), (200, 30, 30))
+    result = {"image": "x.png", "predictions": [{"class": "1", "name": "pink primrose", "probability": 0.9},
+                                                 {"class": "2", "name": "globe thistle", "probability": 0.1}]}
+    plot_predictions([img] * 5, [result] * 5, str(tmp_path / "grid.png"))
+    assert Image.open(tmp_path / "grid.png").size == (4 * 420, 2 * 750)
+
+
+def test_plot_edges(tiny_run, tmp_path):
+    data, save = tiny_run
+    ckpt = str(save / "checkpoint.pth")
+    assert "is a folder" in one_error_line(*_main(predict, [an_image(data), ckpt, "--plot", str(tmp_path)])[::2])
+    (tmp_path / "names.json").write_text(json.dumps({"1": "$\\frac{a", "2": "b$", "3": "c"}))
+    code, _, err = _main(predict, [an_image(data), ckpt, "--plot", str(tmp_path / "p.png"), "--category_names",
+                                   str(tmp_path / "names.json")])
+    assert code == 0 and (tmp_path / "p.png").stat().st_size > 0 and f"wrote {tmp_path / 'p.png'}" in err
+
+
+@pytest.mark.slow
+def test_a_closed_stdout_is_quiet_and_the_plot_is_still_written(tiny_run, tmp_path):
+    data, save = tiny_run
+    plot = tmp_path / "p.png"
+    cmd = (f"{sys.executable} {os.path.join(ROOT, 'predict.py')} {os.path.join(data, 'test')} "
+           f"{save / 'checkpoint.pth'} --plot {plot} --json | head -1")
+    proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True)
+    assert proc.stdout == "[\n" and "Traceback" not in proc.stderr and plot.stat().st_size > 0
+
+
+def test_a_pth_on_the_inference_only_install_says_what_to_do(tiny_run, monkeypatch):
+    data, save = tiny_run
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "torch" else real(name))
+    line = one_error_line(*_main(predict, [an_image(data), str(save / "checkpoint.pth")])[::2])
+    assert "this install has no torch" in line and "export.py" in line
+
+
+def test_class_names_cannot_drive_the_terminal(tiny_run, tmp_path):
+    data, save = tiny_run
+    ckpt = torch.load(save / "checkpoint.pth", weights_only=True)
+    ckpt["class_to_idx"] = {"\x1b[2J": 0, "\x1b]0;owned\x07": 1, "ok": 2}
+    torch.save(ckpt, tmp_path / "esc.pth")
+    code, out, _ = _main(predict, [an_image(data), str(tmp_path / "esc.pth")])
+    assert code == 0 and "\x1b" not in out and "\x07" not in out and "\\x1b[2J" in out
+    assert cli.printable("a\x1b[31mb\nc") == "a\\x1b[31mb\nc"
+
+
+def test_a_fifo_in_a_predicted_folder_does_not_hang(tiny_run, tmp_path):
+    data, save = tiny_run
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(open(an_image(data), "rb").read())
+    os.mkfifo(folder / "x.jpg")
+    code, out, _ = _main(predict, [str(folder), str(save / "checkpoint.pth"), "--json"])
+    assert code == 0 and [os.path.basename(r["image"]) for r in json.loads(out)] == ["a.png"]
+    assert "not a regular file" in one_error_line(*_main(predict, [str(folder / "x.jpg"),
+                                                                    str(save / "checkpoint.pth")])[::2])
+
+
+def test_swapped_predict_arguments(tiny_run):
+    data, save = tiny_run
+    line = one_error_line(*_main(predict, [str(save / "checkpoint.pth"), os.path.join(data, "test")])[::2])
+    assert "is a folder" in line and "checkpoint (.pth or .onnx) last" in line

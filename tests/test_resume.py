@@ -1,0 +1,137 @@
+"""--resume and kills: checkpoint_last.pth continues a run exactly, refuses another run's state, survives kill -9."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import predict
+import train
+from flowerclf.training import trainer
+from flowerclf.models.checkpoints import load_model
+from flowerclf.training.trainer import format_epoch
+from conftest import ROOT, TINY, make_image_folder, one_error_line, tiny_config
+from conftest import run_script as _main
+
+
+def _wait_for(proc, text: bytes) -> None:
+    """Read the process's output until `text`; fail (not hang) if it ends first."""
+    for line in iter(proc.stdout.readline, b""):
+        if text in line:
+            return
+    pytest.fail(f"the process ended (exit {proc.wait()}) before printing {text!r}")
+
+
+def _train_cmd(data, save, *extra):
+    return [sys.executable, os.path.join(ROOT, "train.py"), data, "--save_dir", str(save)] + TINY + list(extra)
+
+
+@pytest.mark.slow
+def test_sigkill_never_leaves_a_broken_checkpoint(image_folder, tmp_path):
+    save = tmp_path / "s"
+    subprocess.run(_train_cmd(image_folder, save, "--epochs", "2"), check=True, capture_output=True)
+    rng = random.Random(0)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    for _ in range(2):
+        # a high learning rate keeps valid accuracy moving, so checkpoint.pth is rewritten now and then too
+        proc = subprocess.Popen(_train_cmd(image_folder, save, "--epochs", "400", "--learning_rate", "0.05",
+                                           "--resume"), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+        _wait_for(proc, b"epoch ")  # the epochs, and their saves, have begun
+        time.sleep(rng.uniform(0.0, 1.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        code, out, err = _main(predict, [os.path.join(image_folder, "test", "1", "1_0.png"),
+                                         str(save / "checkpoint.pth"), "--json"])
+        assert code == 0, err
+        assert len(json.loads(out)[0]["predictions"]) == 3
+        assert torch.load(save / "checkpoint_last.pth", weights_only=True)["epoch"] >= 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_cleanly_and_keeps_checkpoints(image_folder, tmp_path):
+    save = tmp_path / "s"
+    proc = subprocess.Popen(_train_cmd(image_folder, save, "--epochs", "100000"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    _wait_for(proc, b"epoch 3/")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert b"Traceback" not in err and b"--resume" in err
+    load_model(str(save / "checkpoint.pth"))
+    assert torch.load(save / "checkpoint_last.pth", weights_only=True)["epoch"] >= 2
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_matches_an_uninterrupted_run(image_folder, tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    subprocess.run(_train_cmd(image_folder, full, "--epochs", "40"), check=True, capture_output=True)
+    proc = subprocess.Popen(_train_cmd(image_folder, cut, "--epochs", "40"), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    _wait_for(proc, b"epoch 5/")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped = torch.load(cut / "checkpoint_last.pth", weights_only=True)["epoch"]
+    assert 4 <= stopped < 40  # the kill may land before epoch 5 was saved
+    run = subprocess.run(_train_cmd(image_folder, cut, "--epochs", "40", "--resume"), capture_output=True,
+                         text=True, check=True)
+    assert f"resuming after epoch {stopped}" in run.stdout
+    a = torch.load(full / "checkpoint.pth", weights_only=True)
+    b = torch.load(cut / "checkpoint.pth", weights_only=True)
+    assert a["epoch"] == b["epoch"] and a["history"][-1]["valid_loss"] == b["history"][-1]["valid_loss"]
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+
+
+def test_finetune_resume_restores_optimizer_schedule_and_random_streams(image_folder, tmp_path, monkeypatch):
+    base = tiny_config(image_folder, ".", batch_size=6, epochs=3, unfreeze=1)
+    trainer.train(replace_cfg(base, save_dir=str(tmp_path / "full")), log=lambda s: None)
+
+    real = format_epoch
+
+    def interrupt_at_2(epoch, *a):
+        if epoch == 2:
+            raise KeyboardInterrupt  # after epoch 2's training, before its checkpoints
+        return real(epoch, *a)
+    monkeypatch.setattr(trainer, "format_epoch", interrupt_at_2)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(replace_cfg(base, save_dir=str(tmp_path / "cut")), log=lambda s: None)
+    monkeypatch.setattr(trainer, "format_epoch", real)
+    trainer.train(replace_cfg(base, save_dir=str(tmp_path / "cut"), resume=True), log=lambda s: None)
+    a = torch.load(tmp_path / "full" / "checkpoint.pth", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "cut" / "checkpoint.pth", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def replace_cfg(cfg, **kw):
+    import dataclasses
+    return dataclasses.replace(cfg, **kw)
+
+
+def test_resume_refuses_other_classes(image_folder, tmp_path):
+    save = tmp_path / "s"
+    assert _main(train, [image_folder, "--save_dir", str(save), "--epochs", "1"] + TINY)[0] == 0
+    other = make_image_folder(tmp_path / "other", classes=("a", "b", "c"))
+    code, _, err = _main(train, [other, "--save_dir", str(save), "--epochs", "2", "--resume"] + TINY)
+    assert code == 2 and "was made for classes ['1', '2', '3']" in err
+    code, _, err = _main(train, [image_folder, "--save_dir", str(tmp_path / "none"), "--resume"] + TINY)
+    assert code == 2 and "checkpoint_last.pth does not exist" in err
+    code, _, err = _main(predict, [os.path.join(image_folder, "test", "1", "1_0.png"),
+                                   str(save / "checkpoint_last.pth")])
+    assert code == 2 and "use checkpoint.pth" in err
+
+
+def test_a_resume_state_without_stateful_is_one_line(tiny_run, tmp_path):
+    data, save = tiny_run
+    state = torch.load(save / "checkpoint_last.pth", weights_only=True)
+    del state["stateful"]
+    (tmp_path / "s").mkdir()
+    torch.save(torch.load(save / "checkpoint.pth", weights_only=True), tmp_path / "s" / "checkpoint.pth")
+    torch.save(state, tmp_path / "s" / "checkpoint_last.pth")
+    code, _, err = _main(train, [data, "--save_dir", str(tmp_path / "s"), "--epochs", "3", "--resume"] + TINY)
+    assert "field 'stateful'" in one_error_line(code, err)
