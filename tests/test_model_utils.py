@@ -3,6 +3,7 @@ import io
 import os
 import urllib.error
 import zipfile
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -199,6 +200,21 @@ def test_device_resolution(monkeypatch):
         devices.resolve_device("auto", gpu=True)
     with pytest.raises(FlowerclfError, match="--gpu asks for CUDA"):
         devices.resolve_device("cpu", gpu=True)
+
+
+@pytest.mark.parametrize("capability, dtype", [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                               ((9, 0), torch.bfloat16)])
+def test_amp_is_bf16_only_on_gpus_with_native_bf16(monkeypatch, capability, dtype):
+    # a CUDA machine whose GPU can make (emulated) bf16 tensors, as an sm_75 T4 or RTX 20xx can
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: SimpleNamespace(major=capability[0], minor=capability[1]))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True, raising=False)
+    assert devices.amp_dtype(torch.device("cuda")) == dtype  # fp16: the GradScaler path of train.py --amp
+    assert devices.amp_dtype(torch.device("cuda", 0)) == dtype
+    assert devices.amp_dtype(torch.device("cpu")) == torch.bfloat16
 
 
 def test_head_shapes():
