@@ -42,6 +42,16 @@ def amp_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """Whether `e` says the device ran out of memory: torch's OutOfMemoryError, or the plain RuntimeError of
+    an allocation outside torch's allocator (cuBLAS / cuDNN workspaces: CUBLAS_STATUS_ALLOC_FAILED,
+    CUDNN_STATUS_ALLOC_FAILED; "CUDA error: out of memory"). Any other error is a real one."""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    message = str(e)
+    return isinstance(e, RuntimeError) and ("_STATUS_ALLOC_FAILED" in message or "out of memory" in message.lower())
+
+
 def autocast(device: torch.device, enabled: bool):
     """The one mixed-precision context: bf16 where supported (CPU, recent GPUs), else fp16."""
     if not enabled:
