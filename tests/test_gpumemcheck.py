@@ -98,8 +98,8 @@ class FakeCuda:
             "is_available": lambda: True, "device_count": lambda: 1, "get_device_name": lambda i=None: "Fake GPU",
             "empty_cache": lambda: None, "synchronize": lambda device=None: None,
             "reset_peak_memory_stats": lambda device=None: setattr(self, "peak", self.allocated),
-            "memory_allocated": lambda device=None: self.allocated, "memory_reserved": lambda device=None: self.allocated,
-            "max_memory_allocated": lambda device=None: self.peak,
+            "memory_allocated": lambda device=None: self.allocated,
+            "memory_reserved": lambda device=None: self.allocated, "max_memory_allocated": lambda device=None: self.peak,
             "mem_get_info": lambda device=None: (self.capacity - self.allocated, self.capacity),
         }
         for name, fake in fakes.items():
