@@ -62,7 +62,8 @@ def format_text(r: dict) -> str:
         where = "GPU memory" if est["device"] == "cuda" else "RAM"
         lines.append(f"{est['arch']}, {est['step']}{', amp' if est['amp'] else ''} on {est['device']}:")
         if est.get("peak_bytes") is not None:
-            lines.append(f"  batch {est['batch_size']}: peak {mib(est['peak_bytes'])} of {where}")
+            above = " above the weights and optimizer state" if est["device"] == "cuda" else ""
+            lines.append(f"  batch {est['batch_size']}: peak {mib(est['peak_bytes'])} of {where}{above}")
         elif "recommended_batch_size" not in est:
             lines.append(f"  batch {est['batch_size']}: does not fit ({where})")
         if "recommended_batch_size" in est:
@@ -84,11 +85,11 @@ def format_text(r: dict) -> str:
 
 def estimate(args, step, what: str, device) -> dict:
     """Peak memory of `step`: measured on CUDA, modelled from two small real steps on the CPU."""
-    from flowerclf.runtime import memory
+    from flowerclf.training import memory
 
     out = {"arch": args.arch, "device": device.type, "step": what, "amp": args.amp}
     if device.type == "cuda":
-        peak = lambda b: memory.cuda_peak(step, b, device)  # noqa: E731  (None: out of memory)
+        peak = memory.cuda_step_peak(step, device)  # above weights + optimizer state (None: out of memory)
     else:
         model = memory.cpu_memory_model(step)
         available = memory.host_report()["available"]
@@ -107,15 +108,17 @@ def estimate(args, step, what: str, device) -> dict:
 def report(args) -> dict:
     """Everything gpumemcheck prints, as plain data."""
     import torch
-    from flowerclf.runtime import memory
+    from flowerclf.training import memory
     from flowerclf.runtime.devices import resolve_device
 
-    r = {"cuda": memory.cuda_report() if torch.cuda.is_available() else [], "host": memory.host_report()}
+    r = {"cuda": [], "host": memory.host_report()}
     step = None
     if args.arch:
         device = resolve_device(args.device, args.gpu)
         step, what = memory.training_step(args.arch, args.num_classes, args.unfreeze, args.amp, device)
         r["estimate"] = estimate(args, step, what, device)
+    if torch.cuda.is_available():  # after the step, so "this process: peak" includes it
+        r["cuda"] = memory.cuda_report()
     r["tensors"] = memory.tensor_census()  # while `step` lives: the measured model and optimizer are counted
     del step
     return r

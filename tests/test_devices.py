@@ -1,4 +1,6 @@
 """The device decision."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -24,3 +26,18 @@ def test_num_workers_auto_follows_device_and_cores(monkeypatch):
         assert devices.resolve_num_workers("auto", torch.device("cuda")) == cuda
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four processes share the node's 64 cores
     assert devices.resolve_num_workers("auto", torch.device("cuda")) == 15
+
+
+@pytest.mark.parametrize("capability, dtype", [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                               ((9, 0), torch.bfloat16)])
+def test_amp_is_bf16_only_on_gpus_with_native_bf16(monkeypatch, capability, dtype):
+    # a CUDA machine whose GPU can make (emulated) bf16 tensors, as an sm_75 T4 or RTX 20xx can
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: SimpleNamespace(major=capability[0], minor=capability[1]))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True, raising=False)
+    assert devices.amp_dtype(torch.device("cuda")) == dtype  # fp16: the GradScaler path of train.py --amp
+    assert devices.amp_dtype(torch.device("cuda", 0)) == dtype
+    assert devices.amp_dtype(torch.device("cpu")) == torch.bfloat16

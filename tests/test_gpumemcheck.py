@@ -8,8 +8,8 @@ import torch
 
 import gpumemcheck
 import train
-from flowerclf.runtime import memory
-from flowerclf.training import trainer
+from flowerclf.runtime import devices
+from flowerclf.training import memory, trainer
 
 
 def _run(argv):
@@ -85,3 +85,87 @@ def test_train_out_of_memory_hint(image_folder, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: CUDA out of memory at --batch_size 256 (feature batch auto); python gpumemcheck.py "
                    "--arch resnet50 --unfreeze 2 --find_batch_size finds one that fits"]
+
+
+class FakeCuda:
+    """torch.cuda's memory counters for one device of `capacity` bytes, on the CPU; fake steps call alloc()."""
+
+    def __init__(self, monkeypatch, capacity, error=lambda: torch.cuda.OutOfMemoryError("CUDA out of memory")):
+        self.capacity, self.error, self.allocated, self.peak = capacity, error, 1000, 1000  # 1000: the weights
+        fakes = {
+            "is_available": lambda: True, "device_count": lambda: 1, "get_device_name": lambda i=None: "Fake GPU",
+            "empty_cache": lambda: None, "synchronize": lambda device=None: None,
+            "reset_peak_memory_stats": lambda device=None: setattr(self, "peak", self.allocated),
+            "memory_allocated": lambda device=None: self.allocated,
+            "memory_reserved": lambda device=None: self.allocated, "max_memory_allocated": lambda device=None: self.peak,
+            "mem_get_info": lambda device=None: (self.capacity - self.allocated, self.capacity),
+        }
+        for name, fake in fakes.items():
+            monkeypatch.setattr(torch.cuda, name, fake)
+        monkeypatch.setattr(memory.gc, "collect", lambda *args: 0)  # nothing of the fake's to collect, and slow
+
+    def alloc(self, n):
+        if self.allocated + n > self.capacity:
+            raise self.error()
+        self.allocated += n
+        self.peak = max(self.peak, self.allocated)
+
+    def training_step(self, state=5000, per_image=100):
+        """A step whose first call makes `state` bytes that stay (AdamW's), then `per_image` a batch image."""
+        made = []
+
+        def step(batch):
+            if not made:
+                self.alloc(state)
+                made.append(state)
+            self.alloc(per_image * batch)
+            self.allocated -= per_image * batch  # activations and gradients freed after the step
+        return step
+
+
+def _args(argv):
+    return gpumemcheck.build_parser().parse_args(["--arch", "mobilenet_v3_small"] + argv)
+
+
+@pytest.mark.parametrize("error", [
+    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+    RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
+    RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported"),
+])
+def test_workspace_allocation_failures_count_as_not_fitting(monkeypatch, error):
+    assert devices.out_of_memory(error)
+    cuda = FakeCuda(monkeypatch, capacity=1000 + 5000 + 100 * 37, error=lambda: error)
+    est = gpumemcheck.estimate(_args(["--find_batch_size"]), cuda.training_step(), "fake", torch.device("cuda"))
+    assert est["largest_batch_size"] == 37 and est["recommended_batch_size"] == 33
+
+
+def test_other_errors_of_a_step_are_not_out_of_memory(monkeypatch):
+    for error in (RuntimeError("CUDA error: an illegal memory access was encountered"),
+                  RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED"), ValueError("out of memory")):
+        assert not devices.out_of_memory(error)
+    # the warm-up step fails, with an error that is a bug, not a size
+    cuda = FakeCuda(monkeypatch, capacity=1000, error=lambda: RuntimeError("CUDA error: illegal memory access"))
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        gpumemcheck.estimate(_args(["--find_batch_size"]), cuda.training_step(), "fake", torch.device("cuda"))
+
+
+def test_batch_size_and_the_search_measure_the_same_peak(monkeypatch):
+    cuda = FakeCuda(monkeypatch, capacity=1000 + 5000 + 100 * 8)
+    fixed = gpumemcheck.estimate(_args(["--batch_size", "8"]), cuda.training_step(), "f", torch.device("cuda"))
+    cuda = FakeCuda(monkeypatch, capacity=1000 + 5000 + 100 * 8)
+    found = gpumemcheck.estimate(_args(["--find_batch_size"]), cuda.training_step(), "f", torch.device("cuda"))
+    assert found["batch_size"] == fixed["batch_size"] == 8
+    assert found["peak_bytes"] == fixed["peak_bytes"] == 800  # the step, above weights and AdamW's state
+
+
+def test_this_process_peak_is_read_after_the_step(monkeypatch):
+    cuda = FakeCuda(monkeypatch, capacity=10 ** 6)
+    monkeypatch.setattr(memory, "training_step", lambda *args: (cuda.training_step(), "fake step"))
+    code, out = _run(["--arch", "mobilenet_v3_small", "--batch_size", "8", "--json"])
+    report = json.loads(out)
+    assert code == 0 and report["estimate"]["peak_bytes"] == 800
+    assert report["cuda"][0]["peak_allocated"] == 1000 + 5000 + 800  # weights, AdamW's state, the step
+    assert report["cuda"][0]["allocated"] == 1000 + 5000
+    text = gpumemcheck.format_text(report)
+    assert "batch 8: peak 0 MiB of GPU memory above the weights and optimizer state" in text

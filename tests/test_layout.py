@@ -10,7 +10,7 @@ from conftest import ROOT
 SCRIPTS = {"train", "predict", "evaluate", "export", "gpumemcheck", "serve", "cache"}
 FACES = {"model_utils", "data_utils"}
 # each layer imports only itself and the layers before it
-LAYERS = ["base", "data", "models", "runtime", "features", "evaluation", "training", "serving"]
+LAYERS = ["base", "runtime", "data", "models", "features", "evaluation", "training", "serving"]
 # what the inference-only install (no torch) imports: predict.py and serve.py with a model.onnx
 TORCH_FREE = ["flowerclf.base.cli", "flowerclf.base.errors", "flowerclf.base.files", "flowerclf.base.progress",
               "flowerclf.base.runfiles", "flowerclf.base.schema", "flowerclf.data.folders", "flowerclf.data.images",

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from flowerclf.data import loaders
 from flowerclf.base.errors import FlowerclfError
 from flowerclf.data.folders import ImageSet
 from flowerclf.data.images import load_rgb
@@ -131,6 +132,77 @@ def test_a_truncated_jpeg_is_one_error_naming_it_even_from_a_worker(tmp_path):
         with pytest.raises(FlowerclfError) as caught:
             list(batches)
         assert "001.jpg cannot be read" in str(caught.value) and "Traceback" not in str(caught.value)
+
+
+def test_jpeg_size_reads_the_frame_header(tmp_path):
+    images = jpeg_set(tmp_path / "photos", 6)
+    exif = Image.Exif()
+    exif[loaders.EXIF_ORIENTATION] = 6
+    rgb = Image.fromarray(photo(np.random.default_rng(2), 90, 150))
+    images.files += [_write(tmp_path / "exif.jpg", rgb, quality=90, exif=exif),  # an APP1 segment first
+                     _write(tmp_path / "progressive.jpg", rgb, quality=90, progressive=True)]  # SOF2
+    for f in images.files:
+        with Image.open(f) as img:
+            assert loaders.jpeg_size(open(f, "rb").read()) == img.size, f
+    data = open(images.files[0], "rb").read()
+    assert loaders.jpeg_size(torch.frombuffer(bytearray(data), dtype=torch.uint8)) == Image.open(images.files[0]).size
+    assert loaders.jpeg_size(b"\xff\xd8\xff\xd9") is None and loaders.jpeg_size(open(tmp_path / "progressive.jpg",
+                                                                                   "rb").read()[:30]) is None
+
+
+def _jpeg_items(images):
+    return [loaders.JpegBytes(images, PP)[i] for i in range(len(images.files))]
+
+
+def test_the_pixel_cap_splits_a_batch_of_large_photos(tmp_path, monkeypatch):
+    path = _write(tmp_path / "12mp.jpg", Image.new("RGB", (4000, 3000), (90, 140, 60)), quality=50)
+    item = loaders.JpegBytes(ImageSet(str(tmp_path), [path], [0]), PP)[0]
+    calls = []
+
+    def decode_jpeg(datas, mode, device):  # the headers say 12 MP; the pixels are beside the point
+        calls.append(len(datas))
+        return [torch.full((3, 60, 80), 128, dtype=torch.uint8) for _ in datas]
+    monkeypatch.setattr(loaders, "decode_jpeg", decode_jpeg)
+    x, _ = loaders.decode_batch([item] * 128, PP, CPU)
+    assert calls == [21] * 6 + [2]  # 21 x 12 MP under the 256 MP cap: 6.1 GB of output becomes 0.76 GB a call
+    assert x.shape == (128, 3, 96, 96) and x.abs().max() < 0.01  # grey 128 normalized, in every row
+
+
+def _short_of_memory(monkeypatch, most):
+    """loaders.decode_jpeg as a GPU with room for `most` images a call (0: not even one); returns its calls."""
+    real, calls = loaders.decode_jpeg, []
+
+    def decode_jpeg(datas, mode, device):
+        calls.append(len(datas))
+        if len(datas) > most:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB")
+        return real(datas, mode=mode, device=device)
+    monkeypatch.setattr(loaders, "decode_jpeg", decode_jpeg)
+    monkeypatch.setattr(loaders, "_said_pil_for_memory", False)
+    return calls
+
+
+def test_decoder_out_of_memory_splits_the_batch_in_halves(tmp_path, monkeypatch, capsys):
+    items = _jpeg_items(jpeg_set(tmp_path / "photos", 8))
+    reference, _ = loaders.decode_batch(items, PP, CPU)
+    calls = _short_of_memory(monkeypatch, 2)
+    x, y = loaders.decode_batch(items, PP, CPU)
+    assert calls == [8, 4, 2, 2, 4, 2, 2]
+    torch.testing.assert_close(x, reference, rtol=0, atol=0)  # still nvjpeg's pixels, not PIL's
+    assert y.tolist() == [i % 5 for i in range(8)] and capsys.readouterr().err == ""
+
+
+def test_what_does_not_fit_even_alone_goes_through_pil_said_once(tmp_path, monkeypatch, capsys):
+    images = jpeg_set(tmp_path / "photos", 6)
+    items = _jpeg_items(images)
+    calls = _short_of_memory(monkeypatch, 0)
+    first, _ = loaders.decode_batch(items[:4], PP, CPU)
+    second, _ = loaders.decode_batch(items[4:], PP, CPU)
+    assert calls == [4, 2, 1, 1, 2, 1, 1] + [2, 1, 1]  # down to one image before giving up on the GPU
+    expected = np.stack([preprocess_image(load_rgb(f), PP) for f in images.files])
+    np.testing.assert_array_equal(torch.cat([first, second]).numpy(), expected)  # the very PIL path
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: the GPU ran out of memory decoding") and "000.jpg" in err[0]
 
 
 def test_the_input_path_is_chosen_by_device_and_transform(tmp_path):

@@ -11,6 +11,7 @@ A bad file in a worker still ends as one line: FlowerclfError drops the tracebac
 from __future__ import annotations
 
 import io
+import sys
 import warnings
 
 import torch
@@ -23,6 +24,7 @@ from torchvision.transforms.v2 import functional as F
 from flowerclf.data.folders import ImageSet
 from flowerclf.data.images import load_rgb
 from flowerclf.data.transforms import EvalTransform, Preprocess, preprocess_image
+from flowerclf.runtime.devices import out_of_memory
 
 
 # ---------------------------------------------------------------- the PIL path
@@ -71,6 +73,12 @@ def input_batches(images: ImageSet, transform, batch_size: int, num_workers: int
 # ---------------------------------------------------------------- the JPEG batch path
 
 EXIF_ORIENTATION = 0x0112
+# Pixels one decode_jpeg call decodes at most. Its output is 3 bytes a pixel on the device, all at once:
+# 128 photos of 12-24 MP would be 4.6-9.2 GB, beside training on a 16 GB card. 256 MP is 768 MB a call:
+# 21 photos of 12 MP, whole batches of 500x667 ones (0.33 MP). A call that still runs out of memory is
+# split in halves, down to one image, before the PIL path takes it.
+MAX_DECODE_PIXELS = 256_000_000
+_said_pil_for_memory = False  # the PIL fallback for lack of GPU memory is said once a process
 # PIL's ImageOps.exif_transpose, as tensor ops on (C, H, W)
 _ORIENT = {
     2: lambda x: x.flip(-1),
@@ -94,6 +102,27 @@ def jpeg_orientation(data: bytes) -> int | None:
             return int(img.getexif().get(EXIF_ORIENTATION, 1))
     except Exception:  # any header PIL cannot parse: the PIL path reports it properly
         return None
+
+
+def jpeg_size(data) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's start-of-frame header (bytes or a uint8 tensor), else None; decodes nothing."""
+    view = memoryview(data.numpy() if isinstance(data, torch.Tensor) else data)
+    i = 2  # after SOI
+    while i + 9 <= len(view):
+        if view[i] != 0xFF:
+            return None
+        marker = view[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn: precision, height, width
+            return (view[i + 7] << 8) | view[i + 8], (view[i + 5] << 8) | view[i + 6]
+        elif marker in (0xD9, 0xDA):  # EOI or SOS before any frame header
+            return None
+        else:
+            i += 2 + ((view[i + 2] << 8) | view[i + 3])
+    return None
 
 
 class JpegBytes:
@@ -131,25 +160,58 @@ def normalize(batch: torch.Tensor, pp: Preprocess) -> torch.Tensor:
     return batch.float().mul_(1 / (255.0 * std)).add_(-mean / std)
 
 
+def _decode_into(out: torch.Tensor, items: list, jpegs: list[int], pp: Preprocess, device: torch.device) -> None:
+    """out[k] for the JPEG items k in `jpegs`: one decode_jpeg call, in halves while it runs out of memory,
+    through PIL file by file where it fails otherwise or even one image does not fit."""
+    global _said_pil_for_memory
+    try:
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of torchcodec
+            warnings.simplefilter("ignore", DeprecationWarning)
+            decoded = decode_jpeg([items[k][1] for k in jpegs], mode=ImageReadMode.RGB, device=device)
+        short = False
+    except RuntimeError as e:  # the call fails as a whole (a subclass, OutOfMemoryError, included)
+        decoded, short = None, out_of_memory(e)
+    if short:  # outside the except block: its traceback no longer holds what the failed call allocated
+        torch.cuda.empty_cache()
+        if len(jpegs) > 1:
+            half = len(jpegs) // 2
+            _decode_into(out, items, jpegs[:half], pp, device)
+            _decode_into(out, items, jpegs[half:], pp, device)
+            return
+        if not _said_pil_for_memory:
+            _said_pil_for_memory = True
+            print(f"warning: the GPU ran out of memory decoding {items[jpegs[0]][0]} alone with nvjpeg; JPEGs "
+                  "that do not fit are decoded on the CPU through PIL (much slower); a smaller batch size leaves "
+                  "nvjpeg more room (said once)", file=sys.stderr)
+    if decoded is None:
+        for k in jpegs:
+            array = preprocess_image(load_rgb(items[k][0]), pp)
+            out[k] = torch.from_numpy(array).to(device)
+    else:
+        crops = [resize_center_crop(_ORIENT.get(items[k][2], lambda x: x)(img), pp)
+                 for k, img in zip(jpegs, decoded)]
+        out[jpegs] = normalize(torch.stack(crops), pp)
+
+
 def decode_batch(items: list, pp: Preprocess, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A collated list of JpegBytes items -> (normalized float32 batch on `device`, labels)."""
+    """A collated list of JpegBytes items -> (normalized float32 batch on `device`, labels).
+
+    The JPEGs are decoded in runs of at most MAX_DECODE_PIXELS (by their headers; one larger alone),
+    each cropped before the next is decoded.
+    """
     jpegs = [k for k, item in enumerate(items) if item[1] is not None]
     out = torch.empty((len(items), 3, pp.crop_size, pp.crop_size), dtype=torch.float32, device=device)
-    if jpegs:
-        try:
-            with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of torchcodec
-                warnings.simplefilter("ignore", DeprecationWarning)
-                decoded = decode_jpeg([items[k][1] for k in jpegs], mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:  # the batch fails as a whole: decode it file by file, through PIL
-            decoded = None
-        if decoded is None:
-            for k in jpegs:
-                array = preprocess_image(load_rgb(items[k][0]), pp)
-                out[k] = torch.from_numpy(array).to(device)
-        else:
-            crops = [resize_center_crop(_ORIENT.get(items[k][2], lambda x: x)(img), pp)
-                     for k, img in zip(jpegs, decoded)]
-            out[jpegs] = normalize(torch.stack(crops), pp)
+    run, pixels = [], 0
+    for k in jpegs:
+        size = jpeg_size(items[k][1])
+        n = size[0] * size[1] if size else MAX_DECODE_PIXELS
+        if run and pixels + n > MAX_DECODE_PIXELS:
+            _decode_into(out, items, run, pp, device)
+            run, pixels = [], 0
+        run.append(k)
+        pixels += n
+    if run:
+        _decode_into(out, items, run, pp, device)
     for k, item in enumerate(items):
         if item[1] is None:
             out[k] = item[2].to(device, non_blocking=True)

@@ -1,1 +1,1 @@
-"""Where tensors run: the device decision, torchrun processes, memory accounting."""
+"""Where tensors run: the device decision and torchrun's processes."""

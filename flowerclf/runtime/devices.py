@@ -30,10 +30,26 @@ def resolve_device(name: str = "auto", gpu: bool = False) -> torch.device:
 
 
 def amp_dtype(device: torch.device) -> torch.dtype:
-    """bf16 unless on a CUDA device without bf16 support."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    """bf16 where the hardware has it (CPU, ROCm, NVIDIA sm_80 and later), else fp16 (train.py adds a GradScaler).
+
+    Not torch.cuda.is_bf16_supported(): by default it counts emulation too (a T4 or RTX 20xx, sm_75,
+    can make bf16 tensors, so it says True there, yet cuDNN has no bf16 convolutions for it and the
+    emulation is slow), and it asks about the current device rather than `device`. Its
+    including_emulation=False is the same compute-capability test as this one.
+    """
+    if device.type == "cuda" and not torch.version.hip and torch.cuda.get_device_capability(device)[0] < 8:
         return torch.float16
     return torch.bfloat16
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether `e` says the device ran out of memory: torch's OutOfMemoryError, or the plain RuntimeError of
+    an allocation outside torch's allocator (cuBLAS / cuDNN workspaces: CUBLAS_STATUS_ALLOC_FAILED,
+    CUDNN_STATUS_ALLOC_FAILED; "CUDA error: out of memory"). Any other error is a real one."""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    message = str(e)
+    return isinstance(e, RuntimeError) and ("_STATUS_ALLOC_FAILED" in message or "out of memory" in message.lower())
 
 
 def autocast(device: torch.device, enabled: bool):

@@ -1,1 +1,1 @@
-"""A training run: its settings, the epoch loops, the trainer, the save directory and the resume state."""
+"""A training run: its settings, the epoch loops, the trainer, the save directory, the resume state, what fits in memory."""

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from flowerclf.models.registry import ModelSpec, build_model, freeze, unfreeze_last
-from flowerclf.runtime.devices import autocast
+from flowerclf.runtime.devices import autocast, out_of_memory
 
 MIB = 1024 ** 2
 
@@ -126,19 +126,37 @@ def training_step(arch: str, num_classes: int, unfreeze, amp: bool, device: torc
 
 
 def cuda_peak(step: Callable[[int], None], batch_size: int, device: torch.device) -> int | None:
-    """Peak bytes allocated by one step on CUDA, or None when it runs out of memory."""
+    """Peak bytes one step on CUDA allocates above what was allocated before it, or None when it does not fit.
+
+    Not fitting is any out-of-memory error (devices.out_of_memory: cuBLAS and cuDNN workspaces too);
+    any other error propagates.
+    """
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     try:
         step(batch_size)
         torch.cuda.synchronize(device)
-    except torch.cuda.OutOfMemoryError:
+    except RuntimeError as e:
+        if not out_of_memory(e):
+            raise
         return None
     finally:
         gc.collect()
         torch.cuda.empty_cache()
     return torch.cuda.max_memory_allocated(device) - base
+
+
+def cuda_step_peak(step: Callable[[int], None], device: torch.device) -> Callable[[int], int | None]:
+    """batch size -> cuda_peak of a step there, after one warm-up step at batch 1 (None if even that fails).
+
+    The first step makes what then stays: AdamW's state (two tensors per trainable parameter),
+    cuBLAS / cuDNN handles. After the warm-up every figure is the same thing whichever batch size comes
+    first (--batch_size or --find_batch_size's search): what one step adds on top of the weights and the
+    optimizer state (its activations, gradients and workspaces).
+    """
+    warm = cuda_peak(step, 1, device) is not None
+    return lambda batch_size: cuda_peak(step, batch_size, device) if warm else None
 
 
 def cpu_peak(step: Callable[[int], None], batch_size: int) -> tuple[int, float]:
