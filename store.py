@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import time
 from typing import Callable, Iterable, Sequence
 
 STORE_NAME = "features.sqlite"
@@ -67,6 +68,10 @@ class OtherFormat(sqlite3.DatabaseError):
     """An SQLite file, but not a feature store of this schema version."""
 
 
+def _is_busy(error: sqlite3.Error) -> bool:
+    return getattr(error, "sqlite_errorname", "").startswith("SQLITE_BUSY")
+
+
 def _is_damage(error: sqlite3.DatabaseError) -> bool:
     """Damage (garbage, a torn or foreign file), as opposed to a lock or a full disk."""
     return isinstance(error, OtherFormat) or getattr(error, "sqlite_errorname", "") in _DAMAGE
@@ -91,7 +96,7 @@ class FeatureStore:
         if version not in (0, SCHEMA_VERSION):
             raise OtherFormat(f"schema version {version}, not {SCHEMA_VERSION}")
         self.db.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # takes effect only while the file is empty
-        self.db.execute("PRAGMA journal_mode = WAL")
+        self._again_while_busy("PRAGMA journal_mode = WAL")
         self.db.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: a killed process loses nothing committed
         self.db.execute(f"PRAGMA wal_autocheckpoint = {WAL_PAGES}")
         self.db.execute(f"PRAGMA journal_size_limit = {WAL_PAGES * PAGE_SIZE}")
@@ -99,6 +104,25 @@ class FeatureStore:
             for statement in _SCHEMA.split(";")[:-1]:  # not executescript: it would commit first
                 self.db.execute(statement)
             self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _again_while_busy(self, statement: str) -> None:
+        """Run `statement`, again after a growing pause (up to the busy timeout) while SQLite says SQLITE_BUSY.
+
+        Switching a brand-new file to WAL while another process writes it (creating it too) fails at once with
+        "database is locked": SQLite reads the header under a read lock, then asks for the write lock, and
+        calls the busy handler only for a connection that holds no lock (deadlock avoidance), so the busy
+        timeout alone does not make two runs take turns there.
+        """
+        deadline, pause = time.monotonic() + BUSY_TIMEOUT_S, 0.001
+        while True:
+            try:
+                self.db.execute(statement).fetchall()
+                return
+            except sqlite3.OperationalError as e:
+                if not _is_busy(e) or time.monotonic() > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(2 * pause, 0.1)
 
     def _set_aside_if_damaged(self, error: sqlite3.DatabaseError) -> None:
         """Move a damaged store (and its -wal/-shm) to STORE.damaged; re-raise anything else (a lock, a full disk)."""

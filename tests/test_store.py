@@ -208,3 +208,72 @@ def test_cache_command_shows_and_clears_by_backbone(tmp_path):
     assert _cache_cli("clear")[1].startswith("deleted 2 feature vectors;")
     code, out = _cache_cli("info")
     assert "0 file hashes remembered" in out and len(out.splitlines()) == 2
+
+
+def _raw(path):
+    """A plain connection to a store file, as another program (or a bug) would write to it."""
+    return contextlib.closing(sqlite3.connect(str(path), isolation_level=None))
+
+
+def _assert_schema_intact(path):
+    with _raw(path) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert db.execute("PRAGMA user_version").fetchone()[0] == store.SCHEMA_VERSION
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA page_size").fetchone()[0] == store.PAGE_SIZE
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert {"files", "setups", "vectors"} <= tables
+
+
+_OPENER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import time
+import store
+for line in sys.stdin:  # each line: a path to open, and the moment to, the same for both openers
+    path, start = line.split()
+    while time.time() < float(start):
+        pass
+    try:
+        store.FeatureStore(path, lambda message: print(message, file=sys.stderr)).close()
+        print("ok", flush=True)
+    except Exception as e:
+        print(f"{type(e).__name__}: {e}", flush=True)
+"""
+
+
+def test_two_processes_creating_a_new_store_at_once_both_open_it(tmp_path):
+    procs = [subprocess.Popen([sys.executable, "-c", _OPENER, ROOT], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        for i in range(20):
+            path = str(tmp_path / str(i) / store.STORE_NAME)
+            start = time.time() + 0.05
+            for proc in procs:
+                proc.stdin.write(f"{path} {start}\n")
+                proc.stdin.flush()
+            assert [proc.stdout.readline().strip() for proc in procs] == ["ok", "ok"], f"repetition {i}"
+            _assert_schema_intact(path)
+    finally:
+        for proc in procs:
+            proc.stdin.close()
+            proc.wait(timeout=60)
+
+
+def test_a_new_store_waits_while_another_run_is_creating_it(tmp_path, monkeypatch):
+    path = str(tmp_path / store.STORE_NAME)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute(f"PRAGMA page_size = {store.PAGE_SIZE}")
+    other.execute("BEGIN IMMEDIATE")  # another run is writing the brand-new file
+    waits = []
+
+    def sleep(seconds):  # the other run finishes while this one waits
+        waits.append(seconds)
+        if other.in_transaction:
+            other.execute("COMMIT")
+    monkeypatch.setattr(store.time, "sleep", sleep)
+    store.FeatureStore(path, print).close()  # SQLite refuses its switch to WAL at once, busy timeout or not
+    assert waits and not other.in_transaction
+    other.close()
+    _assert_schema_intact(path)
+
