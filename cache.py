@@ -16,7 +16,7 @@ EXAMPLES = """examples:
   python cache.py clear --arch densenet121      # forget densenet121's features only
   python cache.py clear                         # forget every feature and remembered file hash
 
-The store is FLOWERCLF_CACHE/features.sqlite (default ~/.cache/flowerclf/features.sqlite).
+The store is FLOWERCLF_STORE/features.sqlite (default ~/.cache/flowerclf/features.sqlite).
 A cleared feature is computed again the next time a run needs it.
 """
 
@@ -41,21 +41,38 @@ def run(args: argparse.Namespace) -> None:
     if not os.path.exists(path):
         print(f"no feature store yet at {path}")
         return
-    try:
-        with contextlib.closing(store.FeatureStore(path, print)) as features:
+    try:  # info only reads: it works on a read-only store and changes nothing, not even a damaged one
+        with contextlib.closing(store.FeatureStore(path, print, read_only=args.command == "info")) as features:
             if args.command == "clear":
                 deleted = features.clear(args.arch)
                 print(f"deleted {deleted:,} feature vectors{' of ' + args.arch if args.arch else ''}; "
                       f"{path} is now {features.disk_bytes() / 2 ** 20:,.1f} MiB")
                 return
+            if features.version == 0:  # a file no run got to set up
+                print(f"no feature store yet at {path} (an empty file)")
+                return
             print(f"{path}: {features.disk_bytes() / 2 ** 20:,.1f} MiB on disk, "
                   f"{features.files_known():,} file hashes remembered")
+            if features.version < store.SCHEMA_VERSION:
+                print(f"note: schema version {features.version}: the next train.py or evaluate.py run rebuilds "
+                      f"it as version {store.SCHEMA_VERSION}, computing its features again")
             print(f"{'arch':24s} {'weights':16s} {'setups':>6s} {'entries':>9s} {'MiB':>9s} {'bytes/vector':>12s}")
             for r in features.summary():
                 if args.arch in (None, r["arch"]):
                     print(f"{cli.printable(r['arch']):24s} {cli.printable(r['weights']):16s} {r['setups']:6d} "
                           f"{r['entries']:9,d} {r['bytes'] / 2 ** 20:9,.1f} {r['bytes'] // max(1, r['entries']):12,d}")
-    except sqlite3.Error as e:  # e.g. a run holding the store for longer than the busy timeout
+    except store.NewerStore as e:
+        raise FlowerclfError(str(e)) from None
+    except sqlite3.Error as e:
+        name = getattr(e, "sqlite_errorname", "")
+        if args.command == "clear" and name.startswith("SQLITE_READONLY"):
+            raise FlowerclfError(f"cannot clear {path}: it is read-only to you ({e}); run cache.py clear as "
+                                 f"its owner, or set FLOWERCLF_STORE to a folder of your own") from None
+        if store._is_damage(e):  # only info gets here: clear sets a damaged store aside and starts anew
+            raise FlowerclfError(f"{path} is damaged ({e}); the next train.py or evaluate.py run, or "
+                                 f"python cache.py clear, moves it to {path}.damaged and starts a new one",
+                                 exit_code=1) from None
+        # e.g. a run holding the store for longer than the busy timeout
         raise FlowerclfError(f"{path}: {e}; try again when no train.py or evaluate.py run is using it",
                              exit_code=1) from None
 

@@ -88,7 +88,7 @@ def build_parser() -> cli.ArgumentParser:
                         "batches are fastest, 128 on a GPU)")
     g.add_argument("--engine", choices=("auto", "torch", "onnxruntime"), default="auto",
                    help="runtime of the frozen backbone's feature pass: auto uses ONNX Runtime on a CPU (the "
-                        "backbone is exported once and cached in ~/.cache/flowerclf or $FLOWERCLF_CACHE) and "
+                        "backbone is exported once and kept in ~/.cache/flowerclf or $FLOWERCLF_STORE) and "
                         "torch elsewhere; a failed export falls back to torch (default: %(default)s)")
     g.add_argument("--export", choices=("onnx",),
                    help="also write SAVE_DIR/model.onnx, which predict.py runs without torch")

@@ -34,7 +34,7 @@ def run_train(data: str, save: str, arch: str, cache: str) -> dict:
            "--weights", "none", "--epochs", "1"]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=dict(os.environ, FLOWERCLF_CACHE=cache))
+                            env=dict(os.environ, FLOWERCLF_STORE=cache))
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS (KiB on Linux)
     seconds = time.perf_counter() - start
@@ -56,7 +56,7 @@ def add_photos(data: str, n: int, seed: int) -> None:
 
 
 def fresh_cache(path: str, exports: str) -> str:
-    """A FLOWERCLF_CACHE folder with no feature store yet, sharing the user's exported backbones."""
+    """A FLOWERCLF_STORE folder with no feature store yet, sharing the user's exported backbones."""
     os.makedirs(path)
     os.symlink(exports, os.path.join(path, "onnx"))
     return path
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
                    help="training images per folder (default: %(default)s)")
     p.add_argument("--arch", default="mobilenet_v3_small", help="backbone, random weights (default: %(default)s)")
     args = p.parse_args(argv)
-    exports = os.path.join(store.cache_dir(), "onnx")
+    exports = os.path.join(store.store_dir(), "onnx")
     os.makedirs(exports, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
         # warm-up: the exported backbone lands in the user's cache, as after any first run

@@ -91,9 +91,9 @@ def classic(data_dir: str, arch: str, epochs: int, device: torch.device) -> dict
 
 def ours(data_dir: str, arch: str, epochs: int, engine_name: str = "auto") -> dict:
     """train.py's defaults, an empty feature store (the user's exported backbones kept)."""
-    exports = os.path.join(store.cache_dir(), "onnx")
+    exports = os.path.join(store.store_dir(), "onnx")
     os.makedirs(exports, exist_ok=True)
-    with tempfile.TemporaryDirectory() as save, mock.patch.dict(os.environ, FLOWERCLF_CACHE=save):
+    with tempfile.TemporaryDirectory() as save, mock.patch.dict(os.environ, FLOWERCLF_STORE=save):
         os.symlink(exports, os.path.join(save, "onnx"))
         start = time.perf_counter()
         result = train(TrainConfig(data_dir=data_dir, save_dir=save, arch=arch, epochs=epochs,

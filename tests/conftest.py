@@ -116,7 +116,7 @@ def _cache(tmp_path_factory, _onnx_exports, monkeypatch):
     """Each test starts with an empty feature store and the session's exported backbones, never ~/.cache."""
     cache = tmp_path_factory.mktemp("flowerclf-cache")
     os.symlink(_onnx_exports, cache / "onnx")
-    monkeypatch.setenv("FLOWERCLF_CACHE", str(cache))
+    monkeypatch.setenv("FLOWERCLF_STORE", str(cache))
     return cache
 
 

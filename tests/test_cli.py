@@ -39,7 +39,7 @@ EDGE_CASES = {
 @pytest.mark.parametrize("script", sorted(EDGE_CASES))
 @pytest.mark.slow
 def test_every_script_fails_in_one_line(script, tmp_path):
-    env = dict(os.environ, FLOWERCLF_CACHE=str(tmp_path / "cache"))
+    env = dict(os.environ, FLOWERCLF_STORE=str(tmp_path / "cache"))
     for argv in EDGE_CASES[script]:
         argv = [a.format(missing=tmp_path / "missing") for a in argv]
         proc = subprocess.run([sys.executable, os.path.join(ROOT, script)] + argv, capture_output=True, text=True,

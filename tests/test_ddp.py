@@ -25,11 +25,11 @@ COMMON = ["--arch", "mobilenet_v3_small", "--weights", "none", "--hidden_units",
 
 
 def _run(data, save, nproc, *extra, timeout=240, cache=None):
-    """train.py under torchrun (nproc > 1) or alone; `cache`: another FLOWERCLF_CACHE than the test's."""
+    """train.py under torchrun (nproc > 1) or alone; `cache`: another FLOWERCLF_STORE than the test's."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]
     cmd = launcher + [os.path.join(ROOT, "train.py"), data, "--save_dir", str(save)] + COMMON + list(extra)
-    env = dict(os.environ, **({"FLOWERCLF_CACHE": str(cache)} if cache else {}))
+    env = dict(os.environ, **({"FLOWERCLF_STORE": str(cache)} if cache else {}))
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 

@@ -163,7 +163,7 @@ def test_a_damaged_cached_backbone_is_exported_again(image_folder, tmp_path):
     args = (model.backbone, "mobilenet_v3_small", pp.crop_size, "onnxruntime", torch.device("cpu"), False,
             fingerprint, lines.append)
     assert feature_forward(*args)[1] == "onnxruntime"
-    cached = [os.path.join(d, f) for d, _, fs in os.walk(store.cache_dir()) for f in fs
+    cached = [os.path.join(d, f) for d, _, fs in os.walk(store.store_dir()) for f in fs
               if f.startswith("mobilenet_v3_small-")]
     for path in cached:
         with open(path, "wb") as f:

@@ -9,11 +9,12 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.parse
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, make_image_folder, tiny_config
+from conftest import ROOT, make_image_folder, run_script, tiny_config
 from PIL import Image
 
 import cache
@@ -67,9 +68,9 @@ def small(tmp_path):
 
 def test_only_what_changed_goes_through_the_backbone(small, tmp_path, _cache, capsys):
     assert _train(small, tmp_path / "a", store=False)[0] == {"train": (0, 9), "valid": (0, 3)}
-    assert not os.path.exists(os.path.join(_cache, store.STORE_NAME))  # --no_cache writes nothing
+    assert not os.path.exists(os.path.join(_cache, store.STORE_NAME))  # --no_store writes nothing
     assert _train(small, tmp_path / "a")[0] == {"train": (0, 9), "valid": (0, 3)}
-    # another save dir and other head settings: nothing to compute; --no_cache reads nothing
+    # another save dir and other head settings: nothing to compute; --no_store reads nothing
     assert _train(small, tmp_path / "b", learning_rate=0.01, hidden_units=[4])[0] == {"train": (9, 0), "valid": (3, 0)}
     assert _train(small, tmp_path / "b", store=False)[0] == {"train": (0, 9), "valid": (0, 3)}
     make_image_folder(tmp_path / "more", per_class={"train": 1}, seed=7)  # 3 new photos
@@ -146,7 +147,7 @@ def test_kill_during_the_feature_pass_then_rerun_computes_only_the_rest(tmp_path
     kept = len(_vectors(_cache))
     assert 2 <= kept < 30 and kept % 2 == 0  # whole batches only
     assert _train(data, tmp_path / "s", epochs=1, feature_batch_size=2)[0]["train"] == (kept, 30 - kept)
-    monkeypatch.setenv("FLOWERCLF_CACHE", str(tmp_path / "uninterrupted"))
+    monkeypatch.setenv("FLOWERCLF_STORE", str(tmp_path / "uninterrupted"))
     _train(data, tmp_path / "u", epochs=1, feature_batch_size=2)
     assert _vectors(_cache) == _vectors(tmp_path / "uninterrupted")  # bit for bit, all 33
 
@@ -169,7 +170,7 @@ def test_two_runs_at_once_share_one_consistent_store(small, tmp_path, _cache):
 def test_a_damaged_store_is_one_warning_then_rebuilt(small, tmp_path, _cache, start):
     path = os.path.join(_cache, store.STORE_NAME)
     with contextlib.closing(store.open_store(print)) as s:  # a store with something in it
-        s.put(s.lookup([os.path.join(small, "valid", "1", "1_0.png")], {}, "a", "b")[1], [(b"x", b"y")])
+        s.put(s.lookup([os.path.join(small, "valid", "1", "1_0.png")], {}, "a", "b")[1], [(b"x", bytes(8))])
     with open(path, "r+b") as f:
         f.seek(start)
         f.write(os.urandom(3 * store.PAGE_SIZE))
@@ -209,3 +210,260 @@ def test_cache_command_shows_and_clears_by_backbone(tmp_path):
     assert _cache_cli("clear")[1].startswith("deleted 2 feature vectors;")
     code, out = _cache_cli("info")
     assert "0 file hashes remembered" in out and len(out.splitlines()) == 2
+
+
+def _raw(path):
+    """A plain connection to a store file, as another program (or a bug) would write to it."""
+    return contextlib.closing(sqlite3.connect(str(path), isolation_level=None))
+
+
+def _store_with_one_vector(folder, tmp_path, arch="resnet18", dim=512) -> tuple[str, int]:
+    """A closed store in `folder` holding one `dim`-float vector; (its path, the setup id)."""
+    (tmp_path / "a").write_text("a")
+    path = os.path.join(folder, store.STORE_NAME)
+    with contextlib.closing(store.FeatureStore(path, print)) as s:
+        digests, setup, _ = s.lookup([str(tmp_path / "a")], {"backbone": arch}, arch, "DEFAULT")
+        assert s.put(setup, [(digests[0], np.ones(dim, np.float32).tobytes())]) == 1
+    return path, setup
+
+
+def _assert_schema_intact(path):
+    with _raw(path) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert db.execute("PRAGMA user_version").fetchone()[0] == store.SCHEMA_VERSION
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA page_size").fetchone()[0] == store.PAGE_SIZE
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert {"files", "setups", "vectors"} <= tables
+
+
+_OPENER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import time
+from flowerclf.features import store
+for line in sys.stdin:  # each line: a path to open, and the moment to, the same for both openers
+    path, start = line.split()
+    while time.time() < float(start):
+        pass
+    try:
+        store.FeatureStore(path, lambda message: print(message, file=sys.stderr)).close()
+        print("ok", flush=True)
+    except Exception as e:
+        print(f"{type(e).__name__}: {e}", flush=True)
+"""
+
+
+def test_two_processes_creating_a_new_store_at_once_both_open_it(tmp_path):
+    procs = [subprocess.Popen([sys.executable, "-c", _OPENER, ROOT], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        for i in range(20):
+            path = str(tmp_path / str(i) / store.STORE_NAME)
+            start = time.time() + 0.05
+            for proc in procs:
+                proc.stdin.write(f"{path} {start}\n")
+                proc.stdin.flush()
+            assert [proc.stdout.readline().strip() for proc in procs] == ["ok", "ok"], f"repetition {i}"
+            _assert_schema_intact(path)
+    finally:
+        for proc in procs:
+            proc.stdin.close()
+            proc.wait(timeout=60)
+
+
+def test_a_new_store_waits_while_another_run_is_creating_it(tmp_path, monkeypatch):
+    path = str(tmp_path / store.STORE_NAME)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute(f"PRAGMA page_size = {store.PAGE_SIZE}")
+    other.execute("BEGIN IMMEDIATE")  # another run is writing the brand-new file
+    waits = []
+
+    def sleep(seconds):  # the other run finishes while this one waits
+        waits.append(seconds)
+        if other.in_transaction:
+            other.execute("COMMIT")
+    monkeypatch.setattr(store.time, "sleep", sleep)
+    store.FeatureStore(path, print).close()  # SQLite refuses its switch to WAL at once, busy timeout or not
+    assert waits and not other.in_transaction
+    other.close()
+    _assert_schema_intact(path)
+
+
+def test_a_setup_cleared_during_a_run_is_never_reused(tmp_path, _cache):
+    (tmp_path / "a").write_text("a")
+    warnings = []
+    run = store.open_store(warnings.append)
+    digests, a, _ = run.lookup([str(tmp_path / "a")], {"backbone": "A"}, "A", "DEFAULT")
+    assert run.put(a, [(digests[0], np.zeros(4, np.float32).tobytes())]) == 1
+    assert _cache_cli("clear")[1].startswith("deleted 1 feature vectors;")  # while the run goes on
+    vector = np.ones(4, np.float32).tobytes()
+    assert run.put(a, [(digests[0], vector)]) == 0 and run.put(a, [(digests[0], vector)]) == 0
+    assert len(warnings) == 1 and "cleared from it during this run" in warnings[0]
+    assert len(_vectors(_cache)) == 0
+    digests, b, found = run.lookup([str(tmp_path / "a")], {"backbone": "B"}, "B", "DEFAULT")
+    assert b != a and found == {}  # 0 stale vectors
+    run.close()
+
+
+DAMAGES = {"torn": lambda v: v[:10], "one-float-short": lambda v: v[:-4], "empty": lambda v: b"",
+           "nan": lambda v: np.full(len(v) // 4, np.nan, np.float32).tobytes(),
+           "inf": lambda v: np.array([1, np.inf, 2, 3], np.float32).tobytes()}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_vector_row_is_dropped_then_stored_again(tmp_path, _cache, damage):
+    files = []
+    for name in "abc":
+        (tmp_path / name).write_text(name)
+        files.append(str(tmp_path / name))
+    warnings = []
+    s = store.open_store(warnings.append)
+    digests, setup, _ = s.lookup(files, {}, "a", "b")
+    vectors = [(np.arange(4, dtype=np.float32) + i).tobytes() for i in range(3)]
+    assert s.put(setup, zip(digests, vectors)) == 3
+    with _raw(s.path) as db:
+        db.execute("UPDATE vectors SET vector = ? WHERE digest = ?", (DAMAGES[damage](vectors[1]), digests[1]))
+    assert s.lookup(files, {}, "a", "b")[2] == {digests[0]: vectors[0], digests[2]: vectors[2]}
+    assert len(warnings) == 1 and "1 stored feature vectors were damaged" in warnings[0]
+    assert s.put(setup, [(digests[1], vectors[1])]) == 1  # computed again, and its place is free
+    assert s.lookup(files, {}, "a", "b")[2] == dict(zip(digests, vectors)) and len(warnings) == 1
+    s.close()
+
+
+def test_a_run_computes_torn_and_nan_vectors_again(small, tmp_path, _cache):
+    _train(small, tmp_path / "s", epochs=1)
+    path = os.path.join(_cache, store.STORE_NAME)
+    with _raw(path) as db:
+        (torn,), (nan,) = db.execute("SELECT digest FROM files WHERE path LIKE ? ORDER BY path LIMIT 2",
+                                     (os.path.join(small, "train", "%"),))
+        dim = db.execute("SELECT dim FROM setups").fetchone()[0]
+        db.execute("UPDATE vectors SET vector = substr(vector, 1, length(vector) - 6) WHERE digest = ?", (torn,))
+        db.execute("UPDATE vectors SET vector = ? WHERE digest = ?", (np.full(dim, np.nan, np.float32).tobytes(), nan))
+    counts, lines = _train(small, tmp_path / "s", epochs=1)
+    assert counts == {"train": (7, 2), "valid": (3, 0)}
+    assert [line for line in lines if "warning" in line] == [
+        (f"warning: feature store {path}: 2 stored feature vectors were damaged (torn, or NaN or inf); "
+         f"dropped them, they are computed again")]
+    stored = list(_vectors(_cache).values())
+    assert len(stored) == 12 and {len(v) for v in stored} == {4 * dim}
+    assert np.isfinite(np.frombuffer(b"".join(stored), np.float32)).all()
+
+
+def test_a_store_of_a_newer_version_is_refused_and_left_alone(tmp_path, _cache):
+    path, _ = _store_with_one_vector(_cache, tmp_path)
+    with _raw(path) as db:
+        db.execute(f"PRAGMA user_version = {store.SCHEMA_VERSION + 1}")
+    with open(path, "rb") as f:
+        before = f.read()
+    warnings = []
+    assert store.open_store(warnings.append) is None
+    assert len(warnings) == 1 and path in warnings[0] and f"schema version {store.SCHEMA_VERSION + 1}" in warnings[0]
+    assert "upgrade flowerclf" in warnings[0] and "FLOWERCLF_STORE" in warnings[0]
+    for command in ("info", "clear"):
+        code, out, err = run_script(cache, [command])
+        assert code == 2 and out == "" and err.startswith(f"error: the feature store {path} is schema version")
+        assert err.count("\n") == 1 and "upgrade flowerclf" in err
+    with open(path, "rb") as f:
+        assert f.read() == before
+    assert sorted(os.listdir(_cache)) == [store.STORE_NAME, "onnx"]  # nothing set aside
+
+
+V1_SCHEMA = """
+CREATE TABLE files (path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+                    ctime_ns INTEGER NOT NULL, digest BLOB NOT NULL);
+CREATE TABLE setups (id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, arch TEXT NOT NULL,
+                     weights TEXT NOT NULL, detail TEXT NOT NULL);
+CREATE TABLE vectors (setup INTEGER NOT NULL REFERENCES setups(id), digest BLOB NOT NULL,
+                      vector BLOB NOT NULL, PRIMARY KEY (setup, digest));
+PRAGMA user_version = 1;
+"""
+
+
+def test_a_store_of_an_older_version_is_rebuilt_with_one_note(tmp_path, _cache):
+    path = os.path.join(_cache, store.STORE_NAME)
+    with _raw(path) as db:  # as flowerclf wrote it before setup ids were never reused
+        db.execute(f"PRAGMA page_size = {store.PAGE_SIZE}")
+        db.executescript(V1_SCHEMA)
+        db.execute("INSERT INTO files VALUES ('/photo.png', 1, 2, 3, x'00')")
+        db.execute("INSERT INTO setups VALUES (1, 'k', 'resnet18', 'DEFAULT', '{}')")
+        db.execute("INSERT INTO vectors VALUES (1, x'00', ?)", (bytes(2048),))
+    code, out, err = run_script(cache, ["info"])  # shown as it is, and what comes next
+    assert code == 0 and err == "" and "note: schema version 1: the next train.py" in out
+    assert out.splitlines()[-1].split() == ["resnet18", "DEFAULT", "1", "1", "0.0", "2,048"]
+    notes = []
+    store.FeatureStore(path, notes.append).close()
+    assert notes == [(f"note: feature store {path} was schema version 1; rebuilt it as version "
+                      f"{store.SCHEMA_VERSION} (remembered file hashes kept, features are computed again as needed)")]
+    _assert_schema_intact(path)
+    with _raw(path) as db:
+        assert db.execute("SELECT path FROM files").fetchall() == [("/photo.png",)]
+        assert db.execute("SELECT (SELECT count(*) FROM setups) + (SELECT count(*) FROM vectors)").fetchone() == (0,)
+    store.FeatureStore(path, notes.append).close()
+    assert len(notes) == 1
+
+
+def _read_only_connect(connect):
+    """sqlite3.connect, but every plain (non-URI) open gets the file read-only, as for a user who cannot write it."""
+    def read_only(database, *args, uri=False, **kwargs):
+        if not uri:
+            database, uri = "file:" + urllib.parse.quote(os.path.abspath(database)) + "?mode=ro", True
+        return connect(database, *args, uri=uri, **kwargs)
+    return read_only
+
+
+def _snapshot(folder):
+    """Every file of a folder: name -> (bytes, mtime)."""
+    out = {}
+    for name in os.listdir(folder):
+        full = os.path.join(folder, name)
+        if os.path.isfile(full):
+            with open(full, "rb") as f:
+                out[name] = (f.read(), os.stat(full).st_mtime_ns)
+    return out
+
+
+def test_cache_info_only_reads_the_store(tmp_path, _cache, monkeypatch):
+    path, _ = _store_with_one_vector(_cache, tmp_path)
+    before = _snapshot(_cache)
+    with monkeypatch.context() as m:  # the store is read-only to us
+        m.setattr(sqlite3, "connect", _read_only_connect(sqlite3.connect))
+        code, out, err = run_script(cache, ["info"])
+    assert code == 0 and err == "" and "1 file hashes remembered" in out
+    assert out.splitlines()[-1].split() == ["resnet18", "DEFAULT", "1", "1", "0.0", "2,048"]
+    assert _snapshot(_cache) == before  # the same bytes and times, and no -wal or -shm file made
+    with contextlib.closing(store.open_store(print)) as run:  # a run has it open: info sees what it committed
+        digests, setup, _ = run.lookup([str(tmp_path / "a")], {"backbone": "other"}, "densenet121", "DEFAULT")
+        run.put(setup, [(digests[0], bytes(4096))])
+        assert os.path.exists(path + "-wal")
+        code, out, err = run_script(cache, ["info"])
+        assert code == 0 and [line.split()[0] for line in out.splitlines()[2:]] == ["densenet121", "resnet18"]
+
+
+def test_cache_info_of_a_damaged_store_says_so_and_moves_nothing(_cache):
+    path = os.path.join(_cache, store.STORE_NAME)
+    with open(path, "wb") as f:
+        f.write(os.urandom(2 * store.PAGE_SIZE))
+    before = _snapshot(_cache)
+    code, out, err = run_script(cache, ["info"])
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert err.startswith(f"error: {path} is damaged (") and f"moves it to {path}.damaged" in err
+    assert _snapshot(_cache) == before
+
+
+def test_cache_clear_of_a_read_only_store_is_one_error_line(tmp_path, _cache, monkeypatch):
+    path, _ = _store_with_one_vector(_cache, tmp_path)
+    with monkeypatch.context() as m:
+        m.setattr(sqlite3, "connect", _read_only_connect(sqlite3.connect))
+        code, out, err = run_script(cache, ["clear"])
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith(f"error: cannot clear {path}: it is read-only to you (") and "FLOWERCLF_STORE" in err
+    assert len(_vectors(_cache)) == 1
+
+
+def test_the_store_folder_takes_its_old_name_too(tmp_path, monkeypatch):
+    monkeypatch.delenv("FLOWERCLF_STORE")
+    monkeypatch.setenv("FLOWERCLF_CACHE", str(tmp_path / "old"))
+    assert store.default_path() == str(tmp_path / "old" / store.STORE_NAME)
+    monkeypatch.setenv("FLOWERCLF_STORE", str(tmp_path / "new"))
+    assert store.default_path() == str(tmp_path / "new" / store.STORE_NAME)

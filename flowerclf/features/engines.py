@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from flowerclf.base.errors import FlowerclfError, brief
-from flowerclf.features.store import cache_dir
+from flowerclf.features.store import store_dir
 from flowerclf.models.onnx import backbone_session
 from flowerclf.runtime import ddp
 from flowerclf.runtime.devices import autocast, to_channels_last
@@ -41,7 +41,7 @@ def torch_forward(backbone: nn.Module, device: torch.device, amp: bool = False) 
 
 def onnx_forward(backbone: nn.Module, arch: str, crop_size: int, fingerprint: str) -> Forward:
     """The backbone through ONNX Runtime's CPU provider, exported once per weights and library versions."""
-    session = backbone_session(backbone, arch, crop_size, fingerprint, os.path.join(cache_dir(), "onnx"))
+    session = backbone_session(backbone, arch, crop_size, fingerprint, os.path.join(store_dir(), "onnx"))
     name = session.get_inputs()[0].name
     return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
 
