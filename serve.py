@@ -17,6 +17,8 @@ EXAMPLES = """examples:
 
 POST /predict takes a multipart/form-data upload of one or more files and answers with
 predict.py --json's list; an unreadable photo gets a 4xx answer with {"error": "..."}.
+Bound to 127.0.0.1 (the default), it answers only to Host 127.0.0.1, localhost or [::1], and refuses
+uploads that a page of another site (an Origin other than its own) posts.
 """
 
 
@@ -39,6 +41,9 @@ def build_parser() -> cli.ArgumentParser:
     cli.add_answer_flags(p)
     p.add_argument("--max_upload_mb", "--max-upload-mb", type=cli.positive_int, default=20, metavar="MB",
                    help="largest request body accepted; a bigger upload gets 413 (default: %(default)s)")
+    p.add_argument("--max_files", "--max-files", type=cli.positive_int, default=64, metavar="N",
+                   help="most files in one POST /predict; a request with more parts gets 413 before any is "
+                        "decoded (default: %(default)s)")
     cli.add_device_flags(p)
     return p
 
@@ -50,7 +55,8 @@ def run(args: argparse.Namespace) -> None:
     from flowerclf.serving.predictor import Predictor
 
     predictor = Predictor.load(args.model, args.device, args.gpu)
-    app = App(predictor, args.model, args.top_k, load_category_names(args.category_names), args.max_upload_mb * 2 ** 20)
+    app = App(predictor, args.model, args.top_k, load_category_names(args.category_names), args.max_upload_mb * 2 ** 20,
+              args.max_files)
     serve(app, args.host, args.port)
 
 

@@ -8,13 +8,17 @@ import subprocess
 import sys
 
 import pytest
+import numpy as np
 import torch
 from PIL import Image
 
 import predict
 import train
 from flowerclf.base import cli
+from flowerclf.data.images import load_rgb
+from flowerclf.data.transforms import Preprocess
 from flowerclf.serving.figure import plot_predictions
+from flowerclf.serving.predictor import Predictor
 from conftest import ROOT, an_image, make_image_folder, one_error_line
 from conftest import run_script as _main
 
@@ -171,3 +175,66 @@ def test_swapped_predict_arguments(tiny_run):
     data, save = tiny_run
     line = one_error_line(*_main(predict, [str(save / "checkpoint.pth"), os.path.join(data, "test")])[::2])
     assert "is a folder" in line and "checkpoint (.pth or .onnx) last" in line
+
+
+_PEAK_RSS = """
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from flowerclf.data.transforms import Preprocess
+from flowerclf.serving.predictor import Predictor
+predictor = Predictor(lambda batch: np.full((len(batch), 3), 1 / 3), ["1", "2", "3"], Preprocess())
+results, errors = predictor.predict_paths([sys.argv[2]], 1)
+assert len(results) == int(sys.argv[3]) and not errors, (len(results), errors)
+# this process's own high-water mark: ru_maxrss would count the forked test runner's memory too
+print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) // 1024)
+"""
+
+
+def _peak_rss_mib(folder, n):
+    """Peak RSS (MiB) of a fresh process that predicts the n images in `folder` with a numpy backend."""
+    out = subprocess.run([sys.executable, "-c", _PEAK_RSS, ROOT, str(folder), str(n)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout)
+
+
+@pytest.mark.slow
+def test_predicting_a_folder_holds_one_batch_of_images_at_a_time(tmp_path):
+    # each image becomes a 3x224x224 float32 array (0.6 MB) whatever its size: 600 of them held at once is 360 MB
+    tile = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8))
+    for n in (20, 600):
+        (tmp_path / str(n)).mkdir()
+        for i in range(n):
+            tile.save(tmp_path / str(n) / f"{i:04d}.png")
+    small, large = _peak_rss_mib(tmp_path / "20", 20), _peak_rss_mib(tmp_path / "600", 600)
+    assert large < small + 150, f"peak RSS {small} MiB for 20 images, {large} MiB for 600"
+
+
+def test_iter_predict_streams_results_and_errors_in_input_order(tmp_path):
+    colours = {"red": (220, 40, 40), "green": (40, 200, 60)}
+    batches, decoded = [], []
+
+    def probabilities(batch):
+        batches.append(len(batch))
+        red = (batch[:, 0].mean(axis=(1, 2)) > batch[:, 1].mean(axis=(1, 2))).astype(np.float64)
+        return np.stack([red, 1 - red], axis=1)
+
+    def load(name):
+        decoded.append(name)
+        if name.startswith("bad"):
+            return load_rgb(io.BytesIO(b"not an image"), name)
+        return Image.new("RGB", (20, 20), colours[name.rstrip("0123456789")])
+
+    names = ["red0", "bad1", "green2", "red3", "bad4", "green5", "red6"]
+    predictor = Predictor(probabilities, ["r", "g"], Preprocess(resize_size=16, crop_size=16), batch_size=2)
+    stream = predictor.iter_predict(((n, lambda n=n: load(n)) for n in names), 1)
+    first = next(stream)  # the first batch is answered before the later images are even decoded
+    assert first["image"] == "red0" and first["predictions"][0]["class"] == "r"
+    assert batches == [2] and decoded == names[:3]
+    items = [first, *stream]
+    assert [item["image"] for item in items] == names and batches == [2, 2, 1]
+    assert [item.get("error", item.get("predictions", [{}])[0].get("class")) for item in items] == \
+        ["r", "bad1 is not an image PIL can read", "g", "r", "bad4 is not an image PIL can read", "g", "r"]
+    results, errors = predictor.predict_bytes([], 1)
+    assert results == [] and errors == []

@@ -9,6 +9,7 @@ import http.client
 import io
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -93,6 +94,8 @@ def _request(port, method, path, body=None, headers=None):
     finally:
         conn.close()
     is_json = response.getheader("Content-Type", "").startswith("application/json")
+    if response.status >= 400:
+        assert is_json and b"\n" not in data, data  # every error is one line of JSON
     return response.status, json.loads(data) if is_json else data.decode()
 
 
@@ -254,3 +257,156 @@ def test_page_in_a_browser(server, trained_run, expected, browser, tmp_path):
     assert first.find_element(By.TAG_NAME, "h2").text == "dropped.png"
     answer = _predict(server, [("dropped.png", base64.b64decode(dropped))])[1][0]["predictions"]
     assert [r.text for r in first.find_elements(By.CLASS_NAME, "name")] == [p["name"] for p in answer]
+
+
+# ------------------------------------------------------------------ raw HTTP: Expect, Host, Origin, limits
+
+def _read_response(f):
+    """(status line, status, headers, body) of one response read from the socket file `f`."""
+    status_line = f.readline().decode("latin-1")
+    assert status_line.startswith("HTTP/1."), status_line
+    headers = {}
+    while (line := f.readline()) not in (b"\r\n", b""):
+        key, _, value = line.decode("latin-1").partition(":")
+        headers[key.strip().lower()] = value.strip()
+    return status_line.strip(), int(status_line.split()[1]), headers, f.read(int(headers.get("content-length", 0)))
+
+
+def _connect(port):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    return sock, sock.makefile("rb")
+
+
+def _head(port, method, path, headers):
+    """A request line and headers as bytes; Host is 127.0.0.1:port unless `headers` name one."""
+    lines = [f"{method} {path} HTTP/1.1", *(f"{k}: {v}" for k, v in {"Host": f"127.0.0.1:{port}", **headers}.items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def _raw(port, data):
+    """(status, headers, parsed one-line JSON error or the body) of the answer to raw request bytes."""
+    sock, f = _connect(port)
+    with sock, f:
+        sock.sendall(data)
+        _, status, headers, body = _read_response(f)
+    if status >= 400:
+        assert headers["content-type"] == "application/json" and b"\n" not in body, body
+        assert headers.get("connection") == "close"  # nothing after a refusal is read as a request
+        return status, headers, json.loads(body)
+    return status, headers, body
+
+
+def _raw_predict(port, files, headers=None):
+    content_type, body = _multipart(files)
+    head = _head(port, "POST", "/predict", {"Content-Type": content_type, "Content-Length": len(body),
+                                            **(headers or {})})
+    return _raw(port, head + body)
+
+
+def _still_serves(port, trained_run, expected):
+    good = _photos(trained_run)[0]
+    status, answer = _predict(port, [("ok.png", open(good, "rb").read())])
+    assert status == 200 and answer[0]["predictions"] == expected[os.path.basename(good)]
+
+
+def test_expect_100_continue_comes_before_the_body_and_the_connection_is_kept(server, trained_run, expected):
+    photo = _photos(trained_run)[0]
+    content_type, body = _multipart([(os.path.basename(photo), open(photo, "rb").read())])
+    head = _head(server, "POST", "/predict", {"Content-Type": content_type, "Content-Length": len(body),
+                                              "Expect": "100-continue"})
+    sock, f = _connect(server)
+    with sock, f:
+        sock.sendall(head)
+        assert _read_response(f)[:2] == ("HTTP/1.1 100 Continue", 100)  # the body is not sent yet
+        sock.sendall(body)
+        _, status, headers, answer = _read_response(f)
+        assert status == 200 and json.loads(answer)[0]["predictions"] == expected[os.path.basename(photo)]
+        assert headers.get("connection") != "close"
+        sock.sendall(_head(server, "POST", "/predict", {"Content-Type": content_type,
+                                                        "Content-Length": len(body)}) + body)
+        _, status, _, answer = _read_response(f)  # a second request on the same connection
+        assert status == 200 and json.loads(answer)[0]["image"] == os.path.basename(photo)
+
+
+@pytest.mark.parametrize("headers, status, says", [
+    ({"Content-Length": 30 * 2 ** 20}, 413, "upload of 30.0 MB is over the limit of 20 MB"),
+    ({"Content-Length": 10, "Host": "evil.example.com"}, 421, "Host 'evil.example.com' is not this machine"),
+    ({"Content-Length": 10, "Origin": "http://evil.example.com"}, 403, "Origin 'http://evil.example.com'"),
+    ({"Content-Length": 10, "Content-Type": "text/plain"}, 415, "multipart/form-data"),
+], ids=["too-large", "other-host", "other-origin", "not-multipart"])
+def test_expect_100_continue_is_refused_on_the_headers_alone(server, trained_run, expected, headers, status, says):
+    head = _head(server, "POST", "/predict", {"Content-Type": "multipart/form-data; boundary=x",
+                                              "Expect": "100-continue", **headers})
+    answer = _raw(server, head)  # no body sent: the refusal comes instead of 100 Continue
+    assert answer[0] == status and says in answer[2]["error"], answer
+    _still_serves(server, trained_run, expected)
+
+
+@pytest.mark.parametrize("host", ["evil.example.com", "evil.example.com:{port}", "127.0.0.1.evil.example.com",
+                                  "localhost.evil.example.com:{port}", "0.0.0.0:{port}", ""])
+def test_other_host_names_are_refused(server, trained_run, expected, host):
+    host = host.format(port=server)  # DNS rebinding: a page on another name that now resolves to 127.0.0.1
+    for request in (_head(server, "GET", "/", {"Host": host}),
+                    _head(server, "POST", "/predict", {"Host": host, "Content-Length": 0})):
+        status, _, answer = _raw(server, request)
+        assert status == 421 and f"open http://127.0.0.1:{server}/" in answer["error"], (host, answer)
+    _still_serves(server, trained_run, expected)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.1:{port}", "localhost", "LocalHost:{port}", "[::1]:{port}"])
+def test_loopback_host_names_are_served(server, host):
+    status, _, page = _raw(server, _head(server, "GET", "/", {"Host": host.format(port=server)}))
+    assert status == 200 and b'<input id="files"' in page
+
+
+@pytest.mark.parametrize("origin", ["http://evil.example.com", "null", "http://evil.example.com:{port}",
+                                    "https://127.0.0.1:{port}", "http://localhost:{port}", "http://127.0.0.1"])
+def test_cross_origin_posts_are_refused(server, trained_run, expected, origin):
+    photo = _photos(trained_run)[0]
+    status, _, answer = _raw_predict(server, [("p.png", open(photo, "rb").read())],
+                                     {"Origin": origin.format(port=server)})
+    assert status == 403 and "other sites" in answer["error"], answer
+    _still_serves(server, trained_run, expected)
+
+
+def test_the_page_posting_from_its_own_origin_is_served(server, trained_run, expected):
+    photo = _photos(trained_run)[0]
+    for host in (f"127.0.0.1:{server}", f"localhost:{server}"):  # as a browser sends them from the page
+        status, _, answer = _raw_predict(server, [("p.png", open(photo, "rb").read())],
+                                         {"Host": host, "Origin": f"http://{host}"})
+        assert status == 200 and json.loads(answer)[0]["predictions"] == expected[os.path.basename(photo)]
+
+
+def test_more_files_than_max_files_is_413_before_any_is_decoded(server, trained_run, expected):
+    notes = [(f"notes{i}.txt", b"not a photo") for i in range(65)]  # decoded, any of them would be a 422
+    status, answer = _predict(server, notes)
+    assert status == 413 and "65 parts" in answer["error"] and "at most 64 files" in answer["error"], answer
+    assert _predict(server, notes[:64])[0] == 422  # 64, the default, are taken
+    _still_serves(server, trained_run, expected)
+    proc, line = _start(str(trained_run["save"] / "model.onnx"), "--port", "0", "--max_files", "2")
+    try:
+        port = urlsplit(line.split(" on ")[1].split()[0]).port
+        photo = open(_photos(trained_run)[0], "rb").read()
+        status, answer = _predict(port, [("a.png", photo)] * 3)
+        assert status == 413 and "at most 2 files (serve.py --max_files)" in answer["error"]
+        status, answer = _predict(port, [("a.png", photo)] * 2)
+        assert status == 200 and len(answer) == 2
+    finally:
+        _stop(proc)
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"GET / HTTP/9.9\r\n\r\n", 505),
+    (b"BREW /predict HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 501),
+    (b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(120)) + b"\r\n", 431),
+    (b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 411),
+    (b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 411),
+    (b"POST /nowhere HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 19\r\n\r\nGET /x HTTP/1.1\r\n\r\n", 404),
+    (b"GET / HTTP/1.1\r\nHost: evil.example.com\r\nOrigin: http://evil.example.com\r\n\r\n", 421),
+], ids=["garbage", "http-9.9", "unknown-method", "120-headers", "chunked", "no-length", "404-smuggled", "evil"])
+def test_hostile_requests_get_one_line_json_and_the_server_keeps_serving(server, trained_run, expected,
+                                                                         request_bytes, status):
+    answer = _raw(server, request_bytes)  # _raw checks: one line of JSON, Connection: close
+    assert answer[0] == status and answer[2]["error"], answer
+    _still_serves(server, trained_run, expected)

@@ -6,7 +6,7 @@ import io
 import os
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -85,33 +85,57 @@ class Predictor:
                 files.extend(list_images([p]))
             except FlowerclfError as e:
                 errors.append(str(e))
-        results, unreadable = self._predict([(f, partial(load_rgb, f)) for f in files], top_k, names)
+        results, unreadable = self._predict(((f, partial(load_rgb, f)) for f in files), top_k, names)
         return results, errors + unreadable
 
     def predict_bytes(self, uploads: list[tuple[str, bytes]], top_k: int, names: dict[str, str] | None = None
                       ) -> tuple[list[dict], list[str]]:
         """Top-k predictions for in-memory image files given as (name, content); also the errors."""
-        return self._predict([(name, partial(load_rgb, io.BytesIO(data), name)) for name, data in uploads],
+        return self._predict(((name, partial(load_rgb, io.BytesIO(data), name)) for name, data in uploads),
                              top_k, names)
 
-    def _predict(self, sources: list[tuple[str, Callable[[], object]]], top_k: int, names: dict[str, str] | None
-                 ) -> tuple[list[dict], list[str]]:
-        """Decode each (name, load) source, run the model in batches; results by name, plus decoding errors."""
+    def _predict(self, sources: Iterable[tuple[str, Callable[[], object]]], top_k: int,
+                 names: dict[str, str] | None) -> tuple[list[dict], list[str]]:
+        """iter_predict collected: the results, plus the decoding errors."""
+        results, errors = [], []
+        for item in self.iter_predict(sources, top_k, names):
+            if "error" in item:
+                errors.append(item["error"])
+            else:
+                results.append(item)
+        return results, errors
+
+    def iter_predict(self, sources: Iterable[tuple[str, Callable[[], object]]], top_k: int,
+                     names: dict[str, str] | None = None) -> Iterator[dict]:
+        """Decode (name, load) sources a batch at a time, run each batch, yield one item per source in input order.
+
+        An item is {"image": name, "predictions": [top-k]} or, for a source that cannot be decoded,
+        {"image": name, "error": message}. At most one batch of decoded images is held at a time,
+        and `sources` is read no further than the batch being run.
+        """
         names = names or {}
-        arrays, good, errors = [], [], []
+        k = min(top_k, len(self.classes))
+        pending, arrays = [], []  # the items of this batch in input order; the arrays of its good ones
         for name, load in sources:
             try:
                 arrays.append(preprocess_image(load(), self.preprocess))
-                good.append(name)
+                pending.append({"image": name})
             except FlowerclfError as e:
-                errors.append(str(e))
-        results = []
-        k = min(top_k, len(self.classes))
-        for start in range(0, len(good), self.batch_size):
-            probs = self.probabilities(np.stack(arrays[start:start + self.batch_size]))
-            for f, p in zip(good[start:start + self.batch_size], probs):
+                pending.append({"image": name, "error": str(e)})
+            if len(arrays) == self.batch_size:
+                yield from self._run_batch(pending, arrays, k, names)
+                pending, arrays = [], []
+        yield from self._run_batch(pending, arrays, k, names)
+
+    def _run_batch(self, pending: list[dict], arrays: list[np.ndarray], k: int, names: dict[str, str]
+                   ) -> Iterator[dict]:
+        """The items of one batch, the good ones given their top-k predictions."""
+        probs = iter(self.probabilities(np.stack(arrays)) if arrays else ())
+        arrays.clear()  # the batch is run: its decoded images can go before the items are consumed
+        for item in pending:
+            if "error" not in item:
+                p = next(probs)
                 top = np.argsort(-p, kind="stable")[:k]
-                results.append({"image": f, "predictions": [
-                    {"class": self.classes[i], "name": names.get(self.classes[i], self.classes[i]),
-                     "probability": float(p[i])} for i in top]})
-        return results, errors
+                item["predictions"] = [{"class": self.classes[i], "name": names.get(self.classes[i], self.classes[i]),
+                                        "probability": float(p[i])} for i in top]
+            yield item
