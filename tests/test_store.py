@@ -14,7 +14,7 @@ import urllib.parse
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, make_image_folder, run_script, tiny_config
+from conftest import ROOT, TINY, make_image_folder, run_script, tiny_config
 from PIL import Image
 
 import cache
@@ -25,8 +25,6 @@ from flowerclf.data.transforms import Preprocess, create_transform
 from flowerclf.features import store
 from flowerclf.training.trainer import train
 
-TINY = ["--arch", "mobilenet_v3_small", "--weights", "none", "--hidden_units", "8", "--epochs", "1",
-        "--engine", "torch"]
 
 
 def _train(data, save, **kw) -> tuple[dict, list[str]]:
@@ -49,7 +47,8 @@ def _vectors(cache_dir) -> dict:
 
 
 def _train_cmd(data, save, *extra):
-    return [sys.executable, os.path.join(ROOT, "train.py"), data, "--save_dir", str(save)] + TINY + list(extra)
+    return ([sys.executable, os.path.join(ROOT, "train.py"), data, "--save_dir", str(save), "--epochs", "1"] + TINY
+            + list(extra))
 
 
 def _edit_pixels_keep_times(path):
