@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> None:
     import sqlite3
 
     from flowerclf.base.errors import FlowerclfError
-    from flowerclf.features import store
+    from flowerclf.features import store, upkeep
 
     path = store.default_path()
     if not os.path.exists(path):
@@ -44,20 +44,20 @@ def run(args: argparse.Namespace) -> None:
     try:  # info only reads: it works on a read-only store and changes nothing, not even a damaged one
         with contextlib.closing(store.FeatureStore(path, print, read_only=args.command == "info")) as features:
             if args.command == "clear":
-                deleted = features.clear(args.arch)
+                deleted = upkeep.clear(features, args.arch)
                 print(f"deleted {deleted:,} feature vectors{' of ' + args.arch if args.arch else ''}; "
-                      f"{path} is now {features.disk_bytes() / 2 ** 20:,.1f} MiB")
+                      f"{path} is now {upkeep.disk_bytes(features) / 2 ** 20:,.1f} MiB")
                 return
             if features.version == 0:  # a file no run got to set up
                 print(f"no feature store yet at {path} (an empty file)")
                 return
-            print(f"{path}: {features.disk_bytes() / 2 ** 20:,.1f} MiB on disk, "
-                  f"{features.files_known():,} file hashes remembered")
+            print(f"{path}: {upkeep.disk_bytes(features) / 2 ** 20:,.1f} MiB on disk, "
+                  f"{upkeep.files_known(features):,} file hashes remembered")
             if features.version < store.SCHEMA_VERSION:
                 print(f"note: schema version {features.version}: the next train.py or evaluate.py run rebuilds "
                       f"it as version {store.SCHEMA_VERSION}, computing its features again")
             print(f"{'arch':24s} {'weights':16s} {'setups':>6s} {'entries':>9s} {'MiB':>9s} {'bytes/vector':>12s}")
-            for r in features.summary():
+            for r in upkeep.summary(features):
                 if args.arch in (None, r["arch"]):
                     print(f"{cli.printable(r['arch']):24s} {cli.printable(r['weights']):16s} {r['setups']:6d} "
                           f"{r['entries']:9,d} {r['bytes'] / 2 ** 20:9,.1f} {r['bytes'] // max(1, r['entries']):12,d}")

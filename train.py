@@ -22,12 +22,26 @@ DATA_DIR holds train/ and valid/ (and optionally test/), each with one folder pe
 """
 
 
+class ListArchs(argparse.Action):
+    """--list_archs: the names, one a line, without DATA_DIR (like --help)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from flowerclf.models.names import arch_names
+        print("\n".join(arch_names()))
+        parser.exit()
+
+
 def build_parser() -> cli.ArgumentParser:
     """The command-line interface of train.py."""
     p = cli.ArgumentParser("train.py", __doc__, EXAMPLES)
     p.add_argument("data_dir", metavar="DATA_DIR", help="folder with train/, valid/ and optionally test/")
     p.add_argument("--save_dir", "--save-dir", default=".",
                    help="where checkpoint.pth is written (default: current directory)")
+    p.add_argument("--list_archs", "--list-archs", action=ListArchs,
+                   help="print every name --arch accepts, then exit")
     p.add_argument("--arch", default="densenet121",
                    help="any torchvision classification model (e.g. resnet50, vit_b_16) or efficientnet_lite0, "
                         "whose weights install with pip and work offline (default: %(default)s)")
@@ -100,19 +114,22 @@ def build_parser() -> cli.ArgumentParser:
 
 def run(args: argparse.Namespace) -> None:
     """Check the settings, then check the data (--check) or train."""
-    import torch  # imported here so --help stays instant
-
     from flowerclf.base.errors import FlowerclfError
     from flowerclf.training.config import TrainConfig
-    from flowerclf.training.trainer import check_data, train
+    from flowerclf.training.preflight import check_data, preflight
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     if args.check:
         print(check_data(cfg))
         return
+    splits = preflight(cfg)  # a typo or a wrong folder fails here, before torch's seconds of imports
+
+    import torch
+
+    from flowerclf.training.trainer import train
     try:
-        train(cfg, log=lambda line: print(cli.printable(line), flush=True))
+        train(cfg, log=lambda line: print(cli.printable(line), flush=True), splits=splits)
     except torch.cuda.OutOfMemoryError:
         raise FlowerclfError(
             f"CUDA out of memory at --batch_size {cfg.batch_size} (feature batch {cfg.feature_batch_size or 'auto'}); "

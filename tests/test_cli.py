@@ -8,10 +8,10 @@ import urllib.error
 import pytest
 import torch
 import torchvision
-from conftest import ROOT
-from flowerclf.training.config import TrainConfig
+from conftest import ROOT, make_image_folder
 
 import train
+from flowerclf.training.config import TrainConfig
 
 
 def test_train_bad_inputs_fail_in_one_line(tmp_path, capsys):
@@ -83,3 +83,44 @@ def test_the_parsers_defaults_are_train_configs():
         default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
         if field.name != "data_dir":
             assert args[field.name] == default, field.name
+
+
+@pytest.mark.parametrize("typed, meant", [("--epoh", "--epochs"), ("--epoch", "--epochs"), ("--lr", "--learning_rate"),
+                                          ("--batchsize", "--batch_size")])
+def test_a_mistyped_flag_is_refused_with_the_flag_meant(tmp_path, typed, meant, capsys):
+    assert train.main([str(tmp_path), typed, "1"]) == 2  # --epoch is no abbreviation of --epochs
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"unrecognized arguments: {typed} 1; did you mean {meant}?" in err
+
+
+_NO_TORCH = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import train
+code = train.main(sys.argv[2:])
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision"))
+assert code == 2 and not heavy, (code, heavy[:5])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv, said", [
+    (["{tmp}/nowhere"], "data directory {tmp}/nowhere does not exist"),
+    (["{tmp}/data", "--arch", "efficientnet_lit0"], "did you mean efficientnet_lite0"),
+    (["{tmp}/data", "--save_dir", "{tmp}/data/train/runs"], "is inside"),
+    (["{tmp}/data", "--category_names", "{tmp}/nowhere.json"], "--category_names {tmp}/nowhere.json cannot be read"),
+])
+def test_path_and_name_errors_come_before_importing_torch(tmp_path, argv, said):
+    make_image_folder(tmp_path / "data")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    proc = subprocess.run([sys.executable, "-c", _NO_TORCH, ROOT, *argv], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith("error: ") and said.format(tmp=tmp_path) in proc.stderr
+
+
+def test_list_archs_prints_every_name_without_data(capsys):
+    with pytest.raises(SystemExit) as done:
+        train.main(["--list_archs"])
+    assert done.value.code == 0
+    names = capsys.readouterr().out.split()
+    assert "efficientnet_lite0" in names and "resnet50" in names and names == sorted(names)

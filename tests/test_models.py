@@ -5,6 +5,8 @@ import urllib.error
 import pytest
 import torch
 import torchvision
+from conftest import one_error_line, tiny_spec
+from conftest import run_script as _main
 from matplotlib import cbook
 from torch import nn
 
@@ -12,7 +14,8 @@ import train
 from flowerclf.base.errors import FlowerclfError
 from flowerclf.data.images import load_rgb
 from flowerclf.data.transforms import preprocess_image
-from flowerclf.models.lite import _lite0_weights_file, rename_lite0_state
+from flowerclf.models.lite import EXTRA_ARCHS, _lite0_weights_file, rename_lite0_state
+from flowerclf.models.names import OURS, arch_names
 from flowerclf.models.registry import (
     ModelSpec,
     backbone_stages,
@@ -21,12 +24,11 @@ from flowerclf.models.registry import (
     build_model,
     default_preprocess,
     freeze,
+    list_archs,
     pretrained_state,
     resolve_weights,
     unfreeze_last,
 )
-from conftest import one_error_line, tiny_spec
-from conftest import run_script as _main
 
 # every architecture torchvision ships, but one per family of same-shaped variants: the 15 regnets are two
 # families (x and y) of one builder, and regnet_y_128gf alone took 16 s to build
@@ -158,3 +160,8 @@ def test_a_weights_pickle_is_one_short_line(image_folder, tmp_path):
     code, _, err = _main(train, [image_folder, "--save_dir", str(tmp_path / "s"), "--arch", "mobilenet_v3_small",
                                  "--weights", str(tmp_path / "evil.pth")])
     assert len(one_error_line(code, err)) < 400
+
+
+def test_the_torch_free_arch_names_are_the_registrys():
+    assert list(arch_names()) == list_archs()
+    assert set(OURS) == set(EXTRA_ARCHS)

@@ -5,6 +5,7 @@ Torch-free, so the inference-only install (predict.py with a model.onnx) can use
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import os
 import re
@@ -23,14 +24,38 @@ def printable(text: str) -> str:
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
 
 
+def _initials(flag: str) -> str:
+    """--learning_rate -> lr: what people type for a long flag."""
+    return "".join(word[0] for word in flag.lstrip("-").replace("-", "_").split("_") if word)
+
+
+def suggest(typed: str, known: list[str]) -> str | None:
+    """The flag someone meant by `typed` (--epoh, --batchsize, --lr), or None."""
+    bare = typed.split("=", 1)[0]
+    by_initials = [k for k in known if k.startswith("--") and "_" in k and _initials(k) == bare.lstrip("-")]
+    if by_initials:
+        return by_initials[0]
+    close = difflib.get_close_matches(bare, known, n=1, cutoff=0.7)
+    return close[0] if close else None
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with our edge: a bad argument is one `error:` line and exit 2, like every other error."""
+    """argparse with our edge: a bad argument is one `error:` line and exit 2, like every other error.
+
+    No abbreviations (`--epoch 1` is not `--epochs 1`), and an unknown flag gets the closest known one.
+    """
 
     def __init__(self, prog: str, doc: str = "", epilog: str | None = None, **kwargs):
         kwargs.setdefault("description", doc.splitlines()[0] if doc else None)
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(prog=prog, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
 
     def error(self, message: str):
+        if message.startswith("unrecognized arguments: "):
+            known = [s for action in self._actions for s in action.option_strings]
+            hints = [f"did you mean {hint}?" for typed in message.split(": ", 1)[1].split()
+                     if typed.startswith("--") and (hint := suggest(typed, known))]
+            message = "; ".join([message] + hints)
         raise FlowerclfError(f"{message} (see {self.prog} --help)")
 
 

@@ -315,37 +315,6 @@ class FeatureStore:
             return self.db.executemany("INSERT OR IGNORE INTO vectors (setup, digest, vector) VALUES (?, ?, ?)",
                                        ((setup, d, v) for d, v in rows if len(v) == 4 * dim)).rowcount
 
-    # ------------------------------------------------------------ upkeep
-
-    def summary(self) -> list[dict]:
-        """Per arch and weights: stored vectors, their bytes and the number of setups (views, engines)."""
-        rows = self._retry_if_damaged(lambda: self.db.execute(
-            "SELECT s.arch, s.weights, count(DISTINCT s.id), count(v.digest), coalesce(sum(length(v.vector)), 0) "
-            "FROM setups s LEFT JOIN vectors v ON v.setup = s.id GROUP BY s.arch, s.weights "
-            "ORDER BY s.arch, s.weights").fetchall())
-        return [dict(arch=a, weights=w, setups=s, entries=n, bytes=b) for a, w, s, n, b in rows]
-
-    def files_known(self) -> int:
-        """How many file paths have a remembered content hash."""
-        return self._retry_if_damaged(lambda: self.db.execute("SELECT count(*) FROM files").fetchone()[0])
-
-    def clear(self, arch: str | None = None) -> int:
-        """Delete all vectors (and remembered hashes), or only `arch`'s; shrink the file. Returns vectors deleted."""
-        where, args = ("WHERE arch = ?", (arch,)) if arch else ("", ())
-        with self._write():
-            ids = f"SELECT id FROM setups {where}"
-            deleted = self.db.execute(f"DELETE FROM vectors WHERE setup IN ({ids})", args).rowcount
-            self.db.execute(f"DELETE FROM setups {where}", args)
-            if not arch:
-                self.db.execute("DELETE FROM files")
-        self.db.execute("VACUUM")
-        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        return deleted
-
-    def disk_bytes(self) -> int:
-        """The store's size on disk, write-ahead log included."""
-        return sum(os.path.getsize(self.path + s) for s in ("", "-wal") if os.path.exists(self.path + s))
-
 
 def open_store(warn: Callable[[str], None], path: str | None = None) -> FeatureStore | None:
     """The user's store, or None (with one warning) when it cannot be opened: features are then computed anyway."""

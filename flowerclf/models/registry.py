@@ -15,6 +15,7 @@ from torch import nn
 from flowerclf.base.errors import FlowerclfError, brief
 from flowerclf.data.transforms import Preprocess
 from flowerclf.models.lite import EXTRA_ARCHS, check_state_matches
+from flowerclf.models.names import check_arch
 
 # Where a model keeps its ImageNet classifier; the 1000-way layer is the last
 # Linear/Conv2d inside it (a bare Linear, or e.g. vgg's Sequential, squeezenet's conv).
@@ -40,7 +41,8 @@ def list_archs() -> list[str]:
 
 def _check_arch(arch: str) -> None:
     if arch not in EXTRA_ARCHS and arch not in torchvision.models.list_models(module=torchvision.models):
-        raise FlowerclfError(f"unknown --arch {arch!r}; choose one of: {', '.join(list_archs())}")
+        check_arch(arch)  # one line with the closest names
+        raise FlowerclfError(f"unknown --arch {arch!r} (python train.py --list_archs lists the names)")
 
 
 def _is_path_spec(spec: str) -> bool:

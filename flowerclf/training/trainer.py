@@ -20,7 +20,11 @@ from torch import nn
 
 from flowerclf.base.errors import FlowerclfError
 from flowerclf.base.runfiles import RunFiles
-from flowerclf.data.folders import check_splits, class_names, load_category_names, scan_data_dir
+from flowerclf.data.folders import (
+    check_splits,
+    class_names,
+    load_category_names,
+)
 from flowerclf.data.loaders import make_loader
 from flowerclf.data.transforms import Preprocess, create_transform
 from flowerclf.evaluation.html import run_facts, write_html_report
@@ -29,14 +33,34 @@ from flowerclf.evaluation.reports import write_history, write_report
 from flowerclf.features.passes import FeaturePass, head_logits
 from flowerclf.models.checkpoints import atomic_save, first_non_finite, make_checkpoint
 from flowerclf.models.onnx import export_checkpoint
-from flowerclf.models.registry import ModelSpec, build_model, freeze, resolve_weights, unfreeze_last
+from flowerclf.models.registry import (
+    ModelSpec,
+    build_model,
+    freeze,
+    resolve_weights,
+    unfreeze_last,
+)
 from flowerclf.runtime import ddp
-from flowerclf.runtime.devices import (amp_dtype, enable_cudnn_autotune, resolve_device, resolve_feature_batch_size,
-                                       resolve_num_workers, to_channels_last)
+from flowerclf.runtime.devices import (
+    amp_dtype,
+    enable_cudnn_autotune,
+    resolve_device,
+    resolve_feature_batch_size,
+    resolve_num_workers,
+    to_channels_last,
+)
 from flowerclf.training import rundir
 from flowerclf.training.config import TrainConfig
-from flowerclf.training.loops import (NonFiniteModel, finetune_epoch, metrics_from_logits, split_logits,
-                                      train_head_epoch, warmup_cosine, wrap_ddp)
+from flowerclf.training.loops import (
+    NonFiniteModel,
+    finetune_epoch,
+    metrics_from_logits,
+    split_logits,
+    train_head_epoch,
+    warmup_cosine,
+    wrap_ddp,
+)
+from flowerclf.training.preflight import preflight
 from flowerclf.training.resume import ResumeState
 
 DIST_TIMEOUT_S = 300  # a collective waiting longer than this means a rank died or hung: end the job
@@ -147,15 +171,6 @@ def check_finite_epoch(trainable: nn.Module, valid_loss: float) -> None:
         raise NonFiniteModel(f"the validation loss became {valid_loss}; lower --learning_rate (or drop --amp)")
 
 
-def check_data(cfg: TrainConfig) -> str:
-    """train.py --check: scan DATA_DIR, decode every image; a report, or an error listing each bad file."""
-    splits = scan_data_dir(cfg.data_dir, cfg.valid_split, cfg.seed)
-    splits, warnings_ = check_splits(splits, full=True, skip_bad=cfg.skip_bad_images)
-    summary = (f"{cfg.data_dir}: " + ", ".join(f"{len(s)} {n}" for n, s in splits.items())
-               + f" images, {len(splits['train'].class_to_idx)} classes, all readable")
-    return "\n".join(warnings_ + [summary])
-
-
 def format_epoch(epoch: int, epochs: int, train: dict, valid: dict, seconds: float) -> str:
     """The one line printed after each epoch."""
     return (f"epoch {epoch}/{epochs}  train loss {train['loss']:.4f}  valid loss {valid['loss']:.4f}  "
@@ -218,8 +233,10 @@ def run_epochs(plan: Plan, run: Run) -> tuple[list, dict]:
     return history, best
 
 
-def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
+def train(cfg: TrainConfig, log: Callable[[str], None] = print, splits: dict | None = None) -> dict:
     """Train a new head (and optionally the last backbone stages), save the best epoch; return the results.
+
+    `splits` are preflight(cfg)'s, when the caller (train.py) checked before importing torch.
 
     checkpoint.pth is rewritten whenever validation accuracy improves and checkpoint_last.pth
     after every epoch (both atomically), so a crash or Ctrl-C loses at most the running epoch.
@@ -233,8 +250,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     enable_cudnn_autotune(device)
     cfg = replace(cfg, feature_batch_size=resolve_feature_batch_size(cfg.feature_batch_size, device),
                   num_workers=resolve_num_workers(cfg.num_workers, device))
-    rundir.check_not_in_data(cfg.save_dir, cfg.data_dir)
-    splits = scan_data_dir(cfg.data_dir, cfg.valid_split, cfg.seed)
+    splits = splits or preflight(cfg)
     splits, warnings_ = check_splits(splits, full=cfg.skip_bad_images, skip_bad=cfg.skip_bad_images)
     for line in warnings_:
         log(line)

@@ -1,0 +1,36 @@
+"""The store's upkeep for cache.py: what it holds per backbone, its size on disk, and clearing it."""
+from __future__ import annotations
+
+import os
+
+from flowerclf.features.store import FeatureStore
+
+
+def summary(store: FeatureStore) -> list[dict]:
+    """Per arch and weights: stored vectors, their bytes and the number of setups (views, engines)."""
+    rows = store._retry_if_damaged(lambda: store.db.execute(
+        "SELECT s.arch, s.weights, count(DISTINCT s.id), count(v.digest), coalesce(sum(length(v.vector)), 0) "
+        "FROM setups s LEFT JOIN vectors v ON v.setup = s.id GROUP BY s.arch, s.weights "
+        "ORDER BY s.arch, s.weights").fetchall())
+    return [dict(arch=a, weights=w, setups=s, entries=n, bytes=b) for a, w, s, n, b in rows]
+
+def files_known(store: FeatureStore) -> int:
+    """How many file paths have a remembered content hash."""
+    return store._retry_if_damaged(lambda: store.db.execute("SELECT count(*) FROM files").fetchone()[0])
+
+def clear(store: FeatureStore, arch: str | None = None) -> int:
+    """Delete all vectors (and remembered hashes), or only `arch`'s; shrink the file. Returns vectors deleted."""
+    where, args = ("WHERE arch = ?", (arch,)) if arch else ("", ())
+    with store._write():
+        ids = f"SELECT id FROM setups {where}"
+        deleted = store.db.execute(f"DELETE FROM vectors WHERE setup IN ({ids})", args).rowcount
+        store.db.execute(f"DELETE FROM setups {where}", args)
+        if not arch:
+            store.db.execute("DELETE FROM files")
+    store.db.execute("VACUUM")
+    store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return deleted
+
+def disk_bytes(store: FeatureStore) -> int:
+    """The store's size on disk, write-ahead log included."""
+    return sum(os.path.getsize(store.path + s) for s in ("", "-wal") if os.path.exists(store.path + s))
