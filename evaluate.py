@@ -14,9 +14,8 @@ EXAMPLES = """examples:
   python evaluate.py runs/lite0/checkpoint.pth flowers/test --category_names cat_to_name.json
   python evaluate.py runs/lite0/checkpoint.pth flowers/valid --out runs/lite0/valid-eval --json
 
-Writes OUT/STEM_report.json, a row-normalized confusion matrix PNG and OUT/STEM_report.html
-(STEM is the split folder's name; for test/ the files are test_report.json,
-confusion_matrix.png and report.html, as train.py writes them).
+Writes OUT/eval_STEM_report.json, a row-normalized confusion matrix OUT/eval_STEM_confusion_matrix.png
+and OUT/eval_STEM_report.html (STEM is the split folder's name), so the report train.py wrote stays.
 """
 
 
@@ -48,7 +47,7 @@ def run(args: argparse.Namespace) -> None:
         print(f"report: {page}", file=sys.stderr)
         return
     print(f"{args.split}: {result['images']} images, top-1 {100 * result['top1']:.2f}%  "
-          f"top-5 {100 * result['top5']:.2f}%")
+          f"top-{result['top_k']} {100 * result['top5']:.2f}%")
     for pair in result["most_confused"][:5]:
         print(f"  {cli.printable(pair['true'])} taken for {cli.printable(pair['predicted'])}: {pair['count']}x")
     print("wrote " + ", ".join(written))

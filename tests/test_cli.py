@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import urllib.error
+import urllib.request
 
 import pytest
 import torch
@@ -49,9 +50,15 @@ def test_every_script_fails_in_one_line(script, tmp_path):
 
 
 def test_offline_download_failure_is_one_line(image_folder, monkeypatch, tmp_path, capsys):
-    def offline(self, *a, **k):
+    def offline(*a, **k):
         raise urllib.error.URLError("Name or service not known")
-    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+
+    def torch_download(self, *a, **k):  # what torch.hub does offline: a line, then the failure
+        sys.stderr.write(f'Downloading: "{self.url}" to ...\n')
+        offline()
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", torch_download)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     assert train.main([image_folder, "--save_dir", str(tmp_path / "s")]) == 2  # densenet121 by default
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: could not download densenet121 weights")

@@ -83,9 +83,9 @@ def test_evaluate_agrees_with_training(run, tmp_path, capsys):
                           "--category_names", str(names), "--json"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["top1"] == trained["top1"] and again["confusion_matrix"] == trained["confusion_matrix"]
-    assert (tmp_path / "test_report.json").is_file() and (tmp_path / "confusion_matrix.png").is_file()
+    assert (tmp_path / "eval_test_report.json").is_file() and (tmp_path / "eval_test_confusion_matrix.png").is_file()
     assert evaluate.main([str(save / "checkpoint.pth"), os.path.join(data, "valid"), "--out", str(tmp_path)]) == 0
-    assert (tmp_path / "valid_report.json").is_file()
+    assert (tmp_path / "eval_valid_report.json").is_file()
 
 
 def test_evaluate_bad_split_is_one_line(run, tmp_path, capsys):

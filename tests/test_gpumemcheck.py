@@ -97,7 +97,8 @@ class FakeCuda:
             "empty_cache": lambda: None, "synchronize": lambda device=None: None,
             "reset_peak_memory_stats": lambda device=None: setattr(self, "peak", self.allocated),
             "memory_allocated": lambda device=None: self.allocated,
-            "memory_reserved": lambda device=None: self.allocated, "max_memory_allocated": lambda device=None: self.peak,
+            "memory_reserved": lambda device=None: self.allocated,
+            "max_memory_allocated": lambda device=None: self.peak,
             "mem_get_info": lambda device=None: (self.capacity - self.allocated, self.capacity),
         }
         for name, fake in fakes.items():

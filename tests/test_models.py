@@ -1,6 +1,7 @@
 """Models: every architecture gets a head, offline lite0 weights, weights resolution, stages."""
 import os
 import urllib.error
+import urllib.request
 
 import pytest
 import torch
@@ -107,8 +108,9 @@ def test_local_weights_file_is_loaded(tmp_path):
 
 
 def test_download_failure_names_the_file_and_the_alternatives(monkeypatch, tmp_path):
-    def offline(self, *a, **k):
+    def offline(*a, **k):
         raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
     monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(FlowerclfError) as err:

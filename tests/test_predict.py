@@ -109,7 +109,8 @@ def test_predict_plot(trained, tmp_path):
     w, h = Image.open(out).size
     assert (w, h) == (420, 750)
     with contextlib.redirect_stdout(io.StringIO()):
-        assert predict.main([os.path.join(data, "test", "1"), os.path.join(save, "checkpoint.pth"), "--plot", str(out)]) == 0
+        assert predict.main([os.path.join(data, "test", "1"), os.path.join(save, "checkpoint.pth"),
+                             "--plot", str(out)]) == 0
     assert Image.open(out).size == (3 * 420, 750)  # one column per image
 
 
@@ -238,3 +239,32 @@ def test_iter_predict_streams_results_and_errors_in_input_order(tmp_path):
         ["r", "bad1 is not an image PIL can read", "g", "r", "bad4 is not an image PIL can read", "g", "r"]
     results, errors = predictor.predict_bytes([], 1)
     assert results == [] and errors == []
+
+
+def test_top_k_is_capped_at_the_number_of_classes(tiny_run, capsys):
+    data, save = tiny_run
+    assert predict.main([an_image(data), str(save / "checkpoint.pth"), "--top_k", "5", "--json"]) == 0
+    assert [len(r["predictions"]) for r in json.loads(capsys.readouterr().out)] == [3]
+
+
+def test_plot_tiles_fit_long_names_and_label_their_bars(tmp_path, monkeypatch):
+    from flowerclf.serving import figure
+    from flowerclf.serving.figure import NAME_CHARS, TITLE_CHARS, fit
+
+    long = "a_very_long_photo_name_from_a_phone_camera_roll_2026-11-30_14-22-09.jpg"
+    assert len(fit(long, TITLE_CHARS)) == TITLE_CHARS and fit(long, TITLE_CHARS).endswith("09.jpg")
+    assert fit("rose", NAME_CHARS) == "rose"
+    captured = {}
+    real = figure.save_figure
+
+    def keep(fig, path):
+        captured["fig"] = fig
+        real(fig, path)
+    result = {"image": long, "predictions": [{"name": "an extraordinarily long flower name indeed", "probability": 0.7},
+                                             {"name": "rose", "probability": 0.3}]}
+    monkeypatch.setattr(figure, "save_figure", keep)
+    plot_predictions([Image.new("RGB", (20, 20))], [result], str(tmp_path / "p.png"))
+    texts = [t.get_text() for ax in captured["fig"].axes for t in ax.texts]
+    assert texts == ["70.0%", "30.0%"]  # the bars carry their numbers
+    title = captured["fig"].axes[0].get_title()
+    assert all(len(line) <= TITLE_CHARS for line in title.splitlines())

@@ -30,6 +30,11 @@ class RunFiles:
     def report_html(self, stem: str = "test") -> str:
         return self._path("report.html" if stem == "test" else f"{stem}_report.html")
 
+    @staticmethod
+    def evaluated(stem: str) -> str:
+        """The stem of evaluate.py's report files for a split: its own names, so train.py's report stays."""
+        return f"eval_{stem}"
+
     def outputs(self) -> list[str]:
         """What train.py writes: all of it describes one model, so a new run replaces all of it."""
         return [self.checkpoint, self.last, self.history_json, self.history_csv, self.curves, self.report_json(),

@@ -37,10 +37,10 @@ def evaluate_split(checkpoint: str, split: str, out: str | None = None, category
     logits = head_logits(model.head, feats, dev)
     result = classification_report(logits.numpy(), labels.numpy(), class_names(ckpt["class_to_idx"]), names,
                                    files=images.files)
-    files = RunFiles(out or os.path.dirname(os.path.abspath(checkpoint)))
-    written = write_report(result, files, stem)
+    files, named = RunFiles(out or os.path.dirname(os.path.abspath(checkpoint))), RunFiles.evaluated(stem)
+    written = write_report(result, files, named)
     facts = run_facts("evaluate.py", train_args, str(dev), split, f"{len(images)} {stem}", ckpt.get("epoch", "?"))
     curves = RunFiles(os.path.dirname(os.path.abspath(checkpoint))).curves
-    page = write_html_report(files.folder, stem, result, facts, train_args, {
-        "Training curves": curves, "Confusion matrix": files.confusion(stem)})
+    page = write_html_report(files.folder, named, result, facts, train_args, {
+        "Training curves": curves, "Confusion matrix": files.confusion(named)})
     return result, written, page

@@ -42,6 +42,9 @@ figure { margin: 0; background: #fafbfc; border: 1px solid #e3e6ea; border-radiu
 figure img { display: block; margin: 0 auto 4px; max-width: 100%; }
 figcaption { font-size: 13px; }
 .wrong { color: #b3261e; }
+.right { color: #1e7b34; }
+figure.wrong { border: 2px solid #b3261e; }
+figure.right { border: 2px solid #7bbf8a; }
 .muted { color: #667085; }
 code { font-size: 13px; }
 """
@@ -109,8 +112,8 @@ def _thumbnail(path: str) -> str:
     return f'<img src="data:image/jpeg;base64,{data}" width="{img.width}" height="{img.height}" alt="{_e(path)}">'
 
 
-def _photo(path: str, page_dir: str, caption: str) -> str:
-    return (f'<figure><a href="{_e(_link(path, page_dir))}" title="{_e(path)}">{_thumbnail(path)}</a>'
+def _photo(path: str, page_dir: str, caption: str, kind: str = "") -> str:
+    return (f'<figure class="{kind}"><a href="{_e(_link(path, page_dir))}" title="{_e(path)}">{_thumbnail(path)}</a>'
             f'<figcaption>{caption}</figcaption></figure>')
 
 
@@ -129,18 +132,29 @@ def _class_table(per_class: list[dict]) -> str:
             f'<tbody>{"".join(rows)}</tbody></table>')
 
 
+def _loss_card(t: dict, page_dir: str) -> str:
+    """One top-loss photo: right (green) or wrong (red), its names, probability and loss."""
+    kind = "right" if t.get("correct", t["true"] == t["predicted"]) else "wrong"
+    return _photo(t["path"], page_dir,
+                  f'<b class="{kind}">{"right" if kind == "right" else "wrong"}</b><br>'
+                  f'true: <b>{_e(t["true"])}</b><br>predicted: <b class="{kind}">{_e(t["predicted"])}</b> '
+                  f'({100 * t["probability"]:.1f}%)<br><span class="muted">loss {t["loss"]:.3f}</span>', kind)
+
+
 def _mistakes(result: dict, page_dir: str) -> str:
-    """The top-loss grid and the most confused pairs with an example photo each."""
-    losses = [_photo(t["path"], page_dir,
-                     f'true: <b>{_e(t["true"])}</b><br>predicted: <b class="wrong">{_e(t["predicted"])}</b> '
-                     f'({100 * t["probability"]:.1f}%)<br><span class="muted">loss {t["loss"]:.3f}</span>')
-              for t in result.get("top_losses", [])]
+    """The highest-loss grid (right and wrong marked apart) and the most confused pairs with an example each."""
+    shown = result.get("top_losses", [])
+    wrong = sum(1 for t in shown if not t.get("correct", t["true"] == t["predicted"]))
+    all_right = not result["most_confused"]
     pairs = [_photo(p["example"], page_dir, f'<b>{_e(p["true"])}</b> taken for <b class="wrong">'
-                                            f'{_e(p["predicted"])}</b>: {p["count"]}x')
+                                            f'{_e(p["predicted"])}</b>: {p["count"]}x', "wrong")
              for p in result["most_confused"] if "example" in p]
-    return (f'<section><h2>Top losses: the {len(losses)} photos the model got most wrong</h2>'
-            f'<p class="muted">Highest cross-entropy first; each photo links to its file.</p>'
-            f'<div class="grid" id="top-losses">{"".join(losses)}</div></section>'
+    summary = ("Every photo was classified correctly: these are the ones it was least sure of."
+               if all_right else f"{wrong} of these {len(shown)} are wrong (red); the others are right but unsure "
+                                 f"(green).")
+    return (f'<section><h2>Highest loss: the {len(shown)} photos the model was least sure of</h2>'
+            f'<p id="loss-summary">{summary} Highest cross-entropy first; each photo links to its file.</p>'
+            f'<div class="grid" id="top-losses">{"".join(_loss_card(t, page_dir) for t in shown)}</div></section>'
             f'<section><h2>Most confused pairs</h2>'
             + (f'<div class="grid" id="confused">{"".join(pairs)}</div>' if pairs
                else '<p>No confusions: every photo was classified correctly.</p>') + '</section>')
@@ -154,7 +168,8 @@ def write_html_report(out_dir: str, stem: str, result: dict, facts: dict[str, st
     path = RunFiles(out_dir).report_html(stem)
     page_dir = os.path.dirname(os.path.abspath(path))
     stats = "".join(f"<span>{label} <b>{value}</b></span>" for label, value in (
-        ("top-1", f"{100 * result['top1']:.2f}%"), ("top-5", f"{100 * result['top5']:.2f}%"),
+        ("top-1", f"{100 * result['top1']:.2f}%"),
+        (f"top-{result.get('top_k', 5)}", f"{100 * result['top5']:.2f}%"),
         ("images", result["images"]), ("classes", len(result["per_class"]))))
     run_rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in facts.items())
     setting_rows = "".join(f"<tr><th>{_e(k)}</th><td><code>{_e(v)}</code></td></tr>" for k, v in settings.items())

@@ -32,7 +32,8 @@ TOP_LOSSES = 24  # photos in report.html's top-loss grid
 def classification_report(logits: np.ndarray, labels: np.ndarray, classes: list[str],
                           names: dict[str, str] | None = None, most_confused: int = 10,
                           files: list[str] | None = None, top_losses: int = TOP_LOSSES) -> dict:
-    """Top-1/top-5 accuracy, per-class precision/recall/F1/support, the most confused pairs.
+    """Top-1/top-k accuracy (k = min(5, classes), in "top5" and named by "top_k"), per-class
+    precision/recall/F1/support, the most confused pairs.
 
     With the `files` of the rows, also the `top_losses` highest-loss photos and an example photo per pair.
     """
@@ -54,6 +55,7 @@ def classification_report(logits: np.ndarray, labels: np.ndarray, classes: list[
         "images": int(len(labels)),
         "top1": top1,
         "top5": top5,
+        "top_k": min(5, len(classes)),
         "per_class": [{"class": c, "name": label(i), "precision": float(precision[i]), "recall": float(recall[i]),
                        "f1": float(f1[i]), "support": int(support[i])} for i, c in enumerate(classes)],
         "most_confused": [{"true": label(i), "predicted": label(j), "count": n} for n, i, j in pairs[:most_confused]],
@@ -73,7 +75,8 @@ def _add_mistakes(result: dict, logits: np.ndarray, labels: np.ndarray, files: l
     loss, predicted = -log_probs[rows, labels], ranked(logits, 1)[:, 0]
     order = np.argsort(-loss, kind="stable")  # ties keep the file order
     result["top_losses"] = [{"path": files[r], "true": label(labels[r]), "predicted": label(predicted[r]),
-                             "probability": float(np.exp(log_probs[r, predicted[r]])), "loss": float(loss[r])}
+                             "probability": float(np.exp(log_probs[r, predicted[r]])), "loss": float(loss[r]),
+                             "correct": bool(predicted[r] == labels[r])}
                             for r in order[:n]]
     for pair, (i, j) in zip(result["most_confused"], pairs):
         pair["example"] = files[next(r for r in order if labels[r] == i and predicted[r] == j)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import socket
 import urllib.error
+import urllib.request
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
@@ -140,6 +141,9 @@ def pretrained_state(arch: str, weights: WeightsChoice, model: nn.Module) -> dic
         old_timeout = socket.getdefaulttimeout()
         socket.setdefaulttimeout(30)  # a silent proxy must not hang the run
         try:
+            if not os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(ref.url))):
+                # reach the server first: torch prints "Downloading: URL" before it fails, above our error line
+                urllib.request.urlopen(urllib.request.Request(ref.url, method="HEAD")).close()
             state = ref.get_state_dict(progress=True, check_hash=True)
         except (urllib.error.URLError, OSError, RuntimeError) as e:
             raise _download_error(arch, weights, e) from None

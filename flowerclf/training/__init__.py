@@ -1,1 +1,1 @@
-"""A training run: its settings, the epoch loops, the trainer, the save directory, the resume state, what fits in memory."""
+"""A training run: settings, epoch loops, the trainer, the save directory, resume state, what fits in memory."""

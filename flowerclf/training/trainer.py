@@ -285,8 +285,8 @@ def _fit(run: Run, splits: dict, names: dict, device: torch.device) -> dict:
     if test is not None:
         m = metrics_from_logits(*test)
         metrics.update(test_loss=m["loss"], test_acc=m["acc"], test_top5=m["top5"])
-        log(f"test accuracy: top-1 {100 * m['acc']:.2f}%  top-5 {100 * m['top5']:.2f}%  "
-            f"(best epoch {best['epoch']})")
+        k = min(5, len(run.class_to_idx))
+        log(f"test accuracy: top-1 {100 * m['acc']:.2f}%  top-{k} {100 * m['top5']:.2f}%  (best epoch {best['epoch']})")
     run.save(best["epoch"], history, metrics=metrics)
     files = run.files
     result = {"checkpoint": files.checkpoint, "metrics": metrics, "history": history, "epoch": best["epoch"]}
