@@ -16,6 +16,7 @@ EXAMPLES = """examples:
   python train.py flowers --arch resnet50 --hidden_units 1024 256 --learning_rate 0.003 --gpu
   python train.py flowers --arch vgg16 --weights ~/vgg16-397923af.pth   # offline, local weights
   python train.py flowers --arch resnet50 --unfreeze 2 --amp --gpu        # fine-tune the last 2 stages
+  python train.py --list_stages --arch efficientnet_lite0                 # what --unfreeze N would train
   torchrun --nproc_per_node=4 train.py flowers --arch resnet50 --unfreeze 2 --amp   # 4 GPUs, one node
 
 DATA_DIR holds train/ and valid/ (and optionally test/), each with one folder per class.
@@ -37,11 +38,14 @@ class ListArchs(argparse.Action):
 def build_parser() -> cli.ArgumentParser:
     """The command-line interface of train.py."""
     p = cli.ArgumentParser("train.py", __doc__, EXAMPLES)
-    p.add_argument("data_dir", metavar="DATA_DIR", help="folder with train/, valid/ and optionally test/")
+    p.add_argument("data_dir", metavar="DATA_DIR", nargs="?",
+                   help="folder with train/, valid/ and optionally test/ (not needed with --list_stages)")
     p.add_argument("--save_dir", "--save-dir", default=".",
                    help="where checkpoint.pth is written (default: current directory)")
     p.add_argument("--list_archs", "--list-archs", action=ListArchs,
                    help="print every name --arch accepts, then exit")
+    p.add_argument("--list_stages", "--list-stages", action="store_true",
+                   help="print the backbone stages of --arch, numbered as --unfreeze counts them, then exit")
     p.add_argument("--arch", default="densenet121",
                    help="any torchvision classification model (e.g. resnet50, vit_b_16) or efficientnet_lite0, "
                         "whose weights install with pip and work offline (default: %(default)s)")
@@ -89,8 +93,10 @@ def build_parser() -> cli.ArgumentParser:
                    help="store K random-crop+flip views of each training image and train on all of them; "
                         "each view costs one backbone pass over train/ (default: 0, center crop only)")
     g.add_argument("--unfreeze", type=cli.unfreeze, default=0, metavar="N|all",
-                   help="also train the last N backbone stages (or all); trains on images instead of "
-                        "cached features, so each epoch costs a full pass (default: 0, frozen backbone)")
+                   help="also train the last N backbone stages (or all): a stage is a block of convolutions or "
+                        "attention, with the lone layers beside it, so 1 is always the last block (--list_stages "
+                        "shows them); trains on images instead of stored features, so each epoch costs a full "
+                        "pass (default: 0, frozen backbone)")
     g.add_argument("--backbone_lr_ratio", "--backbone-lr-ratio", type=float, default=0.1,
                    help="with --unfreeze: backbone learning rate = learning_rate x this (default: %(default)s)")
     g.add_argument("--warmup_epochs", "--warmup-epochs", type=float, default=1.0,
@@ -112,12 +118,31 @@ def build_parser() -> cli.ArgumentParser:
     return p
 
 
+def stages_text(arch: str) -> str:
+    """--list_stages: what --unfreeze N trains on `arch` (the model is built without weights, on no device)."""
+    from flowerclf.models.names import check_arch
+    check_arch(arch)
+    import torch
+
+    from flowerclf.models.registry import ModelSpec, build_model
+    from flowerclf.models.stages import describe_stages
+    with torch.device("meta"):
+        model, _ = build_model(ModelSpec(arch, "none", [], 0.0, 2), load_pretrained=False)
+    return "\n".join([f"{arch}: --unfreeze N trains stages N..1 (1 = the last block); 'all' trains every weight",
+                      "  N   params  modules"] + describe_stages(model.backbone))
+
+
 def run(args: argparse.Namespace) -> None:
     """Check the settings, then check the data (--check) or train."""
     from flowerclf.base.errors import FlowerclfError
     from flowerclf.training.config import TrainConfig
     from flowerclf.training.preflight import check_data, preflight
 
+    if args.list_stages:
+        print(stages_text(args.arch))
+        return
+    if args.data_dir is None:
+        raise FlowerclfError("give DATA_DIR, the folder holding train/ (see train.py --help)")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     if args.check:

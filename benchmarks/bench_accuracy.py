@@ -20,10 +20,10 @@ import time
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
-from flowerclf.data.transforms import create_transform
-from flowerclf.features.engines import feature_forward
-from flowerclf.features.engines import state_fingerprint
+
 from flowerclf.data.folders import scan_data_dir
+from flowerclf.data.transforms import create_transform
+from flowerclf.features.engines import feature_forward, state_fingerprint
 from flowerclf.features.passes import sharded_features
 from flowerclf.models.registry import ModelSpec, build_model
 from flowerclf.training.config import TrainConfig

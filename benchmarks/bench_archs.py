@@ -13,10 +13,10 @@ import time
 
 import torch
 import torchvision
+
 from flowerclf.features.engines import torch_forward
 from flowerclf.models.lite import EXTRA_ARCHS
-from flowerclf.models.registry import ModelSpec
-from flowerclf.models.registry import build_model
+from flowerclf.models.registry import ModelSpec, build_model
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

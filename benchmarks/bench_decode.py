@@ -15,18 +15,18 @@ import sys
 import time
 
 import torch
-from flowerclf.data.folders import ImageSet
-from flowerclf.data.folders import scan_data_dir
-from flowerclf.data.loaders import JpegBatches
-from flowerclf.data.loaders import jpeg_orientation
-from flowerclf.data.loaders import make_loader
+
+from flowerclf.data.folders import ImageSet, scan_data_dir
+from flowerclf.data.loaders import JpegBatches, jpeg_orientation, make_loader
 from flowerclf.data.transforms import create_transform
 from flowerclf.features.engines import torch_forward
-from flowerclf.models.registry import _final_layer
-from flowerclf.models.registry import build_imagenet_model
-from flowerclf.models.registry import default_preprocess
-from flowerclf.models.registry import pretrained_state
-from flowerclf.models.registry import resolve_weights
+from flowerclf.models.registry import (
+    _final_layer,
+    build_imagenet_model,
+    default_preprocess,
+    pretrained_state,
+    resolve_weights,
+)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -22,19 +22,19 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from PIL import Image
-from flowerclf.data.folders import ImageSet
-from flowerclf.data.folders import scan_data_dir
+
+from flowerclf.data.folders import ImageSet, scan_data_dir
 from flowerclf.data.images import load_rgb
-from flowerclf.data.loaders import decode_batch
-from flowerclf.data.loaders import input_batches
-from flowerclf.data.loaders import jpeg_orientation
-from flowerclf.data.loaders import make_loader
+from flowerclf.data.loaders import (
+    decode_batch,
+    input_batches,
+    jpeg_orientation,
+    make_loader,
+)
 from flowerclf.data.transforms import create_transform
 from flowerclf.features.engines import torch_forward
-from flowerclf.features.passes import extract_features
-from flowerclf.features.passes import sharded_features
-from flowerclf.models.registry import ModelSpec
-from flowerclf.models.registry import build_model
+from flowerclf.features.passes import extract_features, sharded_features
+from flowerclf.models.registry import ModelSpec, build_model
 from flowerclf.runtime import devices
 from flowerclf.training.config import TrainConfig
 from flowerclf.training.trainer import train

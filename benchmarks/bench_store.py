@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+
 from flowerclf.data import samples
 from flowerclf.features import store
 

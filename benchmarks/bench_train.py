@@ -25,20 +25,15 @@ from unittest import mock
 import torch
 from torch import nn
 from torchvision import transforms as T
-from flowerclf.data.folders import ImageSet
-from flowerclf.data.folders import scan_data_dir
-from flowerclf.data.folders import scan_split
-from flowerclf.data.loaders import ImageDataset
-from flowerclf.data.loaders import make_loader
+
+from flowerclf.data.folders import ImageSet, scan_data_dir, scan_split
+from flowerclf.data.loaders import ImageDataset, make_loader
 from flowerclf.data.transforms import create_transform
 from flowerclf.features import store
-from flowerclf.features.engines import feature_forward
-from flowerclf.features.engines import state_fingerprint
+from flowerclf.features.engines import feature_forward, state_fingerprint
 from flowerclf.features.passes import extract_features
 from flowerclf.models.onnx import export_module
-from flowerclf.models.registry import ModelSpec
-from flowerclf.models.registry import build_model
-from flowerclf.models.registry import freeze
+from flowerclf.models.registry import ModelSpec, build_model, freeze
 from flowerclf.runtime import devices
 from flowerclf.training.config import TrainConfig
 from flowerclf.training.trainer import train

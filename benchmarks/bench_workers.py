@@ -17,17 +17,14 @@ import time
 
 import torch
 from torch import nn
-from flowerclf.data.folders import ImageSet
-from flowerclf.data.folders import scan_split
-from flowerclf.data.loaders import input_batches
-from flowerclf.data.loaders import make_loader
+
+from flowerclf.data.folders import ImageSet, scan_split
+from flowerclf.data.loaders import input_batches, make_loader
 from flowerclf.data.transforms import create_transform
-from flowerclf.features.engines import feature_forward
-from flowerclf.features.engines import state_fingerprint
+from flowerclf.features.engines import feature_forward, state_fingerprint
 from flowerclf.features.passes import extract_features
-from flowerclf.models.registry import ModelSpec
-from flowerclf.models.registry import build_model
-from flowerclf.models.registry import unfreeze_last
+from flowerclf.models.registry import ModelSpec, build_model
+from flowerclf.models.stages import unfreeze_last
 from flowerclf.runtime import devices
 from flowerclf.training.loops import finetune_epoch
 

@@ -12,13 +12,15 @@ import random
 import sys
 
 import torch
+
 from flowerclf.data.folders import scan_split
 from flowerclf.data.images import load_rgb
-from flowerclf.data.transforms import Preprocess
-from flowerclf.data.transforms import preprocess_image
-from flowerclf.models.registry import build_imagenet_model
-from flowerclf.models.registry import pretrained_state
-from flowerclf.models.registry import resolve_weights
+from flowerclf.data.transforms import Preprocess, preprocess_image
+from flowerclf.models.registry import (
+    build_imagenet_model,
+    pretrained_state,
+    resolve_weights,
+)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -4,11 +4,11 @@ import os
 import signal
 
 import pytest
+from conftest import TINY, one_error_line
+from conftest import run_script as _main
 
 import train
 from flowerclf.base import files, progress
-from conftest import TINY, one_error_line
-from conftest import run_script as _main
 
 
 def test_ctrl_c_during_a_save_finishes_the_file_then_stops(tmp_path):

@@ -8,6 +8,8 @@ from collections import OrderedDict
 import pytest
 import torch
 import torchvision
+from conftest import an_image, mutate, one_error_line, tiny_spec
+from conftest import run_script as _main
 from torch import nn
 
 import predict
@@ -24,8 +26,6 @@ from flowerclf.models.checkpoints import (
 from flowerclf.models.registry import (
     build_model,
 )
-from conftest import an_image, mutate, one_error_line, tiny_spec
-from conftest import run_script as _main
 
 
 def _tiny_checkpoint():

@@ -131,3 +131,11 @@ def test_list_archs_prints_every_name_without_data(capsys):
     assert done.value.code == 0
     names = capsys.readouterr().out.split()
     assert "efficientnet_lite0" in names and "resnet50" in names and names == sorted(names)
+
+
+def test_list_stages_needs_no_data_and_names_no_lone_norm(capsys):
+    assert train.main(["--list_stages", "--arch", "efficientnet_lite0"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].split()[0] == "1" and lines[-1].endswith("blocks.6, conv_head, bn2")
+    assert not any(line.endswith(("bn1", "bn2")) and "," not in line for line in lines)
+    assert train.main([]) == 2 and "give DATA_DIR" in capsys.readouterr().err

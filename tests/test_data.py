@@ -4,6 +4,8 @@ import os
 
 import numpy as np
 import pytest
+from conftest import TINY, an_image, make_image_folder, one_error_line, truncated_jpeg
+from conftest import run_script as _main
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
@@ -20,8 +22,6 @@ from flowerclf.data.folders import (
 )
 from flowerclf.data.images import check_image, load_rgb
 from flowerclf.data.transforms import Preprocess, preprocess_image
-from conftest import TINY, an_image, make_image_folder, one_error_line, truncated_jpeg
-from conftest import run_script as _main
 
 
 def test_scan_lists_classes_and_skips_hidden_and_non_images(tmp_path):

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import make_image_folder
 from PIL import Image
 
 import evaluate
@@ -14,7 +15,6 @@ import train
 from flowerclf.evaluation.metrics import classification_report
 from flowerclf.evaluation.plots import plot_confusion_matrix
 from flowerclf.training.loops import metrics_from_logits
-from conftest import make_image_folder
 
 
 def test_report_on_a_fixed_example_matches_a_hand_count():

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from flowerclf.data import loaders
 from flowerclf.base.errors import FlowerclfError
+from flowerclf.data import loaders
 from flowerclf.data.folders import ImageSet
 from flowerclf.data.images import load_rgb
 from flowerclf.data.loaders import (

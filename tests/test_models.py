@@ -19,7 +19,6 @@ from flowerclf.models.lite import EXTRA_ARCHS, _lite0_weights_file, rename_lite0
 from flowerclf.models.names import OURS, arch_names
 from flowerclf.models.registry import (
     ModelSpec,
-    backbone_stages,
     build_head,
     build_imagenet_model,
     build_model,
@@ -28,8 +27,8 @@ from flowerclf.models.registry import (
     list_archs,
     pretrained_state,
     resolve_weights,
-    unfreeze_last,
 )
+from flowerclf.models.stages import backbone_stages, describe_stages, unfreeze_last
 
 # every architecture torchvision ships, but one per family of same-shaped variants: the 15 regnets are two
 # families (x and y) of one builder, and regnet_y_128gf alone took 16 s to build
@@ -167,3 +166,22 @@ def test_a_weights_pickle_is_one_short_line(image_folder, tmp_path):
 def test_the_torch_free_arch_names_are_the_registrys():
     assert list(arch_names()) == list_archs()
     assert set(OURS) == set(EXTRA_ARCHS)
+
+
+@pytest.mark.parametrize("arch, last", [
+    ("efficientnet_lite0", "blocks.6, conv_head, bn2"),  # the head conv and its norm go with the last block
+    ("resnet18", "layer4.1"),
+    ("vit_b_32", "encoder.layers.encoder_layer_11, encoder.ln"),
+    ("vgg11", "classifier.3"),  # a plain stack of layers: a stage per layer
+])
+def test_stages_are_blocks_never_a_lone_norm(arch, last):
+    with torch.device("meta"):
+        model, _ = build_model(ModelSpec(arch, "none", [], 0.0, 3), load_pretrained=False)
+    stages = backbone_stages(model.backbone)
+    assert stages[-1].name == last
+    norms = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm)
+    for stage in stages:
+        holders = [m for _, part in stage.parts for m in part.modules() if any(True for _ in m.parameters(False))]
+        assert not all(isinstance(m, norms) for m in holders), stage.name
+    lines = describe_stages(model.backbone)
+    assert len(lines) == len(stages) and lines[-1].split()[0] == "1" and lines[-1].endswith(last)

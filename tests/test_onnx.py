@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, an_image, make_image_folder, mutate, one_error_line
+from conftest import run_script as _main
 from PIL import Image
 
 import export
@@ -24,8 +26,6 @@ from flowerclf.models import onnx as onnx_module
 from flowerclf.models.onnx import export_module
 from flowerclf.models.registry import ModelSpec, build_model
 from flowerclf.serving.predictor import Predictor
-from conftest import ROOT, an_image, make_image_folder, mutate, one_error_line
-from conftest import run_script as _main
 
 
 @pytest.fixture(scope="module")

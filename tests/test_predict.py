@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 
-import pytest
 import numpy as np
+import pytest
 import torch
+from conftest import ROOT, an_image, make_image_folder, one_error_line
+from conftest import run_script as _main
 from PIL import Image
 
 import predict
@@ -19,8 +21,6 @@ from flowerclf.data.images import load_rgb
 from flowerclf.data.transforms import Preprocess
 from flowerclf.serving.figure import plot_predictions
 from flowerclf.serving.predictor import Predictor
-from conftest import ROOT, an_image, make_image_folder, one_error_line
-from conftest import run_script as _main
 
 
 @pytest.fixture(scope="module")

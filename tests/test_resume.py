@@ -9,14 +9,14 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT, TINY, make_image_folder, one_error_line, tiny_config
+from conftest import run_script as _main
 
 import predict
 import train
-from flowerclf.training import trainer
 from flowerclf.models.checkpoints import load_model
+from flowerclf.training import trainer
 from flowerclf.training.trainer import format_epoch
-from conftest import ROOT, TINY, make_image_folder, one_error_line, tiny_config
-from conftest import run_script as _main
 
 
 def _wait_for(proc, text: bytes) -> None:

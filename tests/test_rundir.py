@@ -3,12 +3,12 @@ import fcntl
 import os
 
 import pytest
+from conftest import TINY, one_error_line
+from conftest import run_script as _main
 
 import train
 from flowerclf.base.runfiles import RunFiles
 from flowerclf.features import passes as passes_module
-from conftest import TINY, one_error_line
-from conftest import run_script as _main
 
 
 def test_another_runs_checkpoint_is_not_overwritten_silently(tiny_run, tmp_path):

@@ -26,7 +26,6 @@ from flowerclf.features import store
 from flowerclf.training.trainer import train
 
 
-
 def _train(data, save, **kw) -> tuple[dict, list[str]]:
     """Train in-process; return {split: (cached, computed)} from the `features ...` lines, and all lines."""
     lines = []

@@ -3,6 +3,8 @@ import os
 
 import pytest
 import torch
+from conftest import TINY, one_error_line, tiny_config
+from conftest import run_script as _main
 
 import train
 from flowerclf.base.errors import FlowerclfError
@@ -10,16 +12,10 @@ from flowerclf.data.folders import scan_data_dir
 from flowerclf.data.loaders import make_loader
 from flowerclf.data.transforms import create_transform
 from flowerclf.models.checkpoints import load_model
-from flowerclf.models.registry import (
-    ModelSpec,
-    backbone_stages,
-    build_model,
-    unfreeze_last,
-)
+from flowerclf.models.registry import ModelSpec, build_model
+from flowerclf.models.stages import backbone_stages, unfreeze_last
 from flowerclf.training import trainer
 from flowerclf.training.loops import finetune_epoch, train_head_epoch, warmup_cosine
-from conftest import TINY, one_error_line, tiny_config
-from conftest import run_script as _main
 
 
 def _cfg(data, save, **kw):
@@ -30,7 +26,7 @@ def test_unfreeze_trains_only_the_last_stages(image_folder):
     torch.manual_seed(0)
     model, pp = build_model(ModelSpec("mobilenet_v3_small", "none", [8], 0.0, 3), load_pretrained=False)
     names = unfreeze_last(model.backbone, 2)
-    stages = dict(backbone_stages(model.backbone))
+    stages = {stage.name: [part for part, _ in stage.parts] for stage in backbone_stages(model.backbone)}
     assert names == list(stages)[-2:]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     images = scan_data_dir(image_folder)["train"]
@@ -41,9 +37,8 @@ def test_unfreeze_trains_only_the_last_stages(image_folder):
     finetune_epoch(model, loader, opt, sched, scaler, torch.nn.CrossEntropyLoss(), torch.device("cpu"),
                           amp=False)
     after = model.state_dict()
-    for name in stages:
-        prefix = f"backbone.{name}."
-        keys = [k for k in after if k.startswith(prefix)]
+    for name, parts in stages.items():
+        keys = [k for k in after if k.startswith(tuple(f"backbone.{part}." for part in parts))]
         changed = any(not torch.equal(before[k], after[k]) for k in keys)
         assert changed == (name in names), name  # frozen stages: weights and BatchNorm statistics alike
     assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith("head."))

@@ -26,7 +26,6 @@ from flowerclf.data.images import load_rgb
 from flowerclf.data.transforms import EvalTransform, Preprocess, preprocess_image
 from flowerclf.runtime.devices import out_of_memory
 
-
 # ---------------------------------------------------------------- the PIL path
 
 class ImageDataset:

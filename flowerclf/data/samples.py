@@ -12,7 +12,6 @@ from PIL import Image, ImageDraw
 from flowerclf.base.cli import ArgumentParser, run_main, whole_number
 from flowerclf.base.errors import FlowerclfError
 
-
 FLOWERS_FILES = ("jpg", "imagelabels.mat", "setid.mat")
 OFFICIAL_SPLITS = {"train": "trnid", "valid": "valid", "test": "tstid"}
 

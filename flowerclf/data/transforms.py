@@ -80,7 +80,9 @@ class EvalTransform:
 
 def _augment(pp: Preprocess):
     """Random-crop + flip for fine-tuning, ending in the same normalization."""
-    from torchvision import transforms as T  # torchvision only where augmentation is used
+    from torchvision import (
+        transforms as T,  # torchvision only where augmentation is used
+    )
 
     crop = T.RandomResizedCrop(pp.crop_size, interpolation=T.InterpolationMode(pp.interpolation))
     augment = T.Compose([crop, T.RandomHorizontalFlip()])

@@ -12,8 +12,12 @@ from flowerclf.evaluation.metrics import classification_report
 from flowerclf.evaluation.reports import write_report
 from flowerclf.features.passes import FeaturePass, head_logits
 from flowerclf.models.checkpoints import load_model
-from flowerclf.runtime.devices import (enable_cudnn_autotune, resolve_device, resolve_feature_batch_size,
-                                       resolve_num_workers)
+from flowerclf.runtime.devices import (
+    enable_cudnn_autotune,
+    resolve_device,
+    resolve_feature_batch_size,
+    resolve_num_workers,
+)
 
 
 def evaluate_split(checkpoint: str, split: str, out: str | None = None, category_names: str | None = None,

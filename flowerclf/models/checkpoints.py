@@ -15,10 +15,21 @@ from torch import nn
 
 from flowerclf.base.errors import FlowerclfError, brief
 from flowerclf.base.files import atomic_write
-from flowerclf.base.schema import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, RESUME_FORMAT, check_classes, check_model_meta
+from flowerclf.base.schema import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    RESUME_FORMAT,
+    check_classes,
+    check_model_meta,
+)
 from flowerclf.data.transforms import Preprocess
-from flowerclf.models.registry import (CLASSIFIER_ATTRS, ModelSpec, build_imagenet_model, build_model,
-                                       resolve_weights)
+from flowerclf.models.registry import (
+    CLASSIFIER_ATTRS,
+    ModelSpec,
+    build_imagenet_model,
+    build_model,
+    resolve_weights,
+)
 
 
 def atomic_save(obj, path: str) -> None:

@@ -220,39 +220,3 @@ def freeze(module: nn.Module) -> None:
     """Stop gradients for every parameter of `module`."""
     for p in module.parameters():
         p.requires_grad_(False)
-
-
-def _n_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def backbone_stages(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The backbone's parameterised blocks in forward order, for --unfreeze N.
-
-    Starting from the backbone's children, a child holding at least 60% of its parent's
-    parameters is a wrapper (densenet's `features`, vit's `encoder.layers`) and is opened
-    into its own children, repeatedly. One rule for every architecture.
-    """
-    stages = [(n, m) for n, m in backbone.named_children()]
-    while True:
-        total = sum(_n_params(m) for _, m in stages)
-        big = next((i for i, (_, m) in enumerate(stages)
-                    if total and _n_params(m) >= 0.6 * total and any(True for _ in m.children())), None)
-        if big is None:
-            return [(n, m) for n, m in stages if _n_params(m) > 0]
-        name, module = stages[big]
-        stages[big:big + 1] = [(f"{name}.{n}", m) for n, m in module.named_children()]
-
-
-def unfreeze_last(backbone: nn.Module, n: int | str) -> list[str]:
-    """Make the last `n` stages (or 'all') trainable; the rest stay frozen. Returns their names."""
-    if n == "all":
-        for p in backbone.parameters():
-            p.requires_grad_(True)
-        return ["all"]
-    freeze(backbone)
-    chosen = backbone_stages(backbone)[-n:] if n > 0 else []
-    for _, module in chosen:
-        for p in module.parameters():
-            p.requires_grad_(True)
-    return [name for name, _ in chosen]

@@ -5,7 +5,6 @@ import os
 
 from flowerclf.evaluation.plots import plain_text, pyplot, save_figure
 
-
 PLOT_COLUMNS, PLOT_MAX_IMAGES = 4, 16
 TITLE_CHARS, NAME_CHARS = 34, 22  # what fits a 4.2-inch tile at the fonts below
 

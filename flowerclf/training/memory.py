@@ -13,7 +13,8 @@ import psutil
 import torch
 from torch import nn
 
-from flowerclf.models.registry import ModelSpec, build_model, freeze, unfreeze_last
+from flowerclf.models.registry import ModelSpec, build_model, freeze
+from flowerclf.models.stages import unfreeze_last
 from flowerclf.runtime.devices import autocast, out_of_memory
 
 MIB = 1024 ** 2

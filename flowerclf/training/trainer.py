@@ -33,13 +33,8 @@ from flowerclf.evaluation.reports import write_history, write_report
 from flowerclf.features.passes import FeaturePass, head_logits
 from flowerclf.models.checkpoints import atomic_save, first_non_finite, make_checkpoint
 from flowerclf.models.onnx import export_checkpoint
-from flowerclf.models.registry import (
-    ModelSpec,
-    build_model,
-    freeze,
-    resolve_weights,
-    unfreeze_last,
-)
+from flowerclf.models.registry import ModelSpec, build_model, freeze, resolve_weights
+from flowerclf.models.stages import unfreeze_last
 from flowerclf.runtime import ddp
 from flowerclf.runtime.devices import (
     amp_dtype,
