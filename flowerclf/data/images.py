@@ -1,6 +1,7 @@
 """Reading images: any PIL mode to 8-bit RGB with its EXIF orientation, and what is wrong with a file."""
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from typing import BinaryIO
@@ -14,6 +15,10 @@ from flowerclf.base.errors import FlowerclfError, brief
 # name says. Never EPS/PS (Pillow hands those to Ghostscript, a program, on load), nor any format we do not list.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
 _FORMAT_NAMES = "JPEG, PNG, WebP, GIF, BMP, TIFF and PPM/PGM"
+# Pillow warns of damaged metadata in a file it still reads ("Corrupt EXIF data", "tag 256 had too many entries"),
+# and logs some errors before it raises them: lines on stderr besides our one, about nothing the user can do
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+logging.getLogger("PIL").addHandler(logging.NullHandler())  # no lastResort handler; an app's own logging still sees it
 
 
 class _Unreadable(Exception):
@@ -33,9 +38,10 @@ MAX_ASPECT_RATIO = 20
 
 
 def size_problem(width: int, height: int) -> str | None:
-    """What is wrong with an image's size for the transforms (none, or too narrow a strip), or None."""
-    if width < 1 or height < 1:
-        return f"has no pixels ({width}x{height})"
+    """What is wrong with an image's size for the transforms (too narrow a strip), or None.
+
+    (Pillow itself refuses images of 0 pixels when it opens them.)
+    """
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
         return (f"is {width}x{height} pixels, a strip narrower than 1:{MAX_ASPECT_RATIO} that resizing would blow up;"
                 f" crop it")
@@ -81,7 +87,7 @@ def _detected(source: str | os.PathLike | BinaryIO) -> str:
             if fmt in IMAGE_FORMATS:
                 return f"looks like {fmt} but PIL cannot read its header"
             kind = getattr(factory, "format_description", None)
-            return (f"is {fmt}{f' ({kind})' if kind else ''}, a format flowerclf does not open (it reads "
+            return (f"looks like {fmt}{f' ({kind})' if kind else ''}, a format flowerclf does not open (it reads "
                     f"{_FORMAT_NAMES}); convert it to JPEG or PNG")
     return f"is not an image PIL can read (flowerclf reads {_FORMAT_NAMES}; it starts with {prefix!r})"
 
