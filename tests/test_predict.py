@@ -171,3 +171,14 @@ def test_swapped_predict_arguments(tiny_run):
     data, save = tiny_run
     line = one_error_line(*_main(predict, [str(save / "checkpoint.pth"), os.path.join(data, "test")])[::2])
     assert "is a folder" in line and "checkpoint (.pth or .onnx) last" in line
+
+
+def test_a_strip_is_one_line_from_predict_and_the_upload_path(tiny_run, tmp_path):
+    from flowerclf.serving.predictor import Predictor
+    ckpt = str(tiny_run[1] / "checkpoint.pth")
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (20000, 1)).save(strip)  # a few hundred bytes; resized whole it would be 3.9 GB
+    line = one_error_line(*_main(predict, [str(strip), ckpt])[::2])
+    assert line.startswith(f"error: {strip} is 20000x1 pixels, a strip narrower than 1:20")
+    results, errors = Predictor.load(ckpt).predict_bytes([("strip.png", strip.read_bytes())], 3)
+    assert results == [] and errors == [line[len("error: "):].replace(str(strip), "strip.png")]
