@@ -80,6 +80,55 @@ def tiny_spec(arch="mobilenet_v3_small", hidden=(8,), classes=3, weights="none")
     return ModelSpec(arch, weights, list(hidden), 0.1, classes)
 
 
+# A PostScript file: Pillow identifies it as EPS whatever its name, and loading it runs Ghostscript
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto stroke\nshowpage\n"
+
+
+@pytest.fixture
+def fake_gs(tmp_path, monkeypatch):
+    """A `gs` first on PATH that only touches a marker file; returns the marker's path (absent until gs runs)."""
+    from PIL import EpsImagePlugin
+    bin_dir, marker = tmp_path / "fake-bin", tmp_path / "gs-ran"
+    bin_dir.mkdir()
+    (bin_dir / "gs").write_text(f"#!/bin/sh\ntouch '{marker}'\nexit 1\n")
+    (bin_dir / "gs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None, raising=False)  # Pillow caches where gs is
+    return marker
+
+
+def exif_jpeg() -> bytes:
+    """A small JPEG with an EXIF block (orientation, text, a sub-IFD), for fuzzing Pillow's EXIF reader."""
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F], exif[0x0132] = 6, "flowerclf", "2026:12:01 10:00:00"
+    exif.get_ifd(0x8769)[0x9003] = "2026:12:01 10:00:00"
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (12, 20, 3), dtype=np.uint8)).save(
+        buf, "JPEG", exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def small_tiff() -> bytes:
+    """A small uncompressed TIFF with an orientation and a few other tags, its tags first, for fuzzing."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (10, 14, 3), dtype=np.uint8)).save(
+        buf, "TIFF", tiffinfo={274: 6, 270: "flowerclf", 305: "flowerclf", 282: 72.0})
+    return buf.getvalue()
+
+
+FUZZ_VALUES = (0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 0x7F, 0x80, 0xFE, 0xFF)  # types, counts, edges
+
+
+def fuzzed(data: bytes, n: int, seed: int, start: int = 0, end: int = 200):
+    """`n` copies of `data` with 1 to 3 bytes in [start, end) (its headers) set at random or to FUZZ_VALUES."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        out = bytearray(data)
+        for i in rng.integers(start, min(end, len(data)), rng.integers(1, 4)):
+            out[i] = int(rng.choice(FUZZ_VALUES)) if rng.random() < 0.5 else int(rng.integers(0, 256))
+        yield bytes(out)
+
+
 def run_script(module, argv):
     """Run a script's main in-process; return (exit code, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()

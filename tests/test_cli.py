@@ -1,6 +1,7 @@
 """Every script's command line: one error line for bad input, --help for every flag, defaults shared with the code."""
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -9,8 +10,10 @@ import urllib.request
 import pytest
 import torch
 import torchvision
-from conftest import ROOT, make_image_folder
+from conftest import EPS, ROOT, TINY, make_image_folder, one_error_line, run_script
 
+import evaluate
+import predict
 import train
 from flowerclf.training.config import TrainConfig
 
@@ -22,6 +25,25 @@ def test_train_bad_inputs_fail_in_one_line(tmp_path, capsys):
     assert train.main([str(tmp_path), "--epochs", "0"]) == 2
     assert capsys.readouterr().err == "error: argument --epochs: 0 is less than 1 (see train.py --help)\n"
     assert train.main([str(tmp_path), "--arch", "notanet"]) == 2
+
+
+def test_a_postscript_photo_runs_nothing_from_any_script(tiny_run, tmp_path, fake_gs):
+    from flowerclf.serving.predictor import Predictor
+    ckpt = str(tiny_run[1] / "checkpoint.pth")
+    photo = tmp_path / "holiday.jpg"
+    photo.write_bytes(EPS)
+    said = "holiday.jpg looks like EPS (Encapsulated Postscript), a format flowerclf does not open"
+    assert said in one_error_line(*run_script(predict, [str(photo), ckpt])[::2])
+    data = make_image_folder(tmp_path / "data")
+    for split in ("train", "test"):
+        shutil.copy(photo, os.path.join(data, split, "1", "holiday.jpg"))
+    for argv in ([data, "--check"], [data, "--save_dir", str(tmp_path / "s")] + TINY):
+        code, _, err = run_script(train, argv)
+        assert code == 2 and "Traceback" not in err and said in err.splitlines()[-1], err
+    assert said in one_error_line(*run_script(evaluate, [ckpt, os.path.join(data, "test")])[::2])
+    results, errors = Predictor.load(ckpt).predict_bytes([("holiday.jpg", EPS)], 3)
+    assert results == [] and len(errors) == 1 and errors[0].startswith(said)
+    assert not fake_gs.exists()
 
 
 # each script: a bad argument, then a missing file; the real processes, so a traceback would show

@@ -4,6 +4,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import exif_jpeg, fuzzed, small_tiff
 from PIL import Image
 
 from flowerclf.base.errors import FlowerclfError
@@ -148,6 +149,30 @@ def test_jpeg_size_reads_the_frame_header(tmp_path):
     assert loaders.jpeg_size(torch.frombuffer(bytearray(data), dtype=torch.uint8)) == Image.open(images.files[0]).size
     assert loaders.jpeg_size(b"\xff\xd8\xff\xd9") is None and loaders.jpeg_size(open(tmp_path / "progressive.jpg",
                                                                                    "rb").read()[:30]) is None
+
+
+def test_fuzzed_headers_never_raise_in_the_jpeg_readers():
+    jpeg = exif_jpeg()
+    variants = [*fuzzed(jpeg, 300, 3, 0, 400), *fuzzed(small_tiff(), 50, 3), b"", b"\xff\xd8", b"\xff\xd8\xff\xd9"]
+    for data in variants:
+        orientation, size = jpeg_orientation(data), loaders.jpeg_size(data)
+        assert orientation is None or isinstance(orientation, int)
+        assert size is None or (len(size) == 2 and all(isinstance(v, int) for v in size))
+    assert loaders.jpeg_size(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)) == (20, 12)
+
+
+def test_a_jpeg_strip_is_refused_on_the_tensor_path_too(tmp_path):
+    strip = _write(tmp_path / "strip.jpg", Image.new("RGB", (4000, 100), (90, 140, 60)), quality=90)
+    assert jpeg_orientation(open(strip, "rb").read()) is None  # the PIL path says what is wrong
+    with pytest.raises(FlowerclfError, match="strip.jpg is 4000x100 pixels, a strip narrower than 1:20"):
+        list(JpegBatches(ImageSet(str(tmp_path), [strip], [0]), PP, 1, 0, CPU))
+    # a frame that is a strip behind a header that was not: the decoded shape sends it to PIL too
+    good = _write(tmp_path / "good.jpg", Image.new("RGB", (150, 100), (90, 140, 60)), quality=90)
+    item = loaders.JpegBytes(ImageSet(str(tmp_path), [good], [0]), PP)[0]
+    lying = (strip, torch.frombuffer(bytearray(open(strip, "rb").read()), dtype=torch.uint8), 1, 0)
+    assert item[1] is not None
+    with pytest.raises(FlowerclfError, match="strip.jpg is 4000x100 pixels"):
+        loaders.decode_batch([item, lying], PP, CPU)
 
 
 def _jpeg_items(images):

@@ -15,14 +15,13 @@ import sys
 import warnings
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, default_collate
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from flowerclf.data.folders import ImageSet
-from flowerclf.data.images import load_rgb
+from flowerclf.data.images import load_rgb, open_image, size_problem
 from flowerclf.data.transforms import EvalTransform, Preprocess, preprocess_image
 from flowerclf.runtime.devices import out_of_memory
 
@@ -91,12 +90,15 @@ _ORIENT = {
 
 
 def jpeg_orientation(data: bytes) -> int | None:
-    """The EXIF orientation of a JPEG the tensor decoder takes (baseline, 8-bit, 3 channels, complete), else None."""
+    """The EXIF orientation of a JPEG the tensor decoder takes (baseline, 8-bit, 3 channels, complete, a size the
+    resize takes), else None."""
     if not data.startswith(b"\xff\xd8") or not data.endswith(b"\xff\xd9"):  # not a JPEG, or truncated
         return None
     try:
-        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+        with open_image(io.BytesIO(data)) as img:  # reads the header only
             if img.format != "JPEG" or img.mode != "RGB" or "progressive" in img.info or "progression" in img.info:
+                return None
+            if size_problem(*img.size):
                 return None
             return int(img.getexif().get(EXIF_ORIENTATION, 1))
     except Exception:  # any header PIL cannot parse: the PIL path reports it properly
@@ -170,6 +172,8 @@ def _decode_into(out: torch.Tensor, items: list, jpegs: list[int], pp: Preproces
         short = False
     except RuntimeError as e:  # the call fails as a whole (a subclass, OutOfMemoryError, included)
         decoded, short = None, out_of_memory(e)
+    if decoded is not None and any(size_problem(img.shape[-1], img.shape[-2]) for img in decoded):
+        decoded = None  # a frame other than its header said (jpeg_orientation checked that): PIL says what is wrong
     if short:  # outside the except block: its traceback no longer holds what the failed call allocated
         torch.cuda.empty_cache()
         if len(jpegs) > 1:
