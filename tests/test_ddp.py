@@ -49,7 +49,7 @@ def test_two_processes_train_and_write_one_checkpoint(image_folder, tmp_path, _c
     assert "x 2 processes" in run.stdout
     files = sorted(os.listdir(tmp_path / "s"))
     assert [f for f in files if f.endswith(".pth")] == ["checkpoint.pth", "checkpoint_last.pth"]
-    assert not [f for f in files if f.startswith(".tmp")]
+    assert not [f for f in files if f.startswith((".tmp", ".flowerclf-tmp"))]
     ckpt = torch.load(tmp_path / "s" / "checkpoint.pth", weights_only=True)
     assert not any(k.startswith(("module.", "head.module.")) for k in ckpt["state_dict"])
     assert len(_predicts(image_folder, tmp_path / "s")) == 3
