@@ -39,13 +39,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], d
 
     A crash or kill at any moment leaves either the old file or the new one, never half of one;
     Ctrl-C waits for the rename. `durable=False` skips the fsync: a killed process still leaves a
-    whole file (the kernel has it), but a power cut may lose it. The file gets the usual mode (0666 less the umask), not mkstemp's
-    private 0600. A failed write (a full disk) removes the temp file and names `path`.
+    whole file (the kernel has it), but a power cut may lose it. The file gets the usual mode
+    (0666 less the umask), not mkstemp's private 0600. A failed write (a full disk) removes the
+    temp file and names `path`.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     with interrupts_deferred():
-        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=os.path.splitext(str(path))[1], dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=os.path.splitext(str(path))[1],
+                                   dir=folder)
         try:
             with os.fdopen(fd, "wb") as f:
                 os.fchmod(f.fileno(), 0o666 & ~_umask())
