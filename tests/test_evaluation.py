@@ -11,7 +11,9 @@ from PIL import Image
 
 import evaluate
 import train
+from flowerclf.base.runfiles import RunFiles
 from flowerclf.evaluation.metrics import classification_report
+from flowerclf.evaluation.reports import write_report
 from flowerclf.evaluation.plots import plot_confusion_matrix
 from flowerclf.training.loops import metrics_from_logits
 from conftest import make_image_folder
@@ -33,6 +35,27 @@ def test_report_on_a_fixed_example_matches_a_hand_count():
     assert (c["precision"], c["recall"], c["f1"]) == (0.5, 1.0, pytest.approx(2 / 3))
     assert r["most_confused"] == [{"true": "alpha", "predicted": "b", "count": 1},
                                   {"true": "b", "predicted": "c", "count": 1}]
+
+
+def test_a_report_over_100000_classes_counts_only_what_the_split_holds(tmp_path):
+    n, rng = 100_000, np.random.default_rng(0)
+    labels = np.array([5, 5, 70_000, 99_999, 12])
+    logits = rng.normal(0, 1, (len(labels), n)).astype(np.float32)
+    logits[np.arange(5), [5, 70_000, 70_000, 99_999, 3]] = 50.0  # one 5 taken for 70000, the 12 for 3
+    classes = [str(i) for i in range(n)]
+    r = classification_report(logits, labels, classes)  # a dense matrix would be 74.5 GiB
+    assert r["confusion_classes"] == ["3", "5", "12", "70000", "99999"]
+    assert r["confusion_matrix"] == [[0, 0, 0, 0, 0], [0, 1, 0, 1, 0], [1, 0, 0, 0, 0], [0, 0, 0, 1, 0],
+                                     [0, 0, 0, 0, 1]]
+    assert r["most_confused"] == [{"true": "5", "predicted": "70000", "count": 1},
+                                  {"true": "12", "predicted": "3", "count": 1}]
+    assert r["per_class"][5]["recall"] == 0.5 and r["per_class"][70_000]["precision"] == 0.5
+    assert write_report(r, RunFiles(str(tmp_path))) == [str(tmp_path / "test_report.json"),
+                                                        str(tmp_path / "confusion_matrix.png")]
+    wide = np.eye(400, dtype=np.float32) * 5  # 400 classes in the split: no matrix at all
+    r = classification_report(np.pad(wide, ((0, 0), (0, 600))), np.arange(400), classes[:1000])
+    assert r["confusion_matrix"] is None and r["top1"] == 1.0
+    assert write_report(r, RunFiles(str(tmp_path / "wide"))) == [str(tmp_path / "wide" / "test_report.json")]
 
 
 def test_confusion_matrix_stays_readable_with_102_classes(tmp_path):
