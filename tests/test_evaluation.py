@@ -16,7 +16,9 @@ from flowerclf.evaluation.metrics import classification_report
 from flowerclf.evaluation.reports import write_report
 from flowerclf.evaluation.plots import plot_confusion_matrix
 from flowerclf.training.loops import metrics_from_logits
-from conftest import make_image_folder
+from flowerclf.evaluation import evaluate as evaluation_module
+from conftest import make_image_folder, one_error_line
+from conftest import run_script as _main
 
 
 def test_report_on_a_fixed_example_matches_a_hand_count():
@@ -122,3 +124,13 @@ def test_metrics_from_logits():
     m = metrics_from_logits(logits, torch.tensor([0, 0, 5]))
     assert m["acc"] == pytest.approx(1 / 3)
     assert m["top5"] == pytest.approx(1 / 3)  # only the first is in its top 5
+
+
+@pytest.mark.parametrize("inside", ["out", "1/out"])
+def test_evaluate_refuses_an_out_inside_the_split_it_reads(run, inside, monkeypatch):
+    data, save, _, _ = run
+    split = os.path.join(data, "test")
+    monkeypatch.setattr(evaluation_module, "FeaturePass", None)  # refused before any work
+    code, _, err = _main(evaluate, [str(save / "checkpoint.pth"), split, "--out", os.path.join(split, inside)])
+    assert "is inside" in one_error_line(code, err) and "read back as photos" in err
+    assert not os.path.exists(os.path.join(split, inside))

@@ -136,3 +136,12 @@ def test_unwritable_save_dir_is_one_line(image_folder, tmp_path, capsys):
                        "--engine", "torch", "--save_dir", str(blocker / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0]
+
+
+@pytest.mark.parametrize("variable", ["FLOWERCLF_STORE", "FLOWERCLF_CACHE"])
+def test_a_feature_store_inside_the_data_is_refused(image_folder, tmp_path, monkeypatch, variable):
+    monkeypatch.delenv("FLOWERCLF_STORE", raising=False)
+    monkeypatch.setenv(variable, os.path.join(image_folder, "train"))  # its onnx/ would become a class
+    code, _, err = _main(train, [image_folder, "--save_dir", str(tmp_path / "s"), "--epochs", "1"] + TINY)
+    assert "the feature store folder (FLOWERCLF_STORE)" in one_error_line(code, err)
+    assert sorted(os.listdir(os.path.join(image_folder, "train"))) == ["1", "2", "3"]

@@ -33,6 +33,12 @@ class ImageSet:
         return len(self.files)
 
 
+def is_inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """True when `path` is `folder` or lies under it (links resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def class_names(class_to_idx: dict[str, int]) -> list[str]:
     """Class folder names in output-index order."""
     return sorted(class_to_idx, key=class_to_idx.get)

@@ -10,18 +10,13 @@ from typing import Callable, Iterator
 from flowerclf.base.errors import FlowerclfError
 from flowerclf.base.files import remove_stale_temp_files
 from flowerclf.base.runfiles import RunFiles
-from flowerclf.data.folders import SPLITS
-
-
-def _inside(path: str, folder: str) -> bool:
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path == folder or path.startswith(folder + os.sep)
+from flowerclf.data.folders import SPLITS, is_inside
 
 
 def check_not_in_data(save_dir: str, data_dir: str, what: str = "--save_dir") -> None:
     """Outputs written into a split would be read back as images of a class (or a new class)."""
     for split in SPLITS:
-        if _inside(save_dir, os.path.join(data_dir, split)):
+        if is_inside(save_dir, os.path.join(data_dir, split)):
             raise FlowerclfError(f"{what} {save_dir} is inside {os.path.join(data_dir, split)}, so the files written "
                                  f"there would become training images; pick a folder outside DATA_DIR's splits")
 
