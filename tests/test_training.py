@@ -150,3 +150,15 @@ def test_the_feature_batch_size_keys_the_stored_vectors(image_folder, tmp_path):
         outs.append(out)
     assert "features train: 0 cached, 18 computed" in outs[1]  # not the vectors batches of 4 gave
     assert "features train: 18 cached, 0 computed" in outs[2]
+
+
+@pytest.mark.parametrize("every_s, durable", [(1e9, [False, False, True]), (0.0, [True, True, True])])
+def test_checkpoint_last_is_fsynced_now_and_then_and_after_the_last_epoch(image_folder, tmp_path, monkeypatch,
+                                                                          every_s, durable):
+    saves, real = [], trainer.atomic_save
+    monkeypatch.setattr(trainer, "LAST_SYNC_S", every_s)
+    monkeypatch.setattr(trainer, "atomic_save", lambda obj, path, *a: saves.append((path, *a)) or real(obj, path, *a))
+    assert _main(train, [image_folder, "--save_dir", str(tmp_path / "s"), "--epochs", "3"] + TINY)[0] == 0
+    last = str(tmp_path / "s" / "checkpoint_last.pth")
+    assert [a[0] for p, *a in saves if p == last] == durable
+    assert all(not a or a[0] for p, *a in saves if p != last)  # checkpoint.pth: always
