@@ -35,7 +35,8 @@ def _train_cmd(data, save, *extra):
 @pytest.mark.slow
 def test_sigkill_never_leaves_a_broken_checkpoint(image_folder, tmp_path):
     save = tmp_path / "s"
-    subprocess.run(_train_cmd(image_folder, save, "--epochs", "2"), check=True, capture_output=True)
+    subprocess.run(_train_cmd(image_folder, save, "--epochs", "2", "--learning_rate", "0.05"), check=True,
+                   capture_output=True)  # --resume keeps the flags of the run it continues
     rng = random.Random(0)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     for _ in range(2):
