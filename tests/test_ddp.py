@@ -117,6 +117,13 @@ def test_the_ranks_a_failing_rank_leaves_end_with_one_line(image_folder, tmp_pat
     assert lines[0].startswith("[rank 0] error: another process of this torchrun job failed")
 
 
+def test_a_process_group_that_cannot_form_is_one_error(monkeypatch):
+    for name, value in dict(WORLD_SIZE="2", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="notaport").items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(FlowerclfError, match=r"could not join the job \(ValueError: .*MASTER_PORT"):
+        ddp.join(torch.device("cpu"), 10)
+
+
 def test_more_processes_per_node_than_gpus_is_one_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")

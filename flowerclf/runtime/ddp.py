@@ -39,8 +39,12 @@ def join(device: torch.device, timeout_s: float) -> torch.device:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         # the timeout bounds every collective: a rank that dies or hangs ends the job instead of stalling it
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        try:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+        except (RuntimeError, ValueError) as e:  # a bad MASTER_PORT, an address in use, a rank that never came
+            raise FlowerclfError(f"torchrun: this process could not join the job ({brief(e, 120)}); check "
+                                 f"MASTER_ADDR, MASTER_PORT and that every process started") from None
     return device
 
 
