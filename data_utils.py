@@ -5,11 +5,28 @@ Everything here lives in `flowerclf.data`; this module names the part other code
 """
 from __future__ import annotations
 
-from flowerclf.data.folders import (IMAGE_EXTENSIONS, SPLITS, ImageSet, check_splits, class_names, is_image_file,
-                                    list_images, load_category_names, scan_data_dir, scan_split, split_off)
+from flowerclf.data.folders import (
+    IMAGE_EXTENSIONS,
+    SPLITS,
+    ImageSet,
+    check_splits,
+    class_names,
+    is_image_file,
+    list_images,
+    load_category_names,
+    scan_data_dir,
+    scan_split,
+    split_off,
+)
 from flowerclf.data.images import check_image, load_rgb, to_rgb
-from flowerclf.data.transforms import (EvalTransform, Preprocess, create_transform, normalize, preprocess_image,
-                                       resize_center_crop)
+from flowerclf.data.transforms import (
+    EvalTransform,
+    Preprocess,
+    create_transform,
+    normalize,
+    preprocess_image,
+    resize_center_crop,
+)
 
 __all__ = ["IMAGE_EXTENSIONS", "SPLITS", "ImageSet", "check_splits", "class_names", "is_image_file", "list_images",
            "load_category_names", "scan_data_dir", "scan_split", "split_off", "check_image", "load_rgb", "to_rgb",

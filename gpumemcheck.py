@@ -108,8 +108,9 @@ def estimate(args, step, what: str, device) -> dict:
 def report(args) -> dict:
     """Everything gpumemcheck prints, as plain data."""
     import torch
-    from flowerclf.training import memory
+
     from flowerclf.runtime.devices import resolve_device
+    from flowerclf.training import memory
 
     r = {"cuda": [], "host": memory.host_report()}
     step = None

@@ -38,7 +38,7 @@ def test_a_full_disk_is_one_line_and_loses_nothing(tiny_run, tmp_path, monkeypat
     line = one_error_line(code, err)
     assert "No space left on device" in line and "MiB free in" in line and str(work) in line
     assert (work / "checkpoint.pth").read_bytes() == before
-    assert not [f for f in os.listdir(work) if f.startswith(".tmp-")]
+    assert not [f for f in os.listdir(work) if f.startswith(files.TEMP_PREFIX)]
 
 
 def test_outputs_respect_the_umask(tiny_run):

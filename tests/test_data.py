@@ -365,3 +365,24 @@ def test_category_names_must_be_strings(tmp_path):
     (tmp_path / "n.json").write_text('{"1": 3}')
     with pytest.raises(FlowerclfError, match="not a string"):
         load_category_names(str(tmp_path / "n.json"))
+
+
+@pytest.mark.parametrize("text", ["[" * 200_000 + "]" * 200_000, '{"1": ' + "9" * 5000 + "}"],
+                         ids=["nested-200000-deep", "5000-digit-number"])
+def test_category_names_json_cannot_take_is_one_line(tiny_run, tmp_path, text):
+    data, save = tiny_run
+    (tmp_path / "n.json").write_text(text)
+    line = one_error_line(*_main(predict, [an_image(data), str(save / "checkpoint.pth"), "--category_names",
+                                           str(tmp_path / "n.json")])[::2])
+    assert "is not a JSON mapping we can read" in line
+
+
+def test_a_valid_split_that_sets_nothing_aside_or_empties_a_class_is_refused(tmp_path):
+    one_each = make_image_folder(tmp_path / "one", per_class={"train": 1})  # no class has 2 images to split
+    line = one_error_line(*_main(train, [one_each, "--valid_split", "0.5", "--check"])[::2])
+    assert "--valid_split 0.5 set aside no image" in line
+    uneven = make_image_folder(tmp_path / "uneven", per_class={"train": 8})
+    for name in os.listdir(os.path.join(uneven, "train", "2"))[2:]:
+        os.unlink(os.path.join(uneven, "train", "2", name))  # class 2 keeps 2 photos: 0.9 takes both
+    line = one_error_line(*_main(train, [uneven, "--valid_split", "0.9", "--check"])[::2])
+    assert "takes every train/ image of classes ['2']" in line

@@ -4,6 +4,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, make_image_folder
+from conftest import ROOT, make_image_folder, truncated_jpeg
 from PIL import Image
 
 from flowerclf.base.errors import FlowerclfError
@@ -49,7 +50,7 @@ def test_two_processes_train_and_write_one_checkpoint(image_folder, tmp_path, _c
     assert "x 2 processes" in run.stdout
     files = sorted(os.listdir(tmp_path / "s"))
     assert [f for f in files if f.endswith(".pth")] == ["checkpoint.pth", "checkpoint_last.pth"]
-    assert not [f for f in files if f.startswith(".tmp")]
+    assert not [f for f in files if f.startswith((".tmp", ".flowerclf-tmp"))]
     ckpt = torch.load(tmp_path / "s" / "checkpoint.pth", weights_only=True)
     assert not any(k.startswith(("module.", "head.module.")) for k in ckpt["state_dict"])
     assert len(_predicts(image_folder, tmp_path / "s")) == 3
@@ -93,6 +94,34 @@ def test_a_failing_rank_ends_the_job(image_folder, tmp_path):
     assert time.monotonic() - start < 120
     assert "[rank 1] error: " in run.stderr and "1_0a.jpg cannot be read" in run.stderr
     assert "[rank 1]: Traceback" not in run.stderr
+
+
+@pytest.mark.slow
+def test_the_ranks_a_failing_rank_leaves_end_with_one_line(image_folder, tmp_path):
+    truncated_jpeg(os.path.join(image_folder, "train", "1", "1_0a.jpg"))  # rank 1's shard, as above
+    with socket.socket() as s:  # the two ranks by hand, as torchrun starts them, so no launcher stops rank 0
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                   LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1")
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), image_folder, "--save_dir", str(tmp_path / "s"),
+               "--epochs", "2", "--no_store"] + COMMON
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                      env=env))
+    (_, err0), (_, err1) = (p.communicate(timeout=120) for p in procs)
+    assert procs[1].returncode == 2 and err1.strip().startswith("[rank 1] error: ") and "cannot be read" in err1
+    lines = err0.strip().splitlines()
+    assert procs[0].returncode == 1 and len(lines) == 1, err0[-3000:]
+    assert lines[0].startswith("[rank 0] error: another process of this torchrun job failed")
+
+
+def test_a_process_group_that_cannot_form_is_one_error(monkeypatch):
+    for name, value in dict(WORLD_SIZE="2", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="notaport").items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(FlowerclfError, match=r"could not join the job \(ValueError: .*MASTER_PORT"):
+        ddp.join(torch.device("cpu"), 10)
 
 
 def test_more_processes_per_node_than_gpus_is_one_error(monkeypatch):

@@ -7,13 +7,17 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import make_image_folder
+from conftest import make_image_folder, one_error_line
+from conftest import run_script as _main
 from PIL import Image
 
 import evaluate
 import train
+from flowerclf.base.runfiles import RunFiles
+from flowerclf.evaluation import evaluate as evaluation_module
 from flowerclf.evaluation.metrics import classification_report
 from flowerclf.evaluation.plots import plot_confusion_matrix
+from flowerclf.evaluation.reports import write_report
 from flowerclf.training.loops import metrics_from_logits
 
 
@@ -33,6 +37,27 @@ def test_report_on_a_fixed_example_matches_a_hand_count():
     assert (c["precision"], c["recall"], c["f1"]) == (0.5, 1.0, pytest.approx(2 / 3))
     assert r["most_confused"] == [{"true": "alpha", "predicted": "b", "count": 1},
                                   {"true": "b", "predicted": "c", "count": 1}]
+
+
+def test_a_report_over_100000_classes_counts_only_what_the_split_holds(tmp_path):
+    n, rng = 100_000, np.random.default_rng(0)
+    labels = np.array([5, 5, 70_000, 99_999, 12])
+    logits = rng.normal(0, 1, (len(labels), n)).astype(np.float32)
+    logits[np.arange(5), [5, 70_000, 70_000, 99_999, 3]] = 50.0  # one 5 taken for 70000, the 12 for 3
+    classes = [str(i) for i in range(n)]
+    r = classification_report(logits, labels, classes)  # a dense matrix would be 74.5 GiB
+    assert r["confusion_classes"] == ["3", "5", "12", "70000", "99999"]
+    assert r["confusion_matrix"] == [[0, 0, 0, 0, 0], [0, 1, 0, 1, 0], [1, 0, 0, 0, 0], [0, 0, 0, 1, 0],
+                                     [0, 0, 0, 0, 1]]
+    assert r["most_confused"] == [{"true": "5", "predicted": "70000", "count": 1},
+                                  {"true": "12", "predicted": "3", "count": 1}]
+    assert r["per_class"][5]["recall"] == 0.5 and r["per_class"][70_000]["precision"] == 0.5
+    assert write_report(r, RunFiles(str(tmp_path))) == [str(tmp_path / "test_report.json"),
+                                                        str(tmp_path / "confusion_matrix.png")]
+    wide = np.eye(400, dtype=np.float32) * 5  # 400 classes in the split: no matrix at all
+    r = classification_report(np.pad(wide, ((0, 0), (0, 600))), np.arange(400), classes[:1000])
+    assert r["confusion_matrix"] is None and r["top1"] == 1.0
+    assert write_report(r, RunFiles(str(tmp_path / "wide"))) == [str(tmp_path / "wide" / "test_report.json")]
 
 
 def test_confusion_matrix_stays_readable_with_102_classes(tmp_path):
@@ -99,3 +124,13 @@ def test_metrics_from_logits():
     m = metrics_from_logits(logits, torch.tensor([0, 0, 5]))
     assert m["acc"] == pytest.approx(1 / 3)
     assert m["top5"] == pytest.approx(1 / 3)  # only the first is in its top 5
+
+
+@pytest.mark.parametrize("inside", ["out", "1/out"])
+def test_evaluate_refuses_an_out_inside_the_split_it_reads(run, inside, monkeypatch):
+    data, save, _, _ = run
+    split = os.path.join(data, "test")
+    monkeypatch.setattr(evaluation_module, "FeaturePass", None)  # refused before any work
+    code, _, err = _main(evaluate, [str(save / "checkpoint.pth"), split, "--out", os.path.join(split, inside)])
+    assert "is inside" in one_error_line(code, err) and "read back as photos" in err
+    assert not os.path.exists(os.path.join(split, inside))

@@ -1,5 +1,6 @@
 """ONNX export, torch-free prediction and the ONNX Runtime feature engine."""
 import contextlib
+import copy
 import io
 import json
 import os
@@ -171,3 +172,53 @@ def test_a_damaged_cached_backbone_is_exported_again(image_folder, tmp_path):
     forward, engine = feature_forward(*args)
     images = torch.zeros(1, 3, pp.crop_size, pp.crop_size)
     assert engine == "onnxruntime" and not lines and forward(images).shape == (1, 1024)
+
+
+def _unknown_width_onnx(meta, path) -> str:
+    """A model.onnx scoring 3 classes whose output width ONNX Runtime cannot know before running it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    ints = lambda name, v: numpy_helper.from_array(np.array(v, dtype=np.int64), name)  # noqa: E731
+    nodes = [helper.make_node("ReduceMean", ["images", "hw"], ["scores"], keepdims=0),  # (N, 3)
+             helper.make_node("ReduceMax", ["images"], ["peak"], keepdims=0),  # data-dependent: the width is unknown
+             helper.make_node("Mul", ["peak", "zero"], ["nothing"]),
+             helper.make_node("Add", ["nothing", "three"], ["end_f"]),
+             helper.make_node("Cast", ["end_f"], ["end0"], to=TensorProto.INT64),
+             helper.make_node("Reshape", ["end0", "one"], ["end"]),
+             helper.make_node("Slice", ["scores", "start", "end", "axis"], ["outputs"])]
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("outputs", TensorProto.FLOAT, ["batch", "classes"])],
+        [ints("hw", [2, 3]), ints("start", [0]), ints("axis", [1]), ints("one", [1]),
+         numpy_helper.from_array(np.array(0, np.float32), "zero"),
+         numpy_helper.from_array(np.array(3, np.float32), "three")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "flowerclf", json.dumps(meta)
+    onnx.save(model, path)
+    return path
+
+
+def test_a_symbolic_output_width_that_is_not_the_classes_is_one_line(tiny_onnx, tiny_run, tmp_path):
+    _, meta, _ = tiny_onnx  # two classes
+    path = _unknown_width_onnx(meta, str(tmp_path / "model.onnx"))
+    line = one_error_line(*_main(predict, [an_image(tiny_run[0]), path])[::2])
+    assert "gives scores of shape (1, 3) for 1 image(s), but names 2 classes" in line
+
+
+def test_non_finite_scores_are_refused(tiny_onnx, tiny_run, tmp_path):
+    net, meta, _ = tiny_onnx
+    net = copy.deepcopy(net)
+    with torch.no_grad():
+        net[0].bias.fill_(float("nan"))
+    path = export_module(net, str(tmp_path / "model.onnx"), 8, {"flowerclf": json.dumps(meta)})
+    line = one_error_line(*_main(predict, [an_image(tiny_run[0]), path])[::2])
+    assert "NaN or infinite scores" in line
+
+
+@pytest.mark.parametrize("text", ["[" * 200_000 + "]" * 200_000, "1" * 5000])
+def test_onnx_metadata_json_that_json_cannot_take_is_one_line(tiny_onnx, tiny_run, tmp_path, text):
+    net, _, _ = tiny_onnx
+    path = str(tmp_path / "model.onnx")
+    export_module(net, path, 8, {"flowerclf": text})
+    assert "metadata is not valid JSON" in one_error_line(*_main(predict, [an_image(tiny_run[0]), path])[::2])

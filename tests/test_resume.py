@@ -14,6 +14,7 @@ from conftest import run_script as _main
 
 import predict
 import train
+from flowerclf.features import passes as passes_module
 from flowerclf.models.checkpoints import load_model
 from flowerclf.training import trainer
 from flowerclf.training.trainer import format_epoch
@@ -34,7 +35,8 @@ def _train_cmd(data, save, *extra):
 @pytest.mark.slow
 def test_sigkill_never_leaves_a_broken_checkpoint(image_folder, tmp_path):
     save = tmp_path / "s"
-    subprocess.run(_train_cmd(image_folder, save, "--epochs", "2"), check=True, capture_output=True)
+    subprocess.run(_train_cmd(image_folder, save, "--epochs", "2", "--learning_rate", "0.05"), check=True,
+                   capture_output=True)  # --resume keeps the flags of the run it continues
     rng = random.Random(0)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     for _ in range(2):
@@ -135,3 +137,23 @@ def test_a_resume_state_without_stateful_is_one_line(tiny_run, tmp_path):
     torch.save(state, tmp_path / "s" / "checkpoint_last.pth")
     code, _, err = _main(train, [data, "--save_dir", str(tmp_path / "s"), "--epochs", "3", "--resume"] + TINY)
     assert "field 'stateful'" in one_error_line(code, err)
+
+
+def test_resume_refuses_changed_training_flags_before_any_work(image_folder, tmp_path, monkeypatch):
+    save = tmp_path / "s"
+    assert _main(train, [image_folder, "--save_dir", str(save), "--epochs", "1"] + TINY)[0] == 0
+    passes = []
+    monkeypatch.setattr(passes_module, "extract_features", lambda *a, **k: passes.append(1))
+    monkeypatch.setattr(passes_module, "open_store", lambda *a, **k: passes.append(1))
+    code, _, err = _main(train, [image_folder, "--save_dir", str(save), "--epochs", "2", "--resume",
+                                 "--learning_rate", "0.5", "--seed", "3"] + TINY)
+    line = one_error_line(code, err)
+    assert "--learning_rate 0.001 (now 0.5)" in line and "--seed 0 (now 3)" in line and "--overwrite" in line
+    make_image_folder(image_folder, classes=("1", "2", "3", "4"))  # a new class
+    code, _, err = _main(train, [image_folder, "--save_dir", str(save), "--epochs", "2", "--resume"] + TINY)
+    assert "was made for classes" in one_error_line(code, err)
+    assert not passes  # both refused before the feature pass
+    monkeypatch.undo()
+    code, out, err = _main(train, [make_image_folder(tmp_path / "d"), "--save_dir", str(save), "--epochs", "2",
+                                   "--resume", "--num_workers", "0", "--no_store"] + TINY)
+    assert code == 0 and "resuming after epoch 1" in out, err  # where and how fast it runs may change

@@ -76,7 +76,8 @@ def test_train_config_checks_itself(image_folder, tmp_path, bad, message):
 @pytest.mark.parametrize("flags", [["--backbone_lr_ratio", "nan", "--unfreeze", "1"], ["--learning_rate", "inf"],
                                    ["--learning_rate", "nan"], ["--label_smoothing", "5"],
                                    ["--hidden_units", "1000000000"], ["--warmup_epochs", "nan"],
-                                   ["--seed", "-1", "--valid_split", "0.2"], ["--seed", "1" * 23]])
+                                   ["--seed", "-1", "--valid_split", "0.2"], ["--seed", "1" * 23],
+                                   ["--warmup_epochs", "1e308", "--unfreeze", "1"]])
 def test_bad_flags_are_one_line_before_any_work(image_folder, tmp_path, flags):
     code, _, err = _main(train, [image_folder, "--save_dir", str(tmp_path / "s")] + TINY + flags)
     one_error_line(code, err)
@@ -133,3 +134,26 @@ def test_hidden_units_zero_gives_a_linear_head(image_folder, tmp_path):
                        "--epochs", "1", "--save_dir", save, "--engine", "torch"]) == 0
     model, _ = load_model(os.path.join(save, "checkpoint.pth"))
     assert [type(m).__name__ for m in model.head] == ["Dropout", "Linear"]
+
+
+def test_the_feature_batch_size_keys_the_stored_vectors(image_folder, tmp_path):
+    outs = []
+    for run, size in enumerate(("4", "5", "4")):
+        code, out, err = _main(train, [image_folder, "--save_dir", str(tmp_path / str(run)), "--epochs", "1",
+                                       "--feature_batch_size", size] + TINY)
+        assert code == 0, err
+        outs.append(out)
+    assert "features train: 0 cached, 18 computed" in outs[1]  # not the vectors batches of 4 gave
+    assert "features train: 18 cached, 0 computed" in outs[2]
+
+
+@pytest.mark.parametrize("every_s, durable", [(1e9, [False, False, True]), (0.0, [True, True, True])])
+def test_checkpoint_last_is_fsynced_now_and_then_and_after_the_last_epoch(image_folder, tmp_path, monkeypatch,
+                                                                          every_s, durable):
+    saves, real = [], trainer.atomic_save
+    monkeypatch.setattr(trainer, "LAST_SYNC_S", every_s)
+    monkeypatch.setattr(trainer, "atomic_save", lambda obj, path, *a: saves.append((path, *a)) or real(obj, path, *a))
+    assert _main(train, [image_folder, "--save_dir", str(tmp_path / "s"), "--epochs", "3"] + TINY)[0] == 0
+    last = str(tmp_path / "s" / "checkpoint_last.pth")
+    assert [a[0] for p, *a in saves if p == last] == durable
+    assert all(not a or a[0] for p, *a in saves if p != last)  # checkpoint.pth: always

@@ -17,6 +17,7 @@ class RunFiles:
         self.curves = self._path("training_curves.png")
         self.onnx = self._path("model.onnx")
         self.lock = self._path(".flowerclf.lock")           # held (flock) by the run writing here
+        self.previous = self._path(".flowerclf-previous")   # --overwrite: the old outputs, until a new checkpoint
 
     def _path(self, name: str) -> str:
         return os.path.join(self.folder, name)

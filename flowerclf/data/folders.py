@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flowerclf.base.errors import FlowerclfError
+from flowerclf.base.errors import FlowerclfError, brief
 from flowerclf.data.images import check_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -31,6 +31,12 @@ class ImageSet:
 
     def __len__(self) -> int:
         return len(self.files)
+
+
+def is_inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """True when `path` is `folder` or lies under it (links resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def class_names(class_to_idx: dict[str, int]) -> list[str]:
@@ -110,6 +116,7 @@ def scan_data_dir(data_dir: str | os.PathLike, valid_split: float = 0.0, seed: i
         raise FlowerclfError(f"train/ class folders {empty} have no images; add images or remove the folders")
     if valid_split:
         sets["train"], sets["valid"] = split_off(sets["train"], valid_split, seed)
+        _check_split_off(sets["train"], sets["valid"], valid_split)
     for split in ("valid", "test"):
         if (data_dir / split).is_dir():
             sets[split] = scan_split(data_dir / split, sets["train"].class_to_idx)
@@ -130,6 +137,19 @@ def split_off(images: ImageSet, fraction: float, seed: int = 0) -> tuple[ImageSe
     parts = ([i for i in range(len(labels)) if i not in held], sorted(held))
     return tuple(ImageSet(images.root, [images.files[i] for i in p], [images.labels[i] for i in p],
                           dict(images.class_to_idx)) for p in parts)
+
+
+def _check_split_off(train: ImageSet, valid: ImageSet, fraction: float) -> None:
+    """--valid_split must leave a validation image, and every class a training image."""
+    if not valid.files:
+        raise FlowerclfError(f"--valid_split {fraction} set aside no image: only classes with 2 or more images in "
+                             f"train/ give some; add images, or a valid/ folder")
+    kept = set(train.labels)
+    emptied = [c for c, i in train.class_to_idx.items() if i not in kept]
+    if emptied:
+        raise FlowerclfError(f"--valid_split {fraction} takes every train/ image of classes {emptied[:10]}"
+                             f"{' ...' if len(emptied) > 10 else ''}, leaving none to train on; pass a smaller "
+                             f"--valid_split or add images")
 
 
 def check_splits(splits: dict[str, ImageSet], full: bool = False, skip_bad: bool = False
@@ -197,6 +217,9 @@ def load_category_names(path: str | None) -> dict[str, str]:
         raise FlowerclfError(f"--category_names {path} is not UTF-8 text; save it as UTF-8 JSON") from None
     except json.JSONDecodeError as e:
         raise FlowerclfError(f"--category_names {path} is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # a 5,000-digit number; arrays nested 200,000 deep
+        raise FlowerclfError(f"--category_names {path} is not a JSON mapping we can read ({brief(e, 80)}); "
+                             f"give a flat one, {{\"1\": \"pink primrose\", ...}}") from None
     if not isinstance(names, dict):
         raise FlowerclfError(f"--category_names {path} must hold a JSON object {{\"1\": \"pink primrose\", ...}}")
     wrong = next((k for k, v in names.items() if not isinstance(v, str)), None)

@@ -4,8 +4,14 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+from flowerclf.base.errors import FlowerclfError
 from flowerclf.base.runfiles import RunFiles
-from flowerclf.data.folders import class_names, load_category_names, scan_split
+from flowerclf.data.folders import (
+    class_names,
+    is_inside,
+    load_category_names,
+    scan_split,
+)
 from flowerclf.data.transforms import Preprocess
 from flowerclf.evaluation.html import run_facts, write_html_report
 from flowerclf.evaluation.metrics import classification_report
@@ -25,6 +31,9 @@ def evaluate_split(checkpoint: str, split: str, out: str | None = None, category
                    num_workers: int | str = "auto", log: Callable[[str], None] = print) -> tuple[dict, list[str], str]:
     """(the report of `checkpoint` on `split`, the report files written, report.html's path)."""
     names = load_category_names(category_names)
+    if is_inside(out or os.path.dirname(os.path.abspath(checkpoint)), split):  # before any work
+        raise FlowerclfError(f"--out {out or '(the checkpoint folder)'} is inside {split}, the split evaluated, so "
+                             f"its report PNGs would be read back as photos next time; pick a folder outside it")
     dev = resolve_device(device, gpu)
     enable_cudnn_autotune(dev)
     model, ckpt = load_model(checkpoint, dev)

@@ -6,12 +6,23 @@ from __future__ import annotations
 
 import numpy as np
 
+MATRIX_CLASSES = 300  # a confusion matrix of more classes is neither readable nor small (100,000: 75 GiB)
+
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
     """counts[true, predicted]."""
     cm = np.zeros((n_classes, n_classes), dtype=np.int64)
     np.add.at(cm, (labels, predicted), 1)
     return cm
+
+
+def matrix_rows(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray | None:
+    """The classes a confusion matrix shows: all of them, or past MATRIX_CLASSES those the split holds or was
+    taken for; None when even those are too many."""
+    if n_classes <= MATRIX_CLASSES:
+        return np.arange(n_classes)
+    present = np.union1d(labels, predicted)
+    return present if len(present) <= MATRIX_CLASSES else None
 
 
 def ranked(logits: np.ndarray, k: int) -> np.ndarray:
@@ -40,16 +51,24 @@ def classification_report(logits: np.ndarray, labels: np.ndarray, classes: list[
     names = names or {}
     logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
     top1, top5 = accuracies(logits, labels)
-    cm = confusion_matrix(labels, ranked(logits, 1)[:, 0], len(classes))
-    tp = np.diag(cm).astype(float)
-    predicted, support = cm.sum(axis=0), cm.sum(axis=1)
+    n, guess = len(classes), ranked(logits, 1)[:, 0]
+    # counted per pair of the split, never per pair of classes: the work follows the photos
+    tp = np.bincount(labels[guess == labels], minlength=n).astype(float)
+    predicted, support = np.bincount(guess, minlength=n), np.bincount(labels, minlength=n)
+    wrong = np.flatnonzero(guess != labels)
+    codes, counts = np.unique(labels[wrong].astype(np.int64) * n + guess[wrong], return_counts=True)
+    rows = matrix_rows(labels, guess, n)
+    cm = None
+    if rows is not None:
+        index = np.full(n, -1)
+        index[rows] = np.arange(len(rows))
+        cm = confusion_matrix(index[labels], index[guess], len(rows)).tolist()
     precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
     recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp),
                    where=(precision + recall) > 0)
-    off = cm.copy()
-    np.fill_diagonal(off, 0)
-    pairs = sorted(((int(off[i, j]), i, j) for i, j in zip(*np.nonzero(off))), key=lambda t: (-t[0], t[1], t[2]))
+    pairs = sorted(((int(c), int(code // n), int(code % n)) for code, c in zip(codes, counts)),
+                   key=lambda t: (-t[0], t[1], t[2]))
     label = lambda i: names.get(classes[i], classes[i])  # noqa: E731
     result = {
         "images": int(len(labels)),
@@ -59,7 +78,8 @@ def classification_report(logits: np.ndarray, labels: np.ndarray, classes: list[
         "per_class": [{"class": c, "name": label(i), "precision": float(precision[i]), "recall": float(recall[i]),
                        "f1": float(f1[i]), "support": int(support[i])} for i, c in enumerate(classes)],
         "most_confused": [{"true": label(i), "predicted": label(j), "count": n} for n, i, j in pairs[:most_confused]],
-        "confusion_matrix": cm.tolist(),
+        "confusion_matrix": cm,  # None past MATRIX_CLASSES classes in the split
+        "confusion_classes": None if rows is None else [classes[i] for i in rows],  # its rows and columns
     }
     if files is not None:
         _add_mistakes(result, logits, labels, files, label, [(i, j) for _, i, j in pairs[:most_confused]], top_losses)

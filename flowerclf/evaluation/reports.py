@@ -30,8 +30,11 @@ def write_history(history: list[dict], files: RunFiles) -> list[str]:
 
 
 def write_report(report: dict, files: RunFiles, stem: str = "test") -> list[str]:
-    """STEM_report.json and the confusion matrix PNG; returns the paths written."""
+    """STEM_report.json and the confusion matrix PNG (none past MATRIX_CLASSES classes); returns the paths written."""
     write_json(report, files.report_json(stem))
-    plot_confusion_matrix(np.array(report["confusion_matrix"]), [c["name"] for c in report["per_class"]],
+    if report["confusion_matrix"] is None:
+        return [files.report_json(stem)]
+    names = {c["class"]: c["name"] for c in report["per_class"]}
+    plot_confusion_matrix(np.array(report["confusion_matrix"]), [names[c] for c in report["confusion_classes"]],
                           files.confusion(stem))
     return [files.report_json(stem), files.confusion(stem)]

@@ -82,7 +82,8 @@ class FeaturePass:
         fingerprint = state_fingerprint(backbone)
         self.forward, self.engine = feature_forward(backbone, arch, preprocess.crop_size, engine, device, amp,
                                                     fingerprint, log)
-        self.setup_key = setup_key(arch, weights, fingerprint, preprocess, self.engine, device, amp)
+        self.setup_key = dict(setup_key(arch, weights, fingerprint, preprocess, self.engine, device, amp),
+                              batch_size=batch_size)  # kernels differ by batch size: so do vectors, by ~1e-9
         self.store = open_store(log) if use_store else None
         self.preprocess, self.batch_size, self.num_workers = preprocess, batch_size, num_workers
         self.device, self.log = device, log

@@ -32,11 +32,11 @@ from flowerclf.models.registry import (
 )
 
 
-def atomic_save(obj, path: str) -> None:
-    """torch.save through a temp file and a rename: a crash mid-save never breaks `path`."""
+def atomic_save(obj, path: str, durable: bool = True) -> None:
+    """torch.save through a temp file and a rename: a crash mid-save never breaks `path` (see atomic_write)."""
     buffer = io.BytesIO()  # serialized first, so a full disk is an OSError naming the file, not torch's own
     torch.save(obj, buffer)
-    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()), durable)
 
 
 def first_non_finite(state: dict) -> str | None:

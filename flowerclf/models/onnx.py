@@ -75,14 +75,18 @@ def model_metadata(session, path: str) -> dict:
                              f"python export.py CHECKPOINT")
     try:
         meta = check_model_meta(json.loads(text), path)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # bad JSON, a 5,000-digit number, arrays nested 200,000 deep
         raise FlowerclfError(f"{path}: its flowerclf metadata is not valid JSON; export it again") from None
     images, outputs = session.get_inputs()[0], session.get_outputs()[0]
     crop = meta["preprocess"]["crop_size"]
-    if any(isinstance(side, int) and side != crop for side in images.shape[2:]):
+    if images.shape is not None and len(images.shape) != 4 or outputs.shape is not None and len(outputs.shape) != 2:
+        raise FlowerclfError(f"{path}: the model takes {images.shape} and gives {outputs.shape}, not (images, 3, "
+                             f"side, side) -> (images, classes); export it again")
+    if any(isinstance(side, int) and side != crop for side in (images.shape or [])[2:]):
         raise FlowerclfError(f"{path}: field 'preprocess.crop_size' is {crop}, but the model takes "
                              f"{images.shape[2]}x{images.shape[3]} images; export it again")
-    if isinstance(outputs.shape[-1], int) and outputs.shape[-1] != len(meta["class_to_idx"]):
+    if outputs.shape is not None and isinstance(outputs.shape[-1], int) \
+            and outputs.shape[-1] != len(meta["class_to_idx"]):
         raise FlowerclfError(f"{path}: field 'class_to_idx' names {len(meta['class_to_idx'])} classes, but "
                              f"the model has {outputs.shape[-1]} outputs; export it again")
     return meta

@@ -7,11 +7,17 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
-from flowerclf.base.errors import FlowerclfError
+from flowerclf.base.errors import FlowerclfError, brief
+
+# gloo and NCCL report a peer that went away as a plain RuntimeError
+_PEER_LOST = re.compile(r"gloo|nccl|connection (reset|closed)|broken pipe", re.IGNORECASE)
 
 
 def launched() -> bool:
@@ -33,9 +39,26 @@ def join(device: torch.device, timeout_s: float) -> torch.device:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         # the timeout bounds every collective: a rank that dies or hangs ends the job instead of stalling it
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        try:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+        except (RuntimeError, ValueError) as e:  # a bad MASTER_PORT, an address in use, a rank that never came
+            raise FlowerclfError(f"torchrun: this process could not join the job ({brief(e, 120)}); check "
+                                 f"MASTER_ADDR, MASTER_PORT and that every process started") from None
     return device
+
+
+@contextmanager
+def peers_watched() -> Iterator[None]:
+    """Under torchrun, a collective that fails because another rank ended (its own error line says why) ends
+    this rank with one line too, not the backend's traceback."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not launched() or not (isinstance(e, dist.DistError) or _PEER_LOST.search(str(e))):
+            raise
+        raise FlowerclfError(f"another process of this torchrun job failed or stopped (its error line says why), "
+                             f"so this one stops too ({brief(e, 100)})", exit_code=1) from None
 
 
 def cleanup() -> None:

@@ -10,11 +10,28 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from flowerclf.base.errors import FlowerclfError
+from flowerclf.base.errors import FlowerclfError, brief
 from flowerclf.data.folders import class_names, is_image_file, list_images
 from flowerclf.data.images import load_rgb
 from flowerclf.data.transforms import Preprocess, preprocess_image
 from flowerclf.models.onnx import model_metadata, open_session
+
+
+def checked_logits(logits: np.ndarray, images: int, classes: int, path: str) -> np.ndarray:
+    """A model's scores for a batch, refused when they cannot be an answer: another shape, NaN or infinity."""
+    if logits.shape != (images, classes):
+        raise FlowerclfError(f"{path} gives scores of shape {tuple(logits.shape)} for {images} image(s), but names "
+                             f"{classes} classes; export it again from its checkpoint")
+    if not np.isfinite(logits).all():
+        raise FlowerclfError(f"{path} gives NaN or infinite scores (its weights hold NaN or overflow); retrain it, "
+                             f"or export it again from a checkpoint that predicts")
+    return logits
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Each row's scores as probabilities."""
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
 
 
 @dataclass
@@ -37,25 +54,30 @@ class Predictor:
         dev = resolve_device(device, gpu)
         model, ckpt = load_model(path, dev)
 
+        classes = class_names(ckpt["class_to_idx"])
+
         @torch.inference_mode()
         def probabilities(batch: np.ndarray) -> np.ndarray:
-            return model(torch.from_numpy(batch).to(dev)).float().softmax(dim=1).cpu().numpy()
+            logits = model(torch.from_numpy(batch).to(dev)).float().cpu().numpy()
+            return softmax(checked_logits(logits, len(batch), len(classes), path))
 
-        return cls(probabilities, class_names(ckpt["class_to_idx"]), Preprocess.from_dict(ckpt["preprocess"]))
+        return cls(probabilities, classes, Preprocess.from_dict(ckpt["preprocess"]))
 
     @classmethod
     def from_onnx(cls, path: str) -> "Predictor":
         """An ONNX Runtime predictor from model.onnx (train.py --export onnx): no torch involved."""
         session = open_session(path)
         meta = model_metadata(session, path)
-        name = session.get_inputs()[0].name
+        name, classes = session.get_inputs()[0].name, class_names(meta["class_to_idx"])
 
         def probabilities(batch: np.ndarray) -> np.ndarray:
-            logits = session.run(None, {name: batch})[0].astype(np.float64)
-            e = np.exp(logits - logits.max(axis=1, keepdims=True))
-            return e / e.sum(axis=1, keepdims=True)
+            try:
+                logits = np.asarray(session.run(None, {name: batch})[0], dtype=np.float64)
+            except Exception as e:  # onnxruntime's own types: a graph that cannot run on these images
+                raise FlowerclfError(f"{path} failed to run ({brief(e)}); export it again") from None
+            return softmax(checked_logits(logits, len(batch), len(classes), path))
 
-        return cls(probabilities, class_names(meta["class_to_idx"]), Preprocess.from_dict(meta["preprocess"]))
+        return cls(probabilities, classes, Preprocess.from_dict(meta["preprocess"]))
 
     @classmethod
     def load(cls, path: str, device: str = "auto", gpu: bool = False) -> "Predictor":

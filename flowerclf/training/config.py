@@ -57,7 +57,7 @@ class TrainConfig:
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
             (self.learning_rate > 0, "--learning_rate must be positive"),
             (self.backbone_lr_ratio > 0, "--backbone_lr_ratio must be positive"),
-            (self.warmup_epochs >= 0, "--warmup_epochs must be 0 or more"),
+            (0 <= self.warmup_epochs <= self.epochs, f"--warmup_epochs must be from 0 to --epochs ({self.epochs})"),
             (0 <= self.label_smoothing < 1, "--label_smoothing must be in [0, 1)"),
             (0 <= self.valid_split < 1, "--valid_split must be in [0, 1)"),
             (all(0 < h <= MAX_HIDDEN_UNITS for h in self.hidden_units),

@@ -10,6 +10,7 @@ from flowerclf.data.folders import (
     load_category_names,
     scan_data_dir,
 )
+from flowerclf.features.store import store_dir
 from flowerclf.models.names import check_arch
 from flowerclf.training.config import TrainConfig
 from flowerclf.training.rundir import check_not_in_data
@@ -19,6 +20,7 @@ def preflight(cfg: TrainConfig) -> dict[str, ImageSet]:
     """Check everything that needs no torch; return the scanned splits."""
     check_arch(cfg.arch)
     check_not_in_data(cfg.save_dir, cfg.data_dir)
+    check_not_in_data(store_dir(), cfg.data_dir, "the feature store folder (FLOWERCLF_STORE)")
     splits = scan_data_dir(cfg.data_dir, cfg.valid_split, cfg.seed)
     load_category_names(cfg.category_names)
     return splits

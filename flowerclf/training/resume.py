@@ -14,6 +14,11 @@ from flowerclf.models.registry import ModelSpec
 _TYPES = {"epoch": int, "history": list, "best": dict, "trained_state": dict, "stateful": dict,
           "generator": torch.Tensor, "rng": torch.Tensor, "class_to_idx": dict, "model": dict}
 
+# flags a resumed run may change: where the data and outputs are, how fast and on what it runs, how long
+RESUMABLE_FLAGS = frozenset({"data_dir", "save_dir", "epochs", "feature_batch_size", "device", "gpu", "num_workers",
+                             "store", "compile", "engine", "category_names", "export", "skip_bad_images", "resume",
+                             "overwrite"})
+
 
 @dataclass
 class ResumeState:
@@ -69,6 +74,21 @@ class ResumeState:
                                  f"unfreeze {state.get('unfreeze')}); pass the same --arch, --weights, "
                                  f"--hidden_units, --dropout and --unfreeze")
         return cls(**{f.name: state.get(f.name) for f in fields(cls)})
+
+    def check_args(self, args: dict, path: str) -> None:
+        """Refuse a resume whose training flags differ from the run it continues (they would be ignored).
+
+        Free to change: what only says where and how fast the run goes (`RESUMABLE_FLAGS`), and
+        --epochs, which is how a run is extended.
+        """
+        if not isinstance(self.args, dict):
+            raise FlowerclfError(f"--resume: {path}: field 'args' is missing or not dict; the file is damaged; "
+                                 f"train again with --overwrite")
+        changed = [f"--{k} {self.args[k]!r:.40} (now {v!r:.40})" for k, v in args.items()
+                   if k not in RESUMABLE_FLAGS and k in self.args and self.args[k] != v]
+        if changed:
+            raise FlowerclfError(f"--resume: {path} was trained with {', '.join(changed)}; a resumed run keeps its "
+                                 f"settings, so pass the same flags, or train anew with --overwrite")
 
     def apply(self, trainable: torch.nn.Module, stateful: dict, generator: torch.Generator,
               path: str) -> tuple[int, list, dict]:

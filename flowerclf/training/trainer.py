@@ -59,6 +59,7 @@ from flowerclf.training.preflight import preflight
 from flowerclf.training.resume import ResumeState
 
 DIST_TIMEOUT_S = 300  # a collective waiting longer than this means a rank died or hung: end the job
+LAST_SYNC_S = 10.0    # checkpoint_last.pth is fsynced at least this often, and after the last epoch
 
 
 @dataclass
@@ -182,6 +183,8 @@ class Run:
     class_to_idx: dict
     cfg: TrainConfig
     log: Callable[[str], None]
+    resume: ResumeState | None = None   # --resume: checkpoint_last.pth, read and checked before any work
+    claimed: rundir.Claim | None = None  # rank 0's hold on the save directory
 
     @property
     def files(self) -> RunFiles:
@@ -192,16 +195,18 @@ class Run:
         if ddp.is_main():
             atomic_save(make_checkpoint(self.model, self.spec, self.preprocess, self.class_to_idx, epoch=epoch,
                                         history=history, args=asdict(self.cfg), **extra), self.files.checkpoint)
+            if self.claimed is not None:
+                self.claimed.saved()  # --overwrite: the previous run's outputs can go now
 
 
 def run_epochs(plan: Plan, run: Run) -> tuple[list, dict]:
     """Train epoch after epoch; save the best to checkpoint.pth and each to checkpoint_last.pth."""
     cfg, last = run.cfg, run.files.last
     start, history, best = 1, [], {"epoch": 0, "acc": -1.0, "loss": math.inf, "state": None}
-    if cfg.resume:
-        start, history, best = ResumeState.read(last, run.spec, run.class_to_idx, cfg.unfreeze).apply(
-            plan.trainable, plan.stateful, plan.generator, last)
+    if run.resume is not None:
+        start, history, best = run.resume.apply(plan.trainable, plan.stateful, plan.generator, last)
         run.log(f"resuming after epoch {start - 1} (best so far: epoch {best['epoch']})")
+    synced = time.monotonic()
     for epoch in range(start, cfg.epochs + 1):
         t0 = time.perf_counter()
         rate = plan.stateful["optimizer"].param_groups[0]["lr"]
@@ -222,9 +227,13 @@ def run_epochs(plan: Plan, run: Run) -> tuple[list, dict]:
                     "state": _cpu_state(plan.trainable.state_dict())}
             run.save(epoch, history, metrics={"valid_loss": va["loss"], "valid_acc": va["acc"]})
         if ddp.is_main():
+            # an fsync made each frozen epoch's save ~1.4x slower; a killed process leaves the file whole without
+            # one, so only a power cut can lose the epochs since the last, at most LAST_SYNC_S of them
+            durable = epoch == cfg.epochs or time.monotonic() - synced >= LAST_SYNC_S
             atomic_save(ResumeState.capture(_cpu_state(plan.trainable.state_dict()), plan.stateful, plan.generator,
                                             run.spec, run.class_to_idx, epoch, history, best, asdict(cfg)).to_dict(),
-                        last)
+                        last, durable)
+            synced = time.monotonic() if durable else synced
     return history, best
 
 
@@ -234,11 +243,18 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, splits: dict | N
     `splits` are preflight(cfg)'s, when the caller (train.py) checked before importing torch.
 
     checkpoint.pth is rewritten whenever validation accuracy improves and checkpoint_last.pth
-    after every epoch (both atomically), so a crash or Ctrl-C loses at most the running epoch.
+    after every epoch (both atomically), so a crash or Ctrl-C loses at most the running epoch
+    (a power cut: the epochs since checkpoint_last.pth's last fsync, at most LAST_SYNC_S ago).
     Under torchrun every rank runs this; only rank 0 logs and writes files.
     """
     torch.manual_seed(cfg.seed)  # the same on every rank: identical initial heads
     device = ddp.join(resolve_device(cfg.device, cfg.gpu), DIST_TIMEOUT_S)
+    with ddp.peers_watched():
+        return _train(cfg, device, log, splits)
+
+
+def _train(cfg: TrainConfig, device: torch.device, log: Callable[[str], None], splits: dict | None) -> dict:
+    """train() on this rank's device: the data, the model, the checks, then the run in its save directory."""
     main = ddp.is_main()
     if not main:
         log = lambda line: None  # noqa: E731
@@ -253,6 +269,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, splits: dict | N
     class_to_idx = splits["train"].class_to_idx
     spec = ModelSpec(cfg.arch, resolve_weights(cfg.arch, cfg.weights).spec, list(cfg.hidden_units),
                      cfg.dropout, len(class_to_idx))
+    last = RunFiles(cfg.save_dir).last
+    resume = ResumeState.read(last, spec, class_to_idx, cfg.unfreeze) if cfg.resume else None
+    if resume is not None:  # other classes, model or flags are refused before any work
+        resume.check_args(asdict(cfg), last)
     model, preprocess = build_model(spec)
     freeze(model.backbone)
     model.to(device)
@@ -260,8 +280,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, splits: dict | N
         + ", ".join(f"{len(s)} {n}" for n, s in splits.items()) + f" images, {len(class_to_idx)} classes")
     claim = rundir.claim(RunFiles(cfg.save_dir), cfg.data_dir, cfg.overwrite, cfg.resume, log) if main \
         else nullcontext()
-    with claim:  # before the feature pass: a locked, unwritable or occupied save dir fails now
-        return _fit(Run(model, spec, preprocess, class_to_idx, cfg, log), splits, names, device)
+    with claim as held:  # before the feature pass: a locked, unwritable or occupied save dir fails now
+        return _fit(Run(model, spec, preprocess, class_to_idx, cfg, log, resume, held), splits, names, device)
 
 
 def _fit(run: Run, splits: dict, names: dict, device: torch.device) -> dict:
