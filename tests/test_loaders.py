@@ -1,4 +1,5 @@
 """The tensor (decode_jpeg) input path against the PIL path, its fallbacks, and the choice between them."""
+import dataclasses
 import os
 
 import numpy as np
@@ -156,14 +157,15 @@ def _jpeg_items(images):
 
 def test_the_pixel_cap_splits_a_batch_of_large_photos(tmp_path, monkeypatch):
     path = _write(tmp_path / "12mp.jpg", Image.new("RGB", (4000, 3000), (90, 140, 60)), quality=50)
-    item = loaders.JpegBytes(ImageSet(str(tmp_path), [path], [0]), PP)[0]
+    full = dataclasses.replace(PP, decode="full")  # under the draft rule a 12 MP photo is decoded in the worker
+    item = loaders.JpegBytes(ImageSet(str(tmp_path), [path], [0]), full)[0]
     calls = []
 
     def decode_jpeg(datas, mode, device):  # the headers say 12 MP; the pixels are beside the point
         calls.append(len(datas))
         return [torch.full((3, 60, 80), 128, dtype=torch.uint8) for _ in datas]
     monkeypatch.setattr(loaders, "decode_jpeg", decode_jpeg)
-    x, _ = loaders.decode_batch([item] * 128, PP, CPU)
+    x, _ = loaders.decode_batch([item] * 128, full, CPU)
     assert calls == [21] * 6 + [2]  # 21 x 12 MP under the 256 MP cap: 6.1 GB of output becomes 0.76 GB a call
     assert x.shape == (128, 3, 96, 96) and x.abs().max() < 0.01  # grey 128 normalized, in every row
 

@@ -25,14 +25,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: str | os.PathLike | BinaryIO, name: str | None = None) -> Image.Image:
+def load_rgb(path: str | os.PathLike | BinaryIO, name: str | None = None, draft: int | None = None) -> Image.Image:
     """Open an image (a path, or a binary stream that errors call `name`), apply its EXIF orientation, return RGB.
 
+    `draft` (a transform's draft_size): a JPEG is decoded at the smallest DCT scale keeping both sides >= it.
     A DecompressionBombWarning counts as a bomb too where warnings are errors (serve.py makes them so).
     """
     name = path if name is None else name
     try:
         with Image.open(path) as img:
+            if draft:  # before anything decodes; other formats ignore it
+                img.draft("RGB", (draft, draft))
             img = ImageOps.exif_transpose(img)
             img.load()
             return to_rgb(img)
