@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -14,6 +15,9 @@ from PIL import Image
 import predict
 import train
 from flowerclf.base import cli
+from flowerclf.data.images import load_rgb
+from flowerclf.data.transforms import Preprocess, decode_size, preprocess_image
+from flowerclf.serving.predictor import Predictor
 from flowerclf.serving.figure import plot_predictions
 from conftest import ROOT, an_image, make_image_folder, one_error_line
 from conftest import run_script as _main
@@ -171,3 +175,32 @@ def test_swapped_predict_arguments(tiny_run):
     data, save = tiny_run
     line = one_error_line(*_main(predict, [str(save / "checkpoint.pth"), os.path.join(data, "test")])[::2])
     assert "is a folder" in line and "checkpoint (.pth or .onnx) last" in line
+
+
+def test_predict_decodes_as_the_checkpoint_was_trained(tiny_run, tmp_path):
+    _, save = tiny_run
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:1200, 0:1600] / 1600
+    pixels = np.stack([120 + 80 * x - 40 * y, 90 + 60 * y, 150 - 50 * x], -1) + rng.normal(0, 6, (1200, 1600, 3))
+    photo = str(tmp_path / "big.jpg")
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(photo, quality=90)
+    ckpt = torch.load(save / "checkpoint.pth", weights_only=True)
+    pp = Preprocess.from_dict(ckpt["preprocess"])
+    assert pp.decode == "draft" and load_rgb(photo, draft=decode_size(pp)).size == (400, 300)
+    drafted, full = (preprocess_image(load_rgb(photo, draft=draft), pp) for draft in (decode_size(pp), None))
+    assert not np.array_equal(drafted, full) and np.abs(drafted - full).mean() < 0.05
+    del ckpt["preprocess"]["decode"]  # a checkpoint from before the rule
+    torch.save(ckpt, tmp_path / "old.pth")
+    answers = []
+    for path, expected in ((save / "checkpoint.pth", drafted), (tmp_path / "old.pth", full)):
+        predictor, inputs = Predictor.load(str(path), "cpu"), []
+        model = predictor.probabilities
+        predictor.probabilities = lambda batch: model(inputs.append(batch.copy()) or batch)
+        results, errors = predictor.predict_paths([photo], 3)
+        with open(photo, "rb") as f:  # serve.py's uploads
+            assert predictor.predict_bytes([("big.jpg", f.read())], 3)[1] == []
+        assert errors == [] and len(inputs) == 2
+        for batch in inputs:  # exactly the decode its checkpoint names
+            np.testing.assert_array_equal(batch[0], expected)
+        answers.append({p["class"]: p["probability"] for p in results[0]["predictions"]})
+    assert answers[0] == pytest.approx(answers[1], abs=0.05)  # and the answers barely move
