@@ -106,7 +106,8 @@ def test_a_non_finite_checkpoint_is_refused(tiny_run, tmp_path):
 
 @pytest.mark.parametrize("field, value", [
     ("preprocess", KeyError), ("model.hidden_units", KeyError), ("class_to_idx", ["1", "2", "3"]),
-    ("class_to_idx", {"1": 0, "2": 1}), ("preprocess.interpolation", "lanczos"), ("preprocess.crop_size", 0)])
+    ("class_to_idx", {"1": 0, "2": 1}), ("preprocess.interpolation", "lanczos"), ("preprocess.crop_size", 0),
+    ("preprocess.decode", "magic"), ("preprocess.decode", None)])
 def test_malformed_checkpoints_name_the_field(tiny_run, tmp_path, field, value):
     data, save = tiny_run
     ckpt = torch.load(save / "checkpoint.pth", weights_only=True)
@@ -132,6 +133,15 @@ def test_other_version_is_refused(tmp_path):
         read_checkpoint(str(path))
 
 
+def test_a_checkpoint_records_its_decode_rule_and_one_without_reads_as_full(tmp_path):
+    _, ckpt = _tiny_checkpoint()
+    assert ckpt["preprocess"]["decode"] == "draft"
+    del ckpt["preprocess"]["decode"]  # as every checkpoint made before the rule was
+    atomic_save(ckpt, str(tmp_path / "old.pth"))
+    _, old = load_model(str(tmp_path / "old.pth"))
+    assert Preprocess.from_dict(old["preprocess"]).decode == "full"
+
+
 def test_classic_checkpoint_predicts(image_folder, tmp_path):
     torch.manual_seed(0)
     model = torchvision.models.get_model("resnet18", weights=None)
@@ -145,6 +155,7 @@ def test_classic_checkpoint_predicts(image_folder, tmp_path):
     code, out, err = _main(predict, [image, str(path), "--json"])
     assert code == 0, err
     probs = {p["class"]: p["probability"] for p in json.loads(out)[0]["predictions"]}
+    assert Preprocess.from_dict(load_model(str(path))[1]["preprocess"]).decode == "full"  # as it was trained
     x = torch.from_numpy(preprocess_image(load_rgb(image), Preprocess()))[None]
     with torch.inference_mode():
         expected = model.eval()(x).exp()[0]

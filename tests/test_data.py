@@ -1,6 +1,7 @@
 """Data: scanning ImageFolder splits, checking them, reading images of any mode, the transforms."""
 import io
 import json
+import math
 import os
 import re
 import warnings
@@ -36,6 +37,12 @@ from flowerclf.data.folders import (
 )
 from flowerclf.data.images import IMAGE_FORMATS, MAX_ASPECT_RATIO, check_image, load_rgb
 from flowerclf.data.transforms import Preprocess, preprocess_image
+from flowerclf.data.transforms import (
+    CROP_RATIO,
+    CROP_SCALE,
+    create_transform,
+    decode_size,
+)
 
 
 def test_scan_lists_classes_and_skips_hidden_and_non_images(tmp_path):
@@ -238,6 +245,66 @@ def test_preprocess_round_trips_as_plain_data():
     pp = Preprocess(342, 299, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
     assert Preprocess.from_dict(pp.to_dict()) == pp
     assert all(isinstance(v, (int, str, list)) for v in pp.to_dict().values())
+
+
+def _smooth_jpeg(path, w, h, orientation=None) -> str:
+    """A photo-like JPEG (gradients, a soft blob, fine ripples) of w x h stored pixels, with an EXIF orientation."""
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    pixels = np.stack([128 + 60 * (a * x - b * y) + 40 * np.exp(-((x - 0.5) ** 2 + (y - 0.4) ** 2) / 0.08)
+                       + 10 * np.sin(40 * x) * np.cos(30 * y) for a, b in ((1, 0.5), (-0.5, 1), (0.3, -1))], -1)
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90, exif=exif)
+    return str(path)
+
+
+def test_the_decode_rule_for_eval_augment_and_stored_views():
+    pp = Preprocess(256, 224)
+    assert pp.decode == "draft" and decode_size(pp) == 256 and create_transform(pp).draft_size == 256
+    assert decode_size(pp, augment=True) == 915 == create_transform(pp, augment=True).draft_size
+    assert create_transform(pp, view=1, seed=3).draft_size == 915
+    full = Preprocess(256, 224, decode="full")
+    assert [decode_size(full), create_transform(full, augment=True).draft_size] == [None, None]
+    crop = create_transform(pp, augment=True).augment.transforms[0]  # the rule's parameters are the transform's
+    assert (crop.scale, crop.ratio) == (CROP_SCALE, CROP_RATIO) == ((0.08, 1.0), (3 / 4, 4 / 3))
+    # the smallest crop a 915 x 915 decode can give still has 224 pixels a side
+    assert math.sqrt(915 * 915 * CROP_SCALE[0] * CROP_RATIO[0]) >= 224 > math.sqrt(914 * 914 * 0.08 * 0.75)
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    sides = [min(crop.get_params(Image.new("RGB", (915, 915)), crop.scale, crop.ratio)[2:]) for _ in range(2000)]
+    assert min(sides) >= 224
+
+
+def test_a_large_jpeg_is_decoded_smaller_to_the_same_result(tmp_path):
+    pp = Preprocess(128, 112, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    path = _smooth_jpeg(tmp_path / "big.jpg", 1600, 1200)
+    drafted, full = load_rgb(path, draft=decode_size(pp)), load_rgb(path)
+    assert drafted.size == (200, 150) and full.size == (1600, 1200)  # 1/8 a side, still over 128
+    ours, reference = preprocess_image(drafted, pp), preprocess_image(full, pp)
+    assert ours.shape == reference.shape == (3, 112, 112)
+    assert np.abs(ours - reference).mean() < 0.01 and np.abs(ours - reference).max() < 0.05
+
+
+@pytest.mark.parametrize("w, h, decoded", [(255, 300, (255, 300)), (256, 300, (128, 150)), (511, 600, (256, 300)),
+                                           (1030, 2000, (129, 250)), (2048, 1023, (512, 256)), (200, 3000, (200, 3000))])
+def test_draft_never_decodes_below_the_size_the_transform_needs(tmp_path, w, h, decoded):
+    img = load_rgb(_smooth_jpeg(tmp_path / "p.jpg", w, h), draft=128)
+    assert img.size == decoded and min(img.size) >= min(128, w, h)
+
+
+@pytest.mark.parametrize("orientation, turned", [(6, True), (8, True), (3, False)])
+def test_an_exif_rotated_large_jpeg_is_drafted_then_turned(tmp_path, orientation, turned):
+    pp = Preprocess(128, 112, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    path = _smooth_jpeg(tmp_path / "r.jpg", 1600, 1200, orientation)
+    drafted, full = load_rgb(path, draft=decode_size(pp)), load_rgb(path)
+    assert drafted.size == ((150, 200) if turned else (200, 150)) and full.size == tuple(s * 8 for s in drafted.size)
+    assert np.abs(preprocess_image(drafted, pp) - preprocess_image(full, pp)).mean() < 0.01
+
+
+def test_a_png_ignores_the_draft(tmp_path):
+    Image.new("RGB", (900, 700), (10, 200, 30)).save(tmp_path / "big.png")
+    assert load_rgb(tmp_path / "big.png", draft=100).size == (900, 700)
 
 
 def test_list_images_expands_folders(tmp_path):

@@ -1,4 +1,5 @@
 """The tensor (decode_jpeg) input path against the PIL path, its fallbacks, and the choice between them."""
+import dataclasses
 import os
 
 import numpy as np
@@ -181,14 +182,15 @@ def _jpeg_items(images):
 
 def test_the_pixel_cap_splits_a_batch_of_large_photos(tmp_path, monkeypatch):
     path = _write(tmp_path / "12mp.jpg", Image.new("RGB", (4000, 3000), (90, 140, 60)), quality=50)
-    item = loaders.JpegBytes(ImageSet(str(tmp_path), [path], [0]), PP)[0]
+    full = dataclasses.replace(PP, decode="full")  # under the draft rule a 12 MP photo is decoded in the worker
+    item = loaders.JpegBytes(ImageSet(str(tmp_path), [path], [0]), full)[0]
     calls = []
 
     def decode_jpeg(datas, mode, device):  # the headers say 12 MP; the pixels are beside the point
         calls.append(len(datas))
         return [torch.full((3, 60, 80), 128, dtype=torch.uint8) for _ in datas]
     monkeypatch.setattr(loaders, "decode_jpeg", decode_jpeg)
-    x, _ = loaders.decode_batch([item] * 128, PP, CPU)
+    x, _ = loaders.decode_batch([item] * 128, full, CPU)
     assert calls == [21] * 6 + [2]  # 21 x 12 MP under the 256 MP cap: 6.1 GB of output becomes 0.76 GB a call
     assert x.shape == (128, 3, 96, 96) and x.abs().max() < 0.01  # grey 128 normalized, in every row
 
@@ -243,3 +245,39 @@ def test_nvjpeg_path_matches_the_pil_path_on_cuda(tmp_path):
     images = jpeg_set(tmp_path / "photos", 40)
     ours = tensor_path(images, 16, torch.device("cuda"))
     assert (ours - pil_path(images)).abs().mean() < 0.03
+
+
+def test_the_pil_path_decodes_at_the_transform_draft_size(tmp_path):
+    path = _write(tmp_path / "big.jpg", Image.fromarray(photo(np.random.default_rng(2), 900, 1200)), quality=90)
+    seen = []
+
+    class Recorder:  # a transform that records the size it is given
+        draft_size = 110
+
+        def __call__(self, img):
+            seen.append(img.size)
+            return np.zeros((3, 2, 2), np.float32)
+    loaders.ImageDataset([path], [0], Recorder())[0]
+    assert seen == [(150, 113)]  # 1/8 a side, still over 110
+    x, _ = next(iter(make_loader(ImageSet(str(tmp_path), [path], [0]), create_transform(PP), 1, 0, CPU)))
+    np.testing.assert_array_equal(x[0].numpy(), preprocess_image(load_rgb(path, draft=110), PP))
+
+
+def test_large_jpegs_take_the_draft_path_in_the_worker(tmp_path, monkeypatch):
+    assert loaders.draft_in_worker((4032, 3024), 256) and loaders.draft_in_worker((3024, 4032), 256)
+    assert not loaders.draft_in_worker((2592, 1944), 256)  # 5 MP: nvjpeg keeps it
+    assert not loaders.draft_in_worker((4032, 3024), None)  # a checkpoint that decodes in full
+    assert not loaders.draft_in_worker((9000, 3000), 2000)  # the draft would not shrink it 2x a side
+    monkeypatch.setattr(loaders, "DRAFT_IN_WORKER_PIXELS", 40_000)  # so test-sized photos cross it
+    rng = np.random.default_rng(3)
+    big = _write(tmp_path / "big.jpg", Image.fromarray(photo(rng, 240, 300)), quality=90)  # 72,000 px
+    small = _write(tmp_path / "small.jpg", Image.fromarray(photo(rng, 150, 200)), quality=90)  # 30,000 px
+    images = ImageSet(str(tmp_path), [big, small, big], [0, 1, 2])
+    items = _jpeg_items(images)
+    assert [item[1] is None for item in items] == [True, False, True]  # the big ones decoded in the worker
+    x, y = loaders.decode_batch(items, PP, CPU)
+    np.testing.assert_array_equal(x[0].numpy(), preprocess_image(load_rgb(big, draft=110), PP))  # PIL's draft
+    assert load_rgb(big, draft=110).size == (150, 120) and y.tolist() == [0, 1, 2]
+    assert (x[1] - pil_path(ImageSet(str(tmp_path), [small], [1]))[0]).abs().mean() < 0.03  # nvjpeg's
+    full = dataclasses.replace(PP, decode="full")
+    assert all(item[1] is not None for item in (loaders.JpegBytes(images, full)[i] for i in range(3)))

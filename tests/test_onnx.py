@@ -133,6 +133,16 @@ def tiny_onnx(tmp_path_factory):
     return net, meta, tmp_path_factory.mktemp("onnx")
 
 
+def test_model_onnx_carries_the_decode_rule_and_one_without_reads_as_full(exported, tiny_onnx, tmp_path):
+    save, _ = exported
+    assert Predictor.from_onnx(str(save / "model.onnx")).preprocess.decode == "draft"  # the checkpoint's
+    net, meta, _ = tiny_onnx
+    meta = json.loads(json.dumps(meta))
+    del meta["preprocess"]["decode"]  # a model.onnx exported before the rule
+    export_module(net, str(tmp_path / "old.onnx"), 8, {"flowerclf": json.dumps(meta)})
+    assert Predictor.from_onnx(str(tmp_path / "old.onnx")).preprocess.decode == "full"
+
+
 def test_export_leaves_one_self_contained_file(tiny_onnx, tmp_path):
     net, meta, _ = tiny_onnx
     out = tmp_path / "export" / "model.onnx"
@@ -144,7 +154,7 @@ def test_export_leaves_one_self_contained_file(tiny_onnx, tmp_path):
 @pytest.mark.parametrize("field, value, named", [
     ("preprocess", KeyError, "preprocess"), ("class_to_idx", KeyError, "class_to_idx"),
     ("preprocess.mean", KeyError, "preprocess.mean"), (None, [], "flowerclf description"),
-    ("preprocess.crop_size", 12, "preprocess.crop_size")])
+    ("preprocess.crop_size", 12, "preprocess.crop_size"), ("preprocess.decode", "magic", "preprocess.decode")])
 def test_malformed_onnx_metadata_names_the_field(tiny_onnx, tiny_run, field, value, named):
     net, meta, folder = tiny_onnx
     meta = json.loads(json.dumps(meta))

@@ -18,9 +18,9 @@ import predict
 import train
 from flowerclf.base import cli
 from flowerclf.data.images import load_rgb
-from flowerclf.data.transforms import Preprocess
-from flowerclf.serving.figure import plot_predictions
+from flowerclf.data.transforms import Preprocess, decode_size, preprocess_image
 from flowerclf.serving.predictor import Predictor
+from flowerclf.serving.figure import plot_predictions
 
 
 @pytest.fixture(scope="module")
@@ -280,3 +280,32 @@ def test_a_strip_is_one_line_from_predict_and_the_upload_path(tiny_run, tmp_path
     assert line.startswith(f"error: {strip} is 20000x1 pixels, a strip narrower than 1:20")
     results, errors = Predictor.load(ckpt).predict_bytes([("strip.png", strip.read_bytes())], 3)
     assert results == [] and errors == [line[len("error: "):].replace(str(strip), "strip.png")]
+
+
+def test_predict_decodes_as_the_checkpoint_was_trained(tiny_run, tmp_path):
+    _, save = tiny_run
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:1200, 0:1600] / 1600
+    pixels = np.stack([120 + 80 * x - 40 * y, 90 + 60 * y, 150 - 50 * x], -1) + rng.normal(0, 6, (1200, 1600, 3))
+    photo = str(tmp_path / "big.jpg")
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(photo, quality=90)
+    ckpt = torch.load(save / "checkpoint.pth", weights_only=True)
+    pp = Preprocess.from_dict(ckpt["preprocess"])
+    assert pp.decode == "draft" and load_rgb(photo, draft=decode_size(pp)).size == (400, 300)
+    drafted, full = (preprocess_image(load_rgb(photo, draft=draft), pp) for draft in (decode_size(pp), None))
+    assert not np.array_equal(drafted, full) and np.abs(drafted - full).mean() < 0.05
+    del ckpt["preprocess"]["decode"]  # a checkpoint from before the rule
+    torch.save(ckpt, tmp_path / "old.pth")
+    answers = []
+    for path, expected in ((save / "checkpoint.pth", drafted), (tmp_path / "old.pth", full)):
+        predictor, inputs = Predictor.load(str(path), "cpu"), []
+        model = predictor.probabilities
+        predictor.probabilities = lambda batch: model(inputs.append(batch.copy()) or batch)
+        results, errors = predictor.predict_paths([photo], 3)
+        with open(photo, "rb") as f:  # serve.py's uploads
+            assert predictor.predict_bytes([("big.jpg", f.read())], 3)[1] == []
+        assert errors == [] and len(inputs) == 2
+        for batch in inputs:  # exactly the decode its checkpoint names
+            np.testing.assert_array_equal(batch[0], expected)
+        answers.append({p["class"]: p["probability"] for p in results[0]["predictions"]})
+    assert answers[0] == pytest.approx(answers[1], abs=0.05)  # and the answers barely move

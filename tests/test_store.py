@@ -465,3 +465,24 @@ def test_the_store_folder_takes_its_old_name_too(tmp_path, monkeypatch):
     assert store.default_path() == str(tmp_path / "old" / store.STORE_NAME)
     monkeypatch.setenv("FLOWERCLF_STORE", str(tmp_path / "new"))
     assert store.default_path() == str(tmp_path / "new" / store.STORE_NAME)
+
+
+def test_vectors_of_one_decode_rule_never_serve_the_other(small):
+    from flowerclf.features.passes import FeaturePass, setup_key
+    from flowerclf.models.registry import ModelSpec, build_model
+
+    cpu = torch.device("cpu")
+    keys = [setup_key("mobilenet_v3_small", "none", "f", Preprocess(decode=rule), "torch", cpu, False)
+            for rule in ("draft", "full")]
+    assert keys[0] != keys[1] and [k["preprocess"]["decode"] for k in keys] == ["draft", "full"]
+    torch.manual_seed(0)
+    model, pp = build_model(ModelSpec("mobilenet_v3_small", "none", [8], 0.1, 3), load_pretrained=False)
+    images = scan_split(os.path.join(small, "train"))
+    lines = []
+    for rule in ("draft", "full", "draft"):
+        with FeaturePass(model.backbone, "mobilenet_v3_small", "none", Preprocess(decode=rule), "torch", cpu,
+                         False, 4, 0, True, lines.append) as passes:
+            passes.features(images, rule)
+    assert [line for line in lines if line.startswith("features")] == [
+        "features draft: 0 cached, 9 computed", "features full: 0 cached, 9 computed",
+        "features draft: 9 cached, 0 computed"]

@@ -14,6 +14,9 @@ CHECKPOINT_FORMAT = "flowerclf-checkpoint"
 CHECKPOINT_VERSION = 1
 RESUME_FORMAT = "flowerclf-resume"  # checkpoint_last.pth: train.py --resume state, not for predict
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+# How a JPEG is decoded before the transform (data.transforms.decode_size): "full" pixels, as every file without
+# the field was; "draft", libjpeg's DCT scaling down to the smallest scale that still covers what the transform uses
+DECODE_RULES = ("full", "draft")
 DEVICES = ("auto", "cpu", "cuda", "mps")  # --device, and TrainConfig.device in a checkpoint's args
 MAX_SIDE = 4096           # pixels: larger resize or crop sizes are damage, not a model
 MAX_HIDDEN_UNITS = 65536
@@ -36,6 +39,9 @@ PREPROCESS_FIELDS = {
     "std": (lambda v: _triple(v) and min(v) > 0, "a list of 3 positive numbers"),
     "interpolation": (lambda v: v in INTERPOLATIONS, f"one of {', '.join(INTERPOLATIONS)}"),
 }
+OPTIONAL_PREPROCESS_FIELDS = {  # absent in older files, which mean the first value of each
+    "decode": (lambda v: v in DECODE_RULES, f"one of {', '.join(DECODE_RULES)} (a newer flowerclf may know more)"),
+}
 MODEL_FIELDS = {
     "arch": (lambda v: isinstance(v, str) and v != "", "an architecture name"),
     "weights": (lambda v: isinstance(v, str), "a weights name or path"),
@@ -47,7 +53,7 @@ MODEL_FIELDS = {
 }
 
 
-def _check(section, fields: dict, name: str, where: str) -> None:
+def _check(section, fields: dict, name: str, where: str, optional: dict | None = None) -> None:
     if not isinstance(section, dict):
         raise FlowerclfError(f"{where}: field '{name}' is {type(section).__name__}, expected an object; "
                              f"the file is damaged or not made by flowerclf")
@@ -56,6 +62,9 @@ def _check(section, fields: dict, name: str, where: str) -> None:
             raise FlowerclfError(f"{where}: field '{name}.{key}' is missing; the file is damaged or not made "
                                  f"by flowerclf")
         if not ok(section[key]):
+            raise FlowerclfError(f"{where}: field '{name}.{key}' is {section[key]!r:.60}, expected {expected}")
+    for key, (ok, expected) in (optional or {}).items():
+        if key in section and not ok(section[key]):
             raise FlowerclfError(f"{where}: field '{name}.{key}' is {section[key]!r:.60}, expected {expected}")
 
 
@@ -83,5 +92,5 @@ def check_model_meta(meta, where: str, full: bool = True) -> dict:
     model_fields = MODEL_FIELDS if full else {"arch": MODEL_FIELDS["arch"]}
     _check(meta.get("model"), model_fields, "model", where)
     check_classes(meta.get("class_to_idx"), meta["model"].get("num_classes") if full else None, where)
-    _check(meta.get("preprocess"), PREPROCESS_FIELDS, "preprocess", where)
+    _check(meta.get("preprocess"), PREPROCESS_FIELDS, "preprocess", where, OPTIONAL_PREPROCESS_FIELDS)
     return meta

@@ -55,10 +55,14 @@ def _pixels(img: Image.Image) -> Image.Image:
     return img
 
 
-def _decode(source: str | os.PathLike | BinaryIO) -> Image.Image:
-    """What training reads from a file: opened, EXIF-oriented, decoded, RGB."""
+def _decode(source: str | os.PathLike | BinaryIO, draft: int | None = None) -> Image.Image:
+    """What training reads from a file: opened, EXIF-oriented, decoded (a JPEG at the smallest DCT scale keeping
+    both sides >= `draft`), RGB."""
     with open_image(source) as img:
-        img = ImageOps.exif_transpose(_pixels(img))
+        _pixels(img)
+        if draft:  # before anything decodes; other formats ignore it
+            img.draft("RGB", (draft, draft))
+        img = ImageOps.exif_transpose(img)
         img.load()
         return to_rgb(img)
 
@@ -120,14 +124,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: str | os.PathLike | BinaryIO, name: str | None = None) -> Image.Image:
+def load_rgb(path: str | os.PathLike | BinaryIO, name: str | None = None, draft: int | None = None) -> Image.Image:
     """Open an image (a path, or a binary stream that errors call `name`), apply its EXIF orientation, return RGB.
 
+    `draft` (a transform's draft_size): a JPEG is decoded at the smallest DCT scale keeping both sides >= it.
     Anything reading it raises ends as one FlowerclfError. A DecompressionBombWarning counts as a bomb too where
     warnings are errors (serve.py makes them so).
     """
     try:
-        return _decode(path)
+        return _decode(path, draft)
     except Exception as e:
         raise FlowerclfError(f"{path if name is None else name} {_problem(e, path)}") from None
 

@@ -5,7 +5,8 @@
 its header only; the main process decodes the batch's plain JPEGs in one
 `torchvision.io.decode_jpeg` call on the device, applies the EXIF orientation, and resizes, crops
 and normalizes there with the same `Preprocess` as the PIL path. Every other file (PNG, CMYK,
-grayscale, 16-bit, palette, progressive, truncated, unreadable) takes the PIL path in the worker.
+grayscale, 16-bit, palette, progressive, truncated, unreadable) takes the PIL path in the worker, and so does
+a JPEG too large for nvjpeg to be worth it (DRAFT_IN_WORKER_PIXELS). Both paths decode at the transform's draft_size.
 A bad file in a worker still ends as one line: FlowerclfError drops the traceback DataLoader wraps around it.
 """
 from __future__ import annotations
@@ -22,13 +23,16 @@ from torchvision.transforms.v2 import functional as F
 
 from flowerclf.data.folders import ImageSet
 from flowerclf.data.images import load_rgb, open_image, size_problem
-from flowerclf.data.transforms import EvalTransform, Preprocess, preprocess_image
+from flowerclf.data.transforms import EvalTransform, Preprocess, decode_size, preprocess_image
 from flowerclf.runtime.devices import out_of_memory
 
 # ---------------------------------------------------------------- the PIL path
 
 class ImageDataset:
-    """Map-style dataset of (CHW float32 array, label); works with torch's DataLoader."""
+    """Map-style dataset of (CHW float32 array, label); works with torch's DataLoader.
+
+    Each file is decoded at the transform's `draft_size` (create_transform's transforms all have one).
+    """
 
     def __init__(self, files: list[str], labels: list[int], transform):
         self.files, self.labels, self.transform = files, labels, transform
@@ -37,7 +41,7 @@ class ImageDataset:
         return len(self.files)
 
     def __getitem__(self, i: int):
-        return self.transform(load_rgb(self.files[i])), self.labels[i]
+        return self.transform(load_rgb(self.files[i], draft=self.transform.draft_size)), self.labels[i]
 
 
 def loader(dataset, batch_size: int, num_workers: int, device: torch.device, collate_fn=default_collate,
@@ -76,6 +80,12 @@ EXIF_ORIENTATION = 0x0112
 # 21 photos of 12 MP, whole batches of 500x667 ones (0.33 MP). A call that still runs out of memory is
 # split in halves, down to one image, before the PIL path takes it.
 MAX_DECODE_PIXELS = 256_000_000
+# A JPEG of more pixels than this goes through PIL's draft decode in a worker (when its Preprocess decodes by
+# draft and the draft shrinks it at least 2x a side): nvjpeg would decode every pixel only to resize most away.
+# UNMEASURED: no GPU was at hand. Chosen conservatively, so only phone-camera photos (8 MP and up) move: on the
+# 2-core CPU a 12 MP photo draft-decodes at ~62 img/s per core (14x its full decode), while 5 MP ones gained
+# only 1.6x. Measure nvjpeg against it with benchmarks/bench_photos.py on a CUDA machine before lowering it.
+DRAFT_IN_WORKER_PIXELS = 8_000_000
 _said_pil_for_memory = False  # the PIL fallback for lack of GPU memory is said once a process
 # PIL's ImageOps.exif_transpose, as tensor ops on (C, H, W)
 _ORIENT = {
@@ -126,11 +136,18 @@ def jpeg_size(data) -> tuple[int, int] | None:
     return None
 
 
+def draft_in_worker(size: tuple[int, int] | None, draft: int | None) -> bool:
+    """Whether a JPEG of `size` (its header's) takes PIL's draft decode in the worker rather than nvjpeg."""
+    return (draft is not None and size is not None and size[0] * size[1] > DRAFT_IN_WORKER_PIXELS
+            and min(size) >= 2 * draft)  # draft scales it by 1/2 or less
+
+
 class JpegBytes:
     """Map-style dataset of (path, JPEG bytes or None, EXIF orientation or the PIL path's array, label)."""
 
     def __init__(self, images: ImageSet, preprocess: Preprocess):
         self.files, self.labels, self.preprocess = images.files, images.labels, preprocess
+        self.draft = decode_size(preprocess)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -142,8 +159,8 @@ class JpegBytes:
         except OSError:
             data = b""  # load_rgb below says what is wrong with the file
         orientation = jpeg_orientation(data)
-        if orientation is None:
-            array = preprocess_image(load_rgb(self.files[i]), self.preprocess)
+        if orientation is None or draft_in_worker(jpeg_size(data), self.draft):
+            array = preprocess_image(load_rgb(self.files[i], draft=self.draft), self.preprocess)
             return self.files[i], None, torch.from_numpy(array), self.labels[i]
         return self.files[i], torch.frombuffer(bytearray(data), dtype=torch.uint8), orientation, self.labels[i]
 
@@ -188,7 +205,7 @@ def _decode_into(out: torch.Tensor, items: list, jpegs: list[int], pp: Preproces
                   "nvjpeg more room (said once)", file=sys.stderr)
     if decoded is None:
         for k in jpegs:
-            array = preprocess_image(load_rgb(items[k][0]), pp)
+            array = preprocess_image(load_rgb(items[k][0], draft=decode_size(pp)), pp)
             out[k] = torch.from_numpy(array).to(device)
     else:
         crops = [resize_center_crop(_ORIENT.get(items[k][2], lambda x: x)(img), pp)

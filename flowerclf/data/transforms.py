@@ -2,27 +2,39 @@
 
 `Preprocess` is plain data taken from the weights and saved with the model. The eval transform
 is PIL + numpy only, so the inference-only install (no torch) applies exactly what training did.
+Each transform carries `draft_size`, the size its JPEGs are decoded at (`decode_size`, the one rule).
 """
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image
 
+from flowerclf.base.schema import DECODE_RULES
+
+# RandomResizedCrop's own defaults, passed to it explicitly: decode_size's bound for augmentation rests on them
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
 _RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Eval-time preprocessing as plain data: resize shorter side, center crop, normalize."""
+    """Eval-time preprocessing as plain data: resize shorter side, center crop, normalize; and the decode rule.
+
+    `decode` names the rule of `decode_size`: a new model gets "draft"; a file without the field
+    (older checkpoints, model.onnx, the classic project's) reads as "full", the decode they were trained with.
+    """
 
     resize_size: int = 256
     crop_size: int = 224
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     interpolation: str = "bilinear"
+    decode: str = "draft"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -32,7 +44,26 @@ class Preprocess:
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":
         return cls(int(d["resize_size"]), int(d["crop_size"]), tuple(float(x) for x in d["mean"]),
-                   tuple(float(x) for x in d["std"]), str(d["interpolation"]))
+                   tuple(float(x) for x in d["std"]), str(d["interpolation"]), str(d.get("decode", DECODE_RULES[0])))
+
+
+def decode_size(pp: Preprocess, augment: bool = False) -> int | None:
+    """The side s that JPEGs are decoded at, `Image.draft("RGB", (s, s))`, or None for a full decode.
+
+    draft picks libjpeg's smallest DCT scale (1/8, 1/4, 1/2 or 1) that keeps both sides >= s, so a
+    square request holds whichever way the EXIF orientation turns the photo afterwards.
+    - eval (and predict, serve): s = resize_size; the shorter side is resized to it, never enlarged.
+    - augment (and stored views): RandomResizedCrop draws a crop of area a * W * H with a >= CROP_SCALE[0]
+      and aspect r = w / h within CROP_RATIO, so its shorter side is sqrt(a * W * H * min(r, 1 / r)) >=
+      sqrt(0.08 * 3/4 * W * H) (a crop that misses ten draws falls back to a larger one). After the draft
+      W, H >= s, so that is >= 0.245 s, which stays >= crop_size for s >= crop_size / sqrt(0.06): 915 for
+      224. Every crop is still at least crop_size pixels a side before it is resized to crop_size.
+    """
+    if pp.decode == "full":
+        return None
+    if not augment:
+        return pp.resize_size
+    return math.ceil(pp.crop_size / math.sqrt(CROP_SCALE[0] * min(CROP_RATIO[0], 1 / CROP_RATIO[1])))
 
 
 def resize_center_crop(img: Image.Image, pp: Preprocess) -> Image.Image:
@@ -74,40 +105,50 @@ class EvalTransform:
 
     preprocess: Preprocess
 
+    @property
+    def draft_size(self) -> int | None:
+        return decode_size(self.preprocess)
+
     def __call__(self, img: Image.Image) -> np.ndarray:
         return preprocess_image(img, self.preprocess)
 
 
-def _augment(pp: Preprocess):
-    """Random-crop + flip for fine-tuning, ending in the same normalization."""
-    from torchvision import (
-        transforms as T,  # torchvision only where augmentation is used
-    )
+class AugmentTransform:
+    """Random-crop (CROP_SCALE, CROP_RATIO) + flip for fine-tuning, ending in the same normalization."""
 
-    crop = T.RandomResizedCrop(pp.crop_size, interpolation=T.InterpolationMode(pp.interpolation))
-    augment = T.Compose([crop, T.RandomHorizontalFlip()])
-    return lambda img: normalize(augment(img), pp)
+    def __init__(self, pp: Preprocess):
+        from torchvision import transforms as T  # torchvision only where augmentation is used
+
+        self.preprocess, self.draft_size = pp, decode_size(pp, augment=True)
+        crop = T.RandomResizedCrop(pp.crop_size, scale=CROP_SCALE, ratio=CROP_RATIO,
+                                   interpolation=T.InterpolationMode(pp.interpolation))
+        self.augment = T.Compose([crop, T.RandomHorizontalFlip()])
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        return normalize(self.augment(img), self.preprocess)
 
 
-def _stored_view(pp: Preprocess, view: int, seed: int):
+class StoredView(AugmentTransform):
     """Augmented view `view`: a random crop + flip drawn per image, seeded by (seed, view, the decoded pixels),
     so an image gets the same view in any pass, whatever other images are in it: stored and recomputed views agree.
     """
-    import torch
 
-    augment = _augment(pp)
+    def __init__(self, pp: Preprocess, view: int, seed: int):
+        super().__init__(pp)
+        self.view, self.seed = view, seed
 
-    def transform(img: Image.Image) -> np.ndarray:
-        pixels = hashlib.sha256(f"{seed}|{view}|{img.size}|".encode() + img.tobytes()).digest()
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        import torch
+
+        pixels = hashlib.sha256(f"{self.seed}|{self.view}|{img.size}|".encode() + img.tobytes()).digest()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int.from_bytes(pixels[:8], "little"))
-            return augment(img)
-    return transform
+            return super().__call__(img)
 
 
 def create_transform(pp: Preprocess, augment: bool = False, view: int | None = None, seed: int = 0):
     """PIL RGB image -> CHW float32 array: the eval transform, the fine-tuning augmentation (`augment`),
-    or the feature store's augmented view `view` (reproducible per image)."""
+    or the feature store's augmented view `view` (reproducible per image). Each has a `draft_size`."""
     if view is not None:
-        return _stored_view(pp, view, seed)
-    return _augment(pp) if augment else EvalTransform(pp)
+        return StoredView(pp, view, seed)
+    return AugmentTransform(pp) if augment else EvalTransform(pp)

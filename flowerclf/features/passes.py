@@ -65,6 +65,7 @@ def setup_key(arch: str, weights: str, fingerprint: str, preprocess: Preprocess,
         import onnxruntime
         versions.update(onnx=onnx.__version__, onnxruntime=onnxruntime.__version__)
     precision = str(amp_dtype(device)).removeprefix("torch.") if amp else "float32"
+    # preprocess holds the decode rule too: vectors of full-size and of draft decodes are never mixed
     return {"arch": arch, "weights": weights, "backbone": fingerprint, "preprocess": preprocess.to_dict(),
             "engine": engine, "device": device.type, "precision": precision, "versions": versions}
 

@@ -100,7 +100,7 @@ def load_classic(ckpt: dict, path: str) -> tuple[nn.Sequential, dict]:
         raise FlowerclfError(f"{path}: its state_dict does not fit {arch} ({brief(e)})") from None
     classes = {str(k): v for k, v in ckpt.get("class_to_idx", ckpt.get("label_idx")).items()}
     check_classes(classes, layers[-1].out_features, path)
-    meta = {"class_to_idx": classes, "preprocess": Preprocess().to_dict(), "model": {"arch": arch}}
+    meta = {"class_to_idx": classes, "preprocess": Preprocess(decode="full").to_dict(), "model": {"arch": arch}}
     return nn.Sequential(OrderedDict(backbone=model, head=nn.Identity())), meta
 
 

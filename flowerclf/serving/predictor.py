@@ -13,7 +13,7 @@ import numpy as np
 from flowerclf.base.errors import FlowerclfError, brief
 from flowerclf.data.folders import class_names, is_image_file, list_images
 from flowerclf.data.images import load_rgb
-from flowerclf.data.transforms import Preprocess, preprocess_image
+from flowerclf.data.transforms import Preprocess, decode_size, preprocess_image
 from flowerclf.models.onnx import model_metadata, open_session
 
 
@@ -107,13 +107,15 @@ class Predictor:
                 files.extend(list_images([p]))
             except FlowerclfError as e:
                 errors.append(str(e))
-        results, unreadable = self._predict(((f, partial(load_rgb, f)) for f in files), top_k, names)
+        draft = decode_size(self.preprocess)  # the decode the model was trained with (full for older files)
+        results, unreadable = self._predict(((f, partial(load_rgb, f, draft=draft)) for f in files), top_k, names)
         return results, errors + unreadable
 
     def predict_bytes(self, uploads: list[tuple[str, bytes]], top_k: int, names: dict[str, str] | None = None
                       ) -> tuple[list[dict], list[str]]:
         """Top-k predictions for in-memory image files given as (name, content); also the errors."""
-        return self._predict(((name, partial(load_rgb, io.BytesIO(data), name)) for name, data in uploads),
+        draft = decode_size(self.preprocess)
+        return self._predict(((name, partial(load_rgb, io.BytesIO(data), name, draft)) for name, data in uploads),
                              top_k, names)
 
     def _predict(self, sources: Iterable[tuple[str, Callable[[], object]]], top_k: int,
