@@ -11,6 +11,9 @@ from PIL import Image
 
 import evaluate
 import train
+from flowerclf.evaluation import evaluate as library
+from flowerclf.features.passes import FeaturePass
+from flowerclf.models.checkpoints import load_model
 from flowerclf.evaluation.metrics import classification_report
 from flowerclf.evaluation.plots import plot_confusion_matrix
 from flowerclf.training.loops import metrics_from_logits
@@ -99,3 +102,26 @@ def test_metrics_from_logits():
     m = metrics_from_logits(logits, torch.tensor([0, 0, 5]))
     assert m["acc"] == pytest.approx(1 / 3)
     assert m["top5"] == pytest.approx(1 / 3)  # only the first is in its top 5
+
+
+def test_evaluate_on_a_gpu_picks_its_own_engine_and_batch_size_for_a_cpu_trained_checkpoint(run, monkeypatch):
+    data, save, _, _ = run
+    ckpt = torch.load(save / "checkpoint.pth", weights_only=True)
+    assert ckpt["args"]["engine"] == "onnxruntime" and ckpt["args"]["feature_batch_size"] == 8  # a CPU's run
+    # a CUDA machine, as far as evaluate can tell: the device decision says cuda, the model stays on the CPU
+    monkeypatch.setattr(library, "resolve_device", lambda name, gpu: torch.device("cuda"))
+    monkeypatch.setattr(library, "load_model", lambda path, dev: load_model(path, torch.device("cpu")))
+    monkeypatch.setattr(library, "enable_cudnn_autotune", lambda dev: None)
+    seen = {}
+
+    def stop(self, images, desc, *a):
+        seen.update(engine=self.engine, key=self.setup_key, batch=self.batch_size)
+        raise KeyboardInterrupt  # the pass itself would need the GPU
+    monkeypatch.setattr(FeaturePass, "features", stop)
+    with pytest.raises(KeyboardInterrupt):
+        library.evaluate_split(str(save / "checkpoint.pth"), os.path.join(data, "test"), log=print)
+    assert seen["engine"] == "torch" and seen["batch"] == 128  # not "onnxruntime runs on the CPU", nor 8
+    assert seen["key"]["engine"] == "torch" and seen["key"]["device"] == "cuda"  # stored as a GPU run's
+    with pytest.raises(KeyboardInterrupt):
+        library.evaluate_split(str(save / "checkpoint.pth"), os.path.join(data, "test"), batch_size=32)
+    assert seen["batch"] == 32

@@ -12,7 +12,10 @@ import torch
 
 import predict
 import train
+from flowerclf.base.errors import FlowerclfError
+from flowerclf.models.registry import ModelSpec
 from flowerclf.training import trainer
+from flowerclf.training.resume import ResumeState
 from flowerclf.models.checkpoints import load_model
 from flowerclf.training.trainer import format_epoch
 from conftest import ROOT, TINY, make_image_folder, one_error_line, tiny_config
@@ -135,3 +138,43 @@ def test_a_resume_state_without_stateful_is_one_line(tiny_run, tmp_path):
     torch.save(state, tmp_path / "s" / "checkpoint_last.pth")
     code, _, err = _main(train, [data, "--save_dir", str(tmp_path / "s"), "--epochs", "3", "--resume"] + TINY)
     assert "field 'stateful'" in one_error_line(code, err)
+
+
+def _state(scaler, tmp_path):
+    """A resume state of a one-layer 'model' and `scaler`, through the file --resume reads."""
+    spec = ModelSpec("mobilenet_v3_small", "none", [8], 0.0, 3)
+    layer = torch.nn.Linear(2, 2)
+    state = ResumeState.capture(layer.state_dict(), {"scaler": scaler}, torch.Generator(), spec, {"a": 0}, 1, [],
+                                {"epoch": 1, "acc": 0.5, "loss": 1.0, "state": layer.state_dict()}, {"unfreeze": 1})
+    torch.save(state.to_dict(), tmp_path / "checkpoint_last.pth")
+    return ResumeState.read(str(tmp_path / "checkpoint_last.pth"), spec, {"a": 0}, 1), layer
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # GradScaler on a CPU may say it is unusual
+def test_resuming_a_bf16_run_where_fp16_is_picked_is_one_line(tmp_path):
+    bf16, layer = _state(torch.amp.GradScaler("cpu", enabled=False), tmp_path)  # a bf16 run: no loss scaling
+    with pytest.raises(FlowerclfError, match=r"trained with bf16 or no --amp, but this run uses fp16 with loss "
+                                             r"scaling .*; resume where the same precision is picked"):
+        bf16.apply(layer, {"scaler": torch.amp.GradScaler("cpu", enabled=True)}, torch.Generator(), "last")
+    fp16, layer = _state(torch.amp.GradScaler("cpu", enabled=True), tmp_path)
+    with pytest.raises(FlowerclfError, match="trained with fp16 with loss scaling, but this run uses bf16"):
+        fp16.apply(layer, {"scaler": torch.amp.GradScaler("cpu", enabled=False)}, torch.Generator(), "last")
+    assert fp16.apply(layer, {"scaler": torch.amp.GradScaler("cpu", enabled=True)}, torch.Generator(),
+                      "last")[0] == 2
+
+
+def test_resume_saves_and_restores_each_cuda_devices_random_state(tmp_path, monkeypatch):
+    states = [torch.full((16,), i, dtype=torch.uint8) for i in (1, 2)]  # two GPUs' generators
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: states)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.update({device: state}))
+    state, layer = _state(torch.amp.GradScaler("cpu", enabled=False), tmp_path)
+    state.apply(layer, {"scaler": torch.amp.GradScaler("cpu", enabled=False)}, torch.Generator(), "last")
+    assert sorted(restored) == [0, 1] and all(torch.equal(restored[i], states[i]) for i in (0, 1))
+    torch.save(dict(state.to_dict(), cuda_rng="junk"), tmp_path / "bad.pth")
+    with pytest.raises(FlowerclfError, match="field 'cuda_rng'"):
+        ResumeState.read(str(tmp_path / "bad.pth"), ModelSpec("mobilenet_v3_small", "none", [8], 0.0, 3),
+                         {"a": 0}, 1)

@@ -31,6 +31,7 @@ class ResumeState:
     generator: torch.Tensor   # the order of training batches
     rng: torch.Tensor         # torch's global random state (dropout masks)
     args: dict
+    cuda_rng: list | None = None  # each CUDA device's random state, when CUDA was in use
 
     @classmethod
     def capture(cls, trained_state: dict, stateful: dict, generator: torch.Generator, spec: ModelSpec,
@@ -39,7 +40,8 @@ class ResumeState:
         return cls(spec.to_dict(), dict(class_to_idx), args["unfreeze"], epoch, history,
                    {k: best[k] for k in ("epoch", "acc", "loss")}, best["state"], trained_state,
                    {name: obj.state_dict() for name, obj in stateful.items()}, generator.get_state(),
-                   torch.get_rng_state(), args)
+                   torch.get_rng_state(), args,
+                   torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
 
     def to_dict(self) -> dict:
         """What torch.save writes: the format's name and version, then every field."""
@@ -61,6 +63,11 @@ class ResumeState:
             if not isinstance(state.get(key), kind):
                 raise FlowerclfError(f"--resume: {path}: field '{key}' is missing or not {kind.__name__}; the file "
                                      f"is damaged; train again with --overwrite")
+        cuda_rng = state.get("cuda_rng")
+        if cuda_rng is not None and not (isinstance(cuda_rng, list)
+                                         and all(isinstance(t, torch.Tensor) for t in cuda_rng)):
+            raise FlowerclfError(f"--resume: {path}: field 'cuda_rng' is not a list of tensors; the file is "
+                                 f"damaged; train again with --overwrite")
         if state["class_to_idx"] != class_to_idx:
             raise FlowerclfError(f"--resume: {path} was made for classes {sorted(state['class_to_idx'])[:8]}, "
                                  f"but the data has {sorted(class_to_idx)[:8]}; use another --save_dir")
@@ -77,7 +84,17 @@ class ResumeState:
         for name, obj in stateful.items():
             if name not in self.stateful:
                 raise FlowerclfError(f"--resume: {path} has no {name} state; train again with --overwrite")
+            if isinstance(obj, torch.amp.GradScaler) and obj.is_enabled() != bool(self.stateful[name]):
+                # a disabled scaler's state is {}: bf16 or no --amp, where this machine would take fp16, or back
+                said = ("fp16 with loss scaling", "bf16 or no --amp")
+                raise FlowerclfError(f"--resume: {path} was trained with {said[obj.is_enabled()]}, but this run "
+                                     f"uses {said[not obj.is_enabled()]} (--amp picks fp16 on GPUs without "
+                                     f"bf16); resume where the same precision is picked, or train again "
+                                     f"with --overwrite")
             obj.load_state_dict(self.stateful[name])
         generator.set_state(self.generator)
         torch.set_rng_state(self.rng)
+        if self.cuda_rng is not None and torch.cuda.is_available():  # dropout masks drawn on the GPU
+            for index, state in enumerate(self.cuda_rng[:torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(state, index)
         return self.epoch + 1, self.history, dict(self.best, state=self.best_state)
