@@ -163,17 +163,16 @@ def test_resuming_a_bf16_run_where_fp16_is_picked_is_one_line(tmp_path):
                       "last")[0] == 2
 
 
-def test_resume_saves_and_restores_each_cuda_devices_random_state(tmp_path, monkeypatch):
-    states = [torch.full((16,), i, dtype=torch.uint8) for i in (1, 2)]  # two GPUs' generators
-    restored = {}
+def test_resume_saves_and_restores_the_cuda_random_state(tmp_path, monkeypatch):
+    gpu_state = torch.full((16,), 7, dtype=torch.uint8)  # the training GPU's generator
+    restored = []
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: states)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: gpu_state)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.update({device: state}))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state: restored.append(state))
     state, layer = _state(torch.amp.GradScaler("cpu", enabled=False), tmp_path)
     state.apply(layer, {"scaler": torch.amp.GradScaler("cpu", enabled=False)}, torch.Generator(), "last")
-    assert sorted(restored) == [0, 1] and all(torch.equal(restored[i], states[i]) for i in (0, 1))
+    assert len(restored) == 1 and torch.equal(restored[0], gpu_state)
     torch.save(dict(state.to_dict(), cuda_rng="junk"), tmp_path / "bad.pth")
     with pytest.raises(FlowerclfError, match="field 'cuda_rng'"):
         ResumeState.read(str(tmp_path / "bad.pth"), ModelSpec("mobilenet_v3_small", "none", [8], 0.0, 3),

@@ -31,7 +31,9 @@ class ResumeState:
     generator: torch.Tensor   # the order of training batches
     rng: torch.Tensor         # torch's global random state (dropout masks)
     args: dict
-    cuda_rng: list | None = None  # each CUDA device's random state, when CUDA was in use
+    # the random state of the CUDA device this process trains on (its current one), when CUDA was in use;
+    # under torchrun every rank's stream is rank 0's (one seed, the same ops), as with `rng`
+    cuda_rng: torch.Tensor | None = None
 
     @classmethod
     def capture(cls, trained_state: dict, stateful: dict, generator: torch.Generator, spec: ModelSpec,
@@ -41,7 +43,7 @@ class ResumeState:
                    {k: best[k] for k in ("epoch", "acc", "loss")}, best["state"], trained_state,
                    {name: obj.state_dict() for name, obj in stateful.items()}, generator.get_state(),
                    torch.get_rng_state(), args,
-                   torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+                   torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None)
 
     def to_dict(self) -> dict:
         """What torch.save writes: the format's name and version, then every field."""
@@ -64,10 +66,9 @@ class ResumeState:
                 raise FlowerclfError(f"--resume: {path}: field '{key}' is missing or not {kind.__name__}; the file "
                                      f"is damaged; train again with --overwrite")
         cuda_rng = state.get("cuda_rng")
-        if cuda_rng is not None and not (isinstance(cuda_rng, list)
-                                         and all(isinstance(t, torch.Tensor) for t in cuda_rng)):
-            raise FlowerclfError(f"--resume: {path}: field 'cuda_rng' is not a list of tensors; the file is "
-                                 f"damaged; train again with --overwrite")
+        if cuda_rng is not None and not isinstance(cuda_rng, torch.Tensor):
+            raise FlowerclfError(f"--resume: {path}: field 'cuda_rng' is not a tensor; the file is damaged; "
+                                 f"train again with --overwrite")
         if state["class_to_idx"] != class_to_idx:
             raise FlowerclfError(f"--resume: {path} was made for classes {sorted(state['class_to_idx'])[:8]}, "
                                  f"but the data has {sorted(class_to_idx)[:8]}; use another --save_dir")
@@ -95,6 +96,5 @@ class ResumeState:
         generator.set_state(self.generator)
         torch.set_rng_state(self.rng)
         if self.cuda_rng is not None and torch.cuda.is_available():  # dropout masks drawn on the GPU
-            for index, state in enumerate(self.cuda_rng[:torch.cuda.device_count()]):
-                torch.cuda.set_rng_state(state, index)
+            torch.cuda.set_rng_state(self.cuda_rng)
         return self.epoch + 1, self.history, dict(self.best, state=self.best_state)
