@@ -104,10 +104,13 @@ def test_metrics_from_logits():
     assert m["top5"] == pytest.approx(1 / 3)  # only the first is in its top 5
 
 
-def test_evaluate_on_a_gpu_picks_its_own_engine_and_batch_size_for_a_cpu_trained_checkpoint(run, monkeypatch):
+def test_evaluate_on_a_gpu_picks_its_own_engine_and_batch_size_for_a_cpu_trained_checkpoint(run, tmp_path,
+                                                                                          monkeypatch):
     data, save, _, _ = run
     ckpt = torch.load(save / "checkpoint.pth", weights_only=True)
-    assert ckpt["args"]["engine"] == "onnxruntime" and ckpt["args"]["feature_batch_size"] == 8  # a CPU's run
+    ckpt["args"].update(engine="onnxruntime", feature_batch_size=8)  # what a CPU's run records
+    torch.save(ckpt, tmp_path / "checkpoint.pth")
+    save = tmp_path
     # a CUDA machine, as far as evaluate can tell: the device decision says cuda, the model stays on the CPU
     monkeypatch.setattr(library, "resolve_device", lambda name, gpu: torch.device("cuda"))
     monkeypatch.setattr(library, "load_model", lambda path, dev: load_model(path, torch.device("cpu")))
