@@ -28,7 +28,7 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--category_names", "--category-names", metavar="JSON",
                    help="JSON mapping class folders to names, e.g. cat_to_name.json")
     p.add_argument("--batch_size", "--batch-size", type=cli.positive_int,
-                   help="images per batch (default: the feature batch size the checkpoint was trained with)")
+                   help="images per batch (default: auto, 8 on a CPU, 128 on a GPU)")
     cli.add_device_flags(p)
     cli.add_workers_flag(p)
     p.add_argument("--json", action="store_true", help="print the whole report as JSON instead of a summary")

@@ -101,8 +101,8 @@ def floors(everything: ImageSet, arch: str, workers: int, device: torch.device) 
 def ours(data_dir: str, everything: ImageSet, arch: str, workers: int, device: torch.device) -> dict:
     """img/s of the frozen pass and of fine-tuning epochs as train.py runs them, and peak GPU memory."""
     model, pp = build_model(ModelSpec(arch, "DEFAULT", [], 0.0, 5))
-    forward = torch_forward(model.backbone.to(device), device)
     batch = devices.resolve_feature_batch_size(0, device)
+    forward = torch_forward(model.backbone.to(device), device, batch_size=batch)
     warm = ImageSet(everything.root, everything.files[:2 * batch], everything.labels[:2 * batch])
     extract_features(forward, input_batches(warm, create_transform(pp), batch, workers,
                                                                 device))  # cuDNN autotuning, as a run's first batch

@@ -66,6 +66,25 @@ def test_two_processes_train_and_write_one_checkpoint(image_folder, tmp_path, _c
 
 
 @pytest.mark.slow
+def test_a_store_warning_on_any_rank_reaches_the_user(image_folder, tmp_path):
+    (tmp_path / "not-a-folder").write_text("")  # FLOWERCLF_STORE names a file: no rank can open a store there
+    run = _run(image_folder, tmp_path / "s", 2, "--epochs", "1", cache=tmp_path / "not-a-folder")
+    assert run.returncode == 0, run.stderr[-3000:]
+    for rank in ("", "[rank 1] "):
+        assert f"\n{rank}warning: cannot open the feature store" in "\n" + run.stdout, run.stdout
+    assert run.stdout.count("epoch 1/1") == 1  # progress stays rank 0's
+
+
+def test_other_ranks_log_only_their_warnings_and_errors_with_their_rank(monkeypatch):
+    monkeypatch.setattr(ddp, "rank", lambda: 3)
+    said = []
+    log = ddp.warnings_only(said.append)
+    for line in ("epoch 1/2  train loss 0.1", "warning: feature store x: locked", "error: boom", "features ready"):
+        log(line)
+    assert said == ["[rank 3] warning: feature store x: locked", "[rank 3] error: boom"]
+
+
+@pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(image_folder, tmp_path):
     one = _run(image_folder, tmp_path / "one", 1, "--epochs", "4")
     two = _run(image_folder, tmp_path / "two", 2, "--epochs", "4", cache=tmp_path / "store2")  # not one's features

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from flowerclf.base.errors import FlowerclfError
+from flowerclf.features.engines import feature_forward, torch_forward
 from flowerclf.runtime import devices
 
 
@@ -41,3 +42,25 @@ def test_amp_is_bf16_only_on_gpus_with_native_bf16(monkeypatch, capability, dtyp
     assert devices.amp_dtype(torch.device("cuda")) == dtype  # fp16: the GradScaler path of train.py --amp
     assert devices.amp_dtype(torch.device("cuda", 0)) == dtype
     assert devices.amp_dtype(torch.device("cpu")) == torch.bfloat16
+
+
+def test_cuda_feature_batches_are_padded_to_the_configured_size_even_when_the_first_is_small(monkeypatch):
+    # a fake CUDA device: moving a tensor there leaves it on the CPU
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: self)
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x):
+            seen.append(len(x))
+            return x.flatten(1)
+    # a warm store leaves a pass with 3 misses first, then a whole batch, then a split's last 5
+    forward, engine = feature_forward(Recorder(), "fake", 2, "auto", torch.device("cuda"), False, "fp", print,
+                                      batch_size=8)
+    assert engine == "torch"
+    out = [forward(torch.ones(n, 3, 2, 2)) for n in (3, 8, 5)]
+    assert seen == [8, 8, 8]  # one shape for cuDNN to autotune, the configured one
+    assert [len(o) for o in out] == [3, 8, 5]
+    seen.clear()
+    cpu = torch_forward(Recorder(), torch.device("cpu"), batch_size=8)
+    cpu(torch.ones(3, 3, 2, 2))
+    assert seen == [3]  # no padding on the CPU: it would only cost time

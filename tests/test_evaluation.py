@@ -15,6 +15,9 @@ import evaluate
 import train
 from flowerclf.base.runfiles import RunFiles
 from flowerclf.evaluation import evaluate as evaluation_module
+from flowerclf.evaluation import evaluate as library
+from flowerclf.features.passes import FeaturePass
+from flowerclf.models.checkpoints import load_model
 from flowerclf.evaluation.metrics import classification_report
 from flowerclf.evaluation.plots import plot_confusion_matrix
 from flowerclf.evaluation.reports import write_report
@@ -134,3 +137,29 @@ def test_evaluate_refuses_an_out_inside_the_split_it_reads(run, inside, monkeypa
     code, _, err = _main(evaluate, [str(save / "checkpoint.pth"), split, "--out", os.path.join(split, inside)])
     assert "is inside" in one_error_line(code, err) and "read back as photos" in err
     assert not os.path.exists(os.path.join(split, inside))
+
+
+def test_evaluate_on_a_gpu_picks_its_own_engine_and_batch_size_for_a_cpu_trained_checkpoint(run, tmp_path,
+                                                                                          monkeypatch):
+    data, save, _, _ = run
+    ckpt = torch.load(save / "checkpoint.pth", weights_only=True)
+    ckpt["args"].update(engine="onnxruntime", feature_batch_size=8)  # what a CPU's run records
+    torch.save(ckpt, tmp_path / "checkpoint.pth")
+    save = tmp_path
+    # a CUDA machine, as far as evaluate can tell: the device decision says cuda, the model stays on the CPU
+    monkeypatch.setattr(library, "resolve_device", lambda name, gpu: torch.device("cuda"))
+    monkeypatch.setattr(library, "load_model", lambda path, dev: load_model(path, torch.device("cpu")))
+    monkeypatch.setattr(library, "enable_cudnn_autotune", lambda dev: None)
+    seen = {}
+
+    def stop(self, images, desc, *a):
+        seen.update(engine=self.engine, key=self.setup_key, batch=self.batch_size)
+        raise KeyboardInterrupt  # the pass itself would need the GPU
+    monkeypatch.setattr(FeaturePass, "features", stop)
+    with pytest.raises(KeyboardInterrupt):
+        library.evaluate_split(str(save / "checkpoint.pth"), os.path.join(data, "test"), log=print)
+    assert seen["engine"] == "torch" and seen["batch"] == 128  # not "onnxruntime runs on the CPU", nor 8
+    assert seen["key"]["engine"] == "torch" and seen["key"]["device"] == "cuda"  # stored as a GPU run's
+    with pytest.raises(KeyboardInterrupt):
+        library.evaluate_split(str(save / "checkpoint.pth"), os.path.join(data, "test"), batch_size=32)
+    assert seen["batch"] == 32

@@ -15,8 +15,11 @@ from conftest import run_script as _main
 import predict
 import train
 from flowerclf.features import passes as passes_module
-from flowerclf.models.checkpoints import load_model
+from flowerclf.base.errors import FlowerclfError
+from flowerclf.models.registry import ModelSpec
 from flowerclf.training import trainer
+from flowerclf.training.resume import ResumeState
+from flowerclf.models.checkpoints import load_model
 from flowerclf.training.trainer import format_epoch
 
 
@@ -157,3 +160,42 @@ def test_resume_refuses_changed_training_flags_before_any_work(image_folder, tmp
     code, out, err = _main(train, [make_image_folder(tmp_path / "d"), "--save_dir", str(save), "--epochs", "2",
                                    "--resume", "--num_workers", "0", "--no_store"] + TINY)
     assert code == 0 and "resuming after epoch 1" in out, err  # where and how fast it runs may change
+
+
+def _state(scaler, tmp_path):
+    """A resume state of a one-layer 'model' and `scaler`, through the file --resume reads."""
+    spec = ModelSpec("mobilenet_v3_small", "none", [8], 0.0, 3)
+    layer = torch.nn.Linear(2, 2)
+    state = ResumeState.capture(layer.state_dict(), {"scaler": scaler}, torch.Generator(), spec, {"a": 0}, 1, [],
+                                {"epoch": 1, "acc": 0.5, "loss": 1.0, "state": layer.state_dict()}, {"unfreeze": 1})
+    torch.save(state.to_dict(), tmp_path / "checkpoint_last.pth")
+    return ResumeState.read(str(tmp_path / "checkpoint_last.pth"), spec, {"a": 0}, 1), layer
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # GradScaler on a CPU may say it is unusual
+def test_resuming_a_bf16_run_where_fp16_is_picked_is_one_line(tmp_path):
+    bf16, layer = _state(torch.amp.GradScaler("cpu", enabled=False), tmp_path)  # a bf16 run: no loss scaling
+    with pytest.raises(FlowerclfError, match=r"trained with bf16 or no --amp, but this run uses fp16 with loss "
+                                             r"scaling .*; resume where the same precision is picked"):
+        bf16.apply(layer, {"scaler": torch.amp.GradScaler("cpu", enabled=True)}, torch.Generator(), "last")
+    fp16, layer = _state(torch.amp.GradScaler("cpu", enabled=True), tmp_path)
+    with pytest.raises(FlowerclfError, match="trained with fp16 with loss scaling, but this run uses bf16"):
+        fp16.apply(layer, {"scaler": torch.amp.GradScaler("cpu", enabled=False)}, torch.Generator(), "last")
+    assert fp16.apply(layer, {"scaler": torch.amp.GradScaler("cpu", enabled=True)}, torch.Generator(),
+                      "last")[0] == 2
+
+
+def test_resume_saves_and_restores_the_cuda_random_state(tmp_path, monkeypatch):
+    gpu_state = torch.full((16,), 7, dtype=torch.uint8)  # the training GPU's generator
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: gpu_state)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state: restored.append(state))
+    state, layer = _state(torch.amp.GradScaler("cpu", enabled=False), tmp_path)
+    state.apply(layer, {"scaler": torch.amp.GradScaler("cpu", enabled=False)}, torch.Generator(), "last")
+    assert len(restored) == 1 and torch.equal(restored[0], gpu_state)
+    torch.save(dict(state.to_dict(), cuda_rng="junk"), tmp_path / "bad.pth")
+    with pytest.raises(FlowerclfError, match="field 'cuda_rng'"):
+        ResumeState.read(str(tmp_path / "bad.pth"), ModelSpec("mobilenet_v3_small", "none", [8], 0.0, 3),
+                         {"a": 0}, 1)

@@ -16,6 +16,8 @@ from flowerclf.models.registry import ModelSpec, build_model
 from flowerclf.models.stages import backbone_stages, unfreeze_last
 from flowerclf.training import trainer
 from flowerclf.training.loops import finetune_epoch, train_head_epoch, warmup_cosine
+from flowerclf.training import loops
+from flowerclf.training.loops import NonFiniteModel
 
 
 def _cfg(data, save, **kw):
@@ -126,6 +128,44 @@ def test_nan_loss_stops_and_keeps_the_best_checkpoint(image_folder, tmp_path, mo
     model, ckpt = load_model(str(tmp_path / "checkpoint.pth"))
     assert ckpt["epoch"] in (1, 2)
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_a_nan_loss_stops_finetuning_within_the_check_interval(monkeypatch):
+    # the loss is summed on the device and looked at every CHECK_EVERY steps (one CPU-GPU sync each)
+    monkeypatch.setattr(loops, "CHECK_EVERY", 2)
+    model = torch.nn.Sequential()
+    model.add_module("backbone", torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.Flatten()))
+    model.add_module("head", torch.nn.Linear(16, 2))
+    taken = []
+
+    def batches():
+        for step in range(1, 11):
+            taken.append(step)
+            yield torch.ones(2, 3, 2, 2), torch.tensor([0, 1])
+    steps = iter(range(1, 11))
+
+    def loss_fn(logits, y):  # NaN at step 3 only
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        return loss * float("nan") if next(steps) == 3 else loss
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    with pytest.raises(NonFiniteModel, match="the training loss became nan"):
+        finetune_epoch(model, batches(), optimizer, scheduler, scaler, loss_fn, torch.device("cpu"), False)
+    assert taken == [1, 2, 3, 4]  # stopped at the first look after the NaN, not at the epoch's end
+
+
+def test_finetuning_validates_through_one_loader_for_the_whole_run(image_folder, tmp_path, monkeypatch):
+    real, loaders = loops.extract_features, {}
+
+    def recording(forward, loader, desc="features", on_batch=None):
+        loaders.setdefault(desc, []).append(loader)
+        return real(forward, loader, desc, on_batch)
+    monkeypatch.setattr(loops, "extract_features", recording)
+    trainer.train(_cfg(image_folder, tmp_path, epochs=3, unfreeze=1, batch_size=6, num_workers=1),
+                  log=lambda line: None)
+    assert len(loaders["valid"]) == 3 and len({id(x) for x in loaders["valid"]}) == 1  # its workers persist
+    assert len(loaders["test"]) == 1
 
 
 def test_hidden_units_zero_gives_a_linear_head(image_folder, tmp_path):

@@ -39,9 +39,14 @@ def evaluate_split(checkpoint: str, split: str, out: str | None = None, category
     model, ckpt = load_model(checkpoint, dev)
     images = scan_split(split, ckpt["class_to_idx"])
     train_args = ckpt.get("args", {})
-    batch_size = batch_size or train_args.get("feature_batch_size") or resolve_feature_batch_size(0, dev)
-    # features on the engine training used, from the same store, so the numbers match what train.py printed
+    # this device's batch size, not the training machine's (a CPU's 8 would starve a GPU)
+    batch_size = resolve_feature_batch_size(batch_size or 0, dev)
+    # the engine training used is a fact about that machine: kept where it runs here, so the numbers (and the
+    # store's key) match what train.py printed; else (onnxruntime, trained on a CPU, evaluated on a GPU)
+    # training's auto rule picks this machine's
     engine = "torch" if train_args.get("unfreeze") else train_args.get("engine", "torch")
+    if engine == "onnxruntime" and dev.type != "cpu":
+        engine = "auto"
     stem = os.path.basename(os.path.normpath(split))
     with FeaturePass(model.backbone, ckpt["model"]["arch"], ckpt["model"].get("weights", ""),
                      Preprocess.from_dict(ckpt["preprocess"]), engine, dev, bool(train_args.get("amp")), batch_size,

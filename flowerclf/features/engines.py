@@ -17,22 +17,19 @@ from flowerclf.runtime.devices import autocast, to_channels_last
 Forward = Callable[[torch.Tensor], torch.Tensor]  # a CPU batch of images -> CPU float32 features
 
 
-def torch_forward(backbone: nn.Module, device: torch.device, amp: bool = False) -> Forward:
+def torch_forward(backbone: nn.Module, device: torch.device, amp: bool = False, batch_size: int = 0) -> Forward:
     """The backbone in eval mode and channels-last, on `device`.
 
-    On CUDA a batch smaller than the first (a split's last) is padded to its size, so cuDNN
-    autotunes one shape per pass instead of one per split.
+    On CUDA a batch smaller than `batch_size` (the pass's configured one: a split's last batch, or
+    the few misses of a warm store) is padded to it, so cuDNN autotunes one shape per pass.
     """
     to_channels_last(backbone.eval())
-    fixed = 0
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        nonlocal fixed
         n = len(x)
-        fixed = fixed or n
         x = x.to(device, non_blocking=True)
-        if device.type == "cuda" and n < fixed:
-            x = torch.cat([x, x.new_zeros((fixed - n,) + tuple(x.shape[1:]))])
+        if device.type == "cuda" and n < batch_size:
+            x = torch.cat([x, x.new_zeros((batch_size - n,) + tuple(x.shape[1:]))])
         x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
             return backbone(x)[:n].float().cpu()
@@ -47,26 +44,27 @@ def onnx_forward(backbone: nn.Module, arch: str, crop_size: int, fingerprint: st
 
 
 def feature_forward(backbone: nn.Module, arch: str, crop_size: int, engine: str, device: torch.device,
-                    amp: bool, fingerprint: str, log: Callable[[str], None]) -> tuple[Forward, str]:
+                    amp: bool, fingerprint: str, log: Callable[[str], None],
+                    batch_size: int = 0) -> tuple[Forward, str]:
     """The frozen backbone's forward on the chosen engine, and the engine actually used.
 
     auto: ONNX Runtime on a CPU (3.2x torch for efficientnet_lite0 on 2 cores), torch elsewhere and
     under torchrun (where the processes already share the cores).
-    A failed export falls back to torch with one line.
+    A failed export falls back to torch with one line. `batch_size`: the pass's, which torch pads to on CUDA.
     """
     use_ort = engine == "onnxruntime" or (engine == "auto" and device.type == "cpu" and not amp
                                           and not ddp.launched())
     if use_ort and ddp.launched():
         raise FlowerclfError("--engine onnxruntime is for single-process runs; under torchrun use --engine torch")
     if use_ort and device.type != "cpu":
-        raise FlowerclfError(f"--engine onnxruntime runs on the CPU, but the device is {device}; "
-                             f"pass --device cpu or --engine torch")
+        raise FlowerclfError(f"the onnxruntime engine runs on the CPU, but the device is {device}; "
+                             f"train.py: pass --device cpu, or --engine auto or torch")
     if use_ort:
         try:
             return onnx_forward(backbone, arch, crop_size, fingerprint), "onnxruntime"
         except Exception as e:  # exporter and runtime failures are many; every one means "use torch"
             log(f"ONNX Runtime unavailable for {arch} ({brief(e, 150)}); using torch")
-    return torch_forward(backbone, device, amp), "torch"
+    return torch_forward(backbone, device, amp, batch_size), "torch"
 
 
 def state_fingerprint(module: nn.Module) -> str:

@@ -37,6 +37,14 @@ def extract_features(forward: Forward, loader, desc: str = "features",
     return torch.cat(feats), torch.cat(labels)
 
 
+def shard_of(images: ImageSet) -> tuple[ImageSet, list[int], bool]:
+    """This rank's part of `images` under torchrun, its indices, and whether it is a shard (with fewer images
+    than processes each takes them all)."""
+    sharded = len(images) >= ddp.world()
+    mine = ddp.shard(len(images)) if sharded else list(range(len(images)))
+    return ImageSet(images.root, [images.files[i] for i in mine], [images.labels[i] for i in mine]), mine, sharded
+
+
 def sharded_features(forward: Forward, images: ImageSet, transform, batch_size: int, num_workers: int,
                      device: torch.device, desc: str,
                      on_batch: Callable[[list[int], torch.Tensor], None] | None = None
@@ -46,9 +54,7 @@ def sharded_features(forward: Forward, images: ImageSet, transform, batch_size: 
     Fewer images than processes: each computes them all. `on_batch(indices, features)` sees
     this process's batches as they are done.
     """
-    sharded = len(images) >= ddp.world()
-    mine = ddp.shard(len(images)) if sharded else list(range(len(images)))
-    part = ImageSet(images.root, [images.files[i] for i in mine], [images.labels[i] for i in mine])
+    part, mine, sharded = shard_of(images)
     report = (lambda start, feats: on_batch(mine[start:start + len(feats)], feats)) if on_batch else None
     feats, _ = extract_features(forward, input_batches(part, transform, batch_size, num_workers, device), desc,
                                 report)
@@ -82,7 +88,7 @@ class FeaturePass:
                  log: Callable[[str], None]):
         fingerprint = state_fingerprint(backbone)
         self.forward, self.engine = feature_forward(backbone, arch, preprocess.crop_size, engine, device, amp,
-                                                    fingerprint, log)
+                                                    fingerprint, log, batch_size)
         self.setup_key = dict(setup_key(arch, weights, fingerprint, preprocess, self.engine, device, amp),
                               batch_size=batch_size)  # kernels differ by batch size: so do vectors, by ~1e-9
         self.store = open_store(log) if use_store else None

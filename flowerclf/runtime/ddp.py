@@ -9,7 +9,7 @@ import datetime
 import os
 import re
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -78,6 +78,25 @@ def world() -> int:
 def is_main() -> bool:
     """Only rank 0 prints progress and writes files."""
     return rank() == 0
+
+
+def warnings_only(log: Callable[[str], None]) -> Callable[[str], None]:
+    """`log` for a rank other than 0: its warnings and errors, as `[rank N] warning: ...`; progress is rank 0's."""
+    prefix = f"[rank {rank()}] "
+    return lambda line: log(prefix + line) if line.startswith(("warning", "error")) else None
+
+
+@contextmanager
+def main_first():
+    """Rank 0 runs the block before the other ranks start it (it creates what they then open, such as the
+    feature store); outside torchrun a no-op."""
+    if world() > 1 and not is_main():
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if world() > 1 and is_main():
+            dist.barrier()
 
 
 def shard(n: int) -> list[int]:

@@ -13,7 +13,8 @@ from flowerclf.data.folders import ImageSet
 from flowerclf.data.transforms import Preprocess, create_transform
 from flowerclf.evaluation.metrics import accuracies
 from flowerclf.features.engines import torch_forward
-from flowerclf.features.passes import head_logits, sharded_features
+from flowerclf.data.loaders import input_batches
+from flowerclf.features.passes import extract_features, head_logits, shard_of
 from flowerclf.runtime import ddp
 from flowerclf.runtime.devices import autocast
 
@@ -22,10 +23,15 @@ class NonFiniteModel(FlowerclfError):
     """Training went NaN or infinite: the loss, a weight or the validation loss."""
 
 
-def check_finite(loss: torch.Tensor) -> None:
-    """Stop on a NaN or infinite loss (note: a CPU-GPU sync point, once per batch)."""
-    if not torch.isfinite(loss):
-        raise NonFiniteModel(f"the training loss became {loss.item()}; lower --learning_rate (or drop --amp)")
+# Steps between looks at the summed loss. Each look is a CPU-GPU sync point (a stall of the GPU's queue);
+# a NaN or infinite loss still stops the epoch within this many steps, and the epoch is never saved.
+CHECK_EVERY = 50
+
+
+def check_finite(total: torch.Tensor) -> None:
+    """Stop when a sum of training losses is NaN or infinite: one of them was (note: a CPU-GPU sync point)."""
+    if not torch.isfinite(total):
+        raise NonFiniteModel(f"the training loss became {total.item()}; lower --learning_rate (or drop --amp)")
 
 
 def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
@@ -46,18 +52,20 @@ def train_head_epoch(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor,
     """
     head.train()
     order = torch.randperm(len(labels), generator=generator)
-    total, world = 0.0, ddp.world()
-    for start in range(0, len(order), batch_size):
+    total, world = torch.zeros((), device=device), ddp.world()  # summed on the device: no sync per step
+    for step, start in enumerate(range(0, len(order), batch_size), 1):
         idx = order[start:start + batch_size]
         mine = idx[ddp.rank()::world]
         x, y = feats[mine].to(device), labels[mine].to(device)
         loss = loss_fn(head(x), y) * (world / len(idx))
-        check_finite(loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.item() * len(idx) / world
-    return {"loss": ddp.all_sum(total, device) / len(order)}
+        total += loss.detach() * (len(idx) / world)
+        if step % CHECK_EVERY == 0:
+            check_finite(total)
+    check_finite(total)
+    return {"loss": ddp.all_sum(total.item(), device) / len(order)}
 
 
 def set_train_mode(model: nn.Sequential) -> None:
@@ -73,30 +81,42 @@ def finetune_epoch(model: nn.Sequential, loader, optimizer, scheduler, scaler, l
     """One epoch over images with part of the backbone trainable; `runner` may wrap `model` (DDP, compile)."""
     set_train_mode(model)
     runner = runner or model
-    total, count = 0.0, 0
-    for x, y in progress(loader, "train"):
+    total, count = torch.zeros((), device=device), 0  # the loss summed on the device: no sync per step
+    for step, (x, y) in enumerate(progress(loader, "train"), 1):
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         y = torch.as_tensor(y).to(device, non_blocking=True)
         with autocast(device, amp):
             loss = loss_fn(runner(x), y)
-        check_finite(loss)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        total += loss.item() * len(y)
+        total += loss.detach().float() * len(y)
         count += len(y)
-    return {"loss": ddp.all_sum(total, device) / ddp.all_sum(count, device)}
+        if step % CHECK_EVERY == 0:
+            check_finite(total)
+    check_finite(total)
+    return {"loss": ddp.all_sum(total.item(), device) / ddp.all_sum(count, device)}
 
 
 def split_logits(model: nn.Sequential, images: ImageSet, preprocess: Preprocess, batch_size: int,
                  device: torch.device, amp: bool = False, desc: str = "eval",
-                 num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, labels) of a whole split through the whole model (fine-tuning): backbone, then head."""
-    feats, labels = sharded_features(torch_forward(model.backbone, device, amp), images,
-                                     create_transform(preprocess), batch_size, num_workers, device, desc)
-    return head_logits(model.head, feats, device), labels
+                 num_workers: int = 0) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """A function giving (logits, labels) of a whole split through the whole model (fine-tuning): backbone, then head.
+
+    Its input loader is built here, once: called every epoch, it keeps the same persistent workers.
+    """
+    part, _, sharded = shard_of(images)
+    batches = input_batches(part, create_transform(preprocess), batch_size, num_workers, device)
+    labels = torch.as_tensor(images.labels)
+
+    def logits() -> tuple[torch.Tensor, torch.Tensor]:
+        forward = torch_forward(model.backbone, device, amp, batch_size)  # eval mode again, after training
+        feats, _ = extract_features(forward, batches, desc)
+        feats = ddp.gather_rows(feats, len(images), device) if sharded else feats
+        return head_logits(model.head, feats, device), labels
+    return logits
 
 
 def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -36,6 +36,9 @@ class ResumeState:
     generator: torch.Tensor   # the order of training batches
     rng: torch.Tensor         # torch's global random state (dropout masks)
     args: dict
+    # the random state of the CUDA device this process trains on (its current one), when CUDA was in use;
+    # under torchrun every rank's stream is rank 0's (one seed, the same ops), as with `rng`
+    cuda_rng: torch.Tensor | None = None
 
     @classmethod
     def capture(cls, trained_state: dict, stateful: dict, generator: torch.Generator, spec: ModelSpec,
@@ -44,7 +47,8 @@ class ResumeState:
         return cls(spec.to_dict(), dict(class_to_idx), args["unfreeze"], epoch, history,
                    {k: best[k] for k in ("epoch", "acc", "loss")}, best["state"], trained_state,
                    {name: obj.state_dict() for name, obj in stateful.items()}, generator.get_state(),
-                   torch.get_rng_state(), args)
+                   torch.get_rng_state(), args,
+                   torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None)
 
     def to_dict(self) -> dict:
         """What torch.save writes: the format's name and version, then every field."""
@@ -66,6 +70,10 @@ class ResumeState:
             if not isinstance(state.get(key), kind):
                 raise FlowerclfError(f"--resume: {path}: field '{key}' is missing or not {kind.__name__}; the file "
                                      f"is damaged; train again with --overwrite")
+        cuda_rng = state.get("cuda_rng")
+        if cuda_rng is not None and not isinstance(cuda_rng, torch.Tensor):
+            raise FlowerclfError(f"--resume: {path}: field 'cuda_rng' is not a tensor; the file is damaged; "
+                                 f"train again with --overwrite")
         if state["class_to_idx"] != class_to_idx:
             raise FlowerclfError(f"--resume: {path} was made for classes {sorted(state['class_to_idx'])[:8]}, "
                                  f"but the data has {sorted(class_to_idx)[:8]}; use another --save_dir")
@@ -97,7 +105,16 @@ class ResumeState:
         for name, obj in stateful.items():
             if name not in self.stateful:
                 raise FlowerclfError(f"--resume: {path} has no {name} state; train again with --overwrite")
+            if isinstance(obj, torch.amp.GradScaler) and obj.is_enabled() != bool(self.stateful[name]):
+                # a disabled scaler's state is {}: bf16 or no --amp, where this machine would take fp16, or back
+                said = ("fp16 with loss scaling", "bf16 or no --amp")
+                raise FlowerclfError(f"--resume: {path} was trained with {said[obj.is_enabled()]}, but this run "
+                                     f"uses {said[not obj.is_enabled()]} (--amp picks fp16 on GPUs without "
+                                     f"bf16); resume where the same precision is picked, or train again "
+                                     f"with --overwrite")
             obj.load_state_dict(self.stateful[name])
         generator.set_state(self.generator)
         torch.set_rng_state(self.rng)
+        if self.cuda_rng is not None and torch.cuda.is_available():  # dropout masks drawn on the GPU
+            torch.cuda.set_rng_state(self.cuda_rng)
         return self.epoch + 1, self.history, dict(self.best, state=self.best_state)

@@ -82,15 +82,17 @@ def _features(model, spec, preprocess, splits, cfg, device, log) -> tuple[dict, 
     which draws random inputs) leave training on the same one.
     """
     started = time.perf_counter()
-    with torch.random.fork_rng(devices=[]), FeaturePass(
-            model.backbone, spec.arch, spec.weights, preprocess, cfg.engine, device, cfg.amp, cfg.feature_batch_size,
-            cfg.num_workers, cfg.store, log) as passes:
-        log(f"feature pass on {passes.engine}")
-        feats = {name: passes.features(images, name) for name, images in splits.items()}
-        if cfg.augment_views:
-            views = [passes.features(splits["train"], f"train view {view + 1}", view, cfg.seed)
-                     for view in range(cfg.augment_views)]
-            feats["train"] = tuple(torch.cat(parts) for parts in zip(*views))
+    with torch.random.fork_rng(devices=[]):
+        with ddp.main_first():  # rank 0 creates the store before the other ranks open it: creation never races
+            passes = FeaturePass(model.backbone, spec.arch, spec.weights, preprocess, cfg.engine, device, cfg.amp,
+                                 cfg.feature_batch_size, cfg.num_workers, cfg.store, log)
+        with passes:
+            log(f"feature pass on {passes.engine}")
+            feats = {name: passes.features(images, name) for name, images in splits.items()}
+            if cfg.augment_views:
+                views = [passes.features(splits["train"], f"train view {view + 1}", view, cfg.seed)
+                         for view in range(cfg.augment_views)]
+                feats["train"] = tuple(torch.cat(parts) for parts in zip(*views))
     log(f"features ready in {time.perf_counter() - started:.1f}s")
     return feats, passes.engine
 
@@ -143,13 +145,10 @@ def _finetune_plan(model, preprocess, splits, cfg, device, log) -> Plan:
             sampler.set_epoch(epoch)
         return finetune_epoch(model, train_loader, optimizer, scheduler, scaler, loss_fn, device, cfg.amp, runner)
 
-    def logits(split: str):
-        return split_logits(model, splits[split], preprocess, cfg.feature_batch_size, device, cfg.amp, split,
-                            num_workers=cfg.num_workers)
-
+    logits = {split: split_logits(model, splits[split], preprocess, cfg.feature_batch_size, device, cfg.amp, split,
+                                  num_workers=cfg.num_workers) for split in ("valid", "test") if split in splits}
     return Plan(
-        model, train_epoch, lambda: metrics_from_logits(*logits("valid")),
-        (lambda: logits("test")) if "test" in splits else None,
+        model, train_epoch, lambda: metrics_from_logits(*logits["valid"]()), logits.get("test"),
         {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}, generator, "torch")
 
 
@@ -245,7 +244,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, splits: dict | N
     checkpoint.pth is rewritten whenever validation accuracy improves and checkpoint_last.pth
     after every epoch (both atomically), so a crash or Ctrl-C loses at most the running epoch
     (a power cut: the epochs since checkpoint_last.pth's last fsync, at most LAST_SYNC_S ago).
-    Under torchrun every rank runs this; only rank 0 logs and writes files.
+    Under torchrun every rank runs this; only rank 0 writes files and logs progress (any rank, its warnings).
     """
     torch.manual_seed(cfg.seed)  # the same on every rank: identical initial heads
     device = ddp.join(resolve_device(cfg.device, cfg.gpu), DIST_TIMEOUT_S)
@@ -256,14 +255,14 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, splits: dict | N
 def _train(cfg: TrainConfig, device: torch.device, log: Callable[[str], None], splits: dict | None) -> dict:
     """train() on this rank's device: the data, the model, the checks, then the run in its save directory."""
     main = ddp.is_main()
-    if not main:
-        log = lambda line: None  # noqa: E731
+    if not main:  # progress is rank 0's to print; a warning on any rank (a lost store) still reaches the user
+        log = ddp.warnings_only(log)
     enable_cudnn_autotune(device)
     cfg = replace(cfg, feature_batch_size=resolve_feature_batch_size(cfg.feature_batch_size, device),
                   num_workers=resolve_num_workers(cfg.num_workers, device))
     splits = splits or preflight(cfg)
     splits, warnings_ = check_splits(splits, full=cfg.skip_bad_images, skip_bad=cfg.skip_bad_images)
-    for line in warnings_:
+    for line in warnings_ if main else []:  # the same on every rank: said once
         log(line)
     names = load_category_names(cfg.category_names)  # fail before training, not after
     class_to_idx = splits["train"].class_to_idx
