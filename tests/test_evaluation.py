@@ -11,6 +11,7 @@ from PIL import Image
 
 import evaluate
 import train
+from flowerclf.evaluation import calibration
 from flowerclf.evaluation.metrics import classification_report
 from flowerclf.evaluation.plots import plot_confusion_matrix
 from flowerclf.training.loops import metrics_from_logits
@@ -74,6 +75,10 @@ def test_training_writes_every_output(run):
     assert [c["name"] for c in rep["per_class"]] == ["pink primrose", "globe thistle", "blanket flower"]
     assert sum(c["support"] for c in rep["per_class"]) == rep["images"] == 9
     assert np.array(rep["confusion_matrix"]).sum() == 9
+    assert "calibration on valid: temperature" in printed and "calibration on test: temperature" in printed
+    assert Image.open(save / "reliability.png").size == (1000, 450)
+    page = (save / "report.html").read_text()
+    assert "Reliability diagram" in page and "reliability.png" in page and "calibration (test)" in page
 
 
 def test_evaluate_agrees_with_training(run, tmp_path, capsys):
@@ -86,6 +91,8 @@ def test_evaluate_agrees_with_training(run, tmp_path, capsys):
     assert (tmp_path / "test_report.json").is_file() and (tmp_path / "confusion_matrix.png").is_file()
     assert evaluate.main([str(save / "checkpoint.pth"), os.path.join(data, "valid"), "--out", str(tmp_path)]) == 0
     assert (tmp_path / "valid_report.json").is_file()
+    assert (tmp_path / "reliability.png").is_file() and (tmp_path / "valid_reliability.png").is_file()
+    assert "calibration (valid)" in (tmp_path / "valid_report.html").read_text()
 
 
 def test_evaluate_bad_split_is_one_line(run, tmp_path, capsys):
@@ -99,3 +106,49 @@ def test_metrics_from_logits():
     m = metrics_from_logits(logits, torch.tensor([0, 0, 5]))
     assert m["acc"] == pytest.approx(1 / 3)
     assert m["top5"] == pytest.approx(1 / 3)  # only the first is in its top 5
+
+
+def _overconfident(seed, n=4000, classes=5):
+    """Logits of a head 10x too sure of itself: labels drawn from softmax(true logits), the head shows 10x them."""
+    rng = np.random.default_rng(seed)
+    true = rng.normal(0, 1.5, (n, classes))
+    p = calibration.softmax(true)
+    labels = (p.cumsum(axis=1) > rng.random((n, 1))).argmax(axis=1)
+    return 10 * true, labels
+
+
+def test_temperature_scaling_lowers_nll_of_an_overconfident_head_on_held_out_data():
+    fit_logits, fit_labels = _overconfident(0)
+    held_logits, held_labels = _overconfident(1)
+    t = calibration.fit_temperature(fit_logits, fit_labels)
+    assert 8 < t < 12  # it finds the factor the head is over-confident by
+    summary = calibration.calibration_summary(held_logits, held_labels, t)
+    assert summary["nll_after"] < 0.5 * summary["nll_before"]
+    assert summary["ece_after"] < 0.03 < 0.2 < summary["ece_before"]
+    assert calibration.fit_temperature(held_logits / t, held_labels) == pytest.approx(1, abs=0.15)
+
+
+def test_a_calibrated_head_keeps_temperature_one():
+    logits, labels = _overconfident(2)
+    logits = logits / 10  # calibrated by construction
+    assert calibration.fit_temperature(logits, labels) == pytest.approx(1, abs=0.1)
+
+
+@pytest.mark.parametrize("keep", [0.95, 0.8, 0.5])
+def test_the_threshold_keeps_the_stated_share_of_the_right_answers(keep):
+    logits, labels = _overconfident(3, n=997)
+    probs = calibration.softmax(logits, 10)
+    threshold = calibration.confidence_threshold(probs, labels, keep)
+    conf, right = probs.max(axis=1), probs.argmax(axis=1) == labels
+    kept = (conf[right] >= threshold).mean()
+    assert keep <= kept < keep + 2 / right.sum()  # the stated share, not more than one answer over
+    assert calibration.confidence_threshold(probs[~right], labels[~right], keep) == 0.0  # no right answer: no mark
+
+
+def test_ece_of_a_hand_made_example():
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
+    labels = np.array([0, 1, 0, 0])
+    # bin 0.9: confidence 0.9, accuracy 0.5; bin 0.6: confidence 0.6, accuracy 1.0; each half the photos
+    assert calibration.expected_calibration_error(probs, labels) == pytest.approx(0.5 * 0.4 + 0.5 * 0.4)
+    bins = calibration.reliability_bins(probs, labels)
+    assert [(b["count"], b["accuracy"]) for b in bins] == [(2, 1.0), (2, 0.5)]

@@ -259,6 +259,30 @@ def test_page_in_a_browser(server, trained_run, expected, browser, tmp_path):
     assert [r.text for r in first.find_elements(By.CLASS_NAME, "name")] == [p["name"] for p in answer]
 
 
+@pytest.mark.slow
+def test_not_sure_on_the_page(trained_run, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    photo = _photos(trained_run)[0]
+    for min_confidence, unsure in (("1", True), ("0", False)):
+        proc, line = _start(str(trained_run["save"] / "model.onnx"), "--port", "0", "--top_k", str(TOP_K),
+                            "--category_names", trained_run["names"], "--min_confidence", min_confidence)
+        try:
+            port = urlsplit(line.split(" on ")[1].split()[0]).port
+            answer = _predict(port, [("p.png", open(photo, "rb").read())])[1][0]
+            assert answer["confident"] is not unsure
+            browser.get(f"http://127.0.0.1:{port}/")
+            browser.find_element(By.ID, "files").send_keys(photo)
+            WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".card .row"))
+            marks = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".card .unsure")]
+            first, second = answer["predictions"][:2]
+            assert marks == ([f"not sure: {first['name']} {100 * first['probability']:.1f}%, "
+                              f"{second['name']} {100 * second['probability']:.1f}%"] if unsure else [])
+        finally:
+            _stop(proc)
+
+
 # ------------------------------------------------------------------ raw HTTP: Expect, Host, Origin, limits
 
 def _read_response(f):

@@ -27,10 +27,13 @@ class RunFiles:
     def confusion(self, stem: str = "test") -> str:
         return self._path("confusion_matrix.png" if stem == "test" else f"{stem}_confusion_matrix.png")
 
+    def reliability(self, stem: str = "test") -> str:
+        return self._path("reliability.png" if stem == "test" else f"{stem}_reliability.png")
+
     def report_html(self, stem: str = "test") -> str:
         return self._path("report.html" if stem == "test" else f"{stem}_report.html")
 
     def outputs(self) -> list[str]:
         """What train.py writes: all of it describes one model, so a new run replaces all of it."""
         return [self.checkpoint, self.last, self.history_json, self.history_csv, self.curves, self.report_json(),
-                self.confusion(), self.report_html(), self.onnx]
+                self.confusion(), self.reliability(), self.report_html(), self.onnx]

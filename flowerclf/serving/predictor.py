@@ -25,6 +25,13 @@ class Predictor:
     classes: list[str]              # class folder names, by output index
     preprocess: Preprocess
     batch_size: int = 32
+    threshold: float | None = None  # top probabilities below it are "not sure"; None: no such mark (no calibration)
+
+    @staticmethod
+    def calibration(meta: dict) -> tuple[float, float | None]:
+        """(temperature, "not sure" threshold) of a checked checkpoint or model.onnx description; (1, None) without."""
+        found = meta.get("calibration")
+        return (found["temperature"], found["threshold"]) if found else (1.0, None)
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "auto", gpu: bool = False) -> "Predictor":
@@ -36,12 +43,14 @@ class Predictor:
 
         dev = resolve_device(device, gpu)
         model, ckpt = load_model(path, dev)
+        temperature, threshold = cls.calibration(ckpt)
 
         @torch.inference_mode()
         def probabilities(batch: np.ndarray) -> np.ndarray:
-            return model(torch.from_numpy(batch).to(dev)).float().softmax(dim=1).cpu().numpy()
+            return (model(torch.from_numpy(batch).to(dev)).float() / temperature).softmax(dim=1).cpu().numpy()
 
-        return cls(probabilities, class_names(ckpt["class_to_idx"]), Preprocess.from_dict(ckpt["preprocess"]))
+        return cls(probabilities, class_names(ckpt["class_to_idx"]), Preprocess.from_dict(ckpt["preprocess"]),
+                   threshold=threshold)
 
     @classmethod
     def from_onnx(cls, path: str) -> "Predictor":
@@ -49,13 +58,15 @@ class Predictor:
         session = open_session(path)
         meta = model_metadata(session, path)
         name = session.get_inputs()[0].name
+        temperature, threshold = cls.calibration(meta)
 
         def probabilities(batch: np.ndarray) -> np.ndarray:
-            logits = session.run(None, {name: batch})[0].astype(np.float64)
+            logits = session.run(None, {name: batch})[0].astype(np.float64) / temperature
             e = np.exp(logits - logits.max(axis=1, keepdims=True))
             return e / e.sum(axis=1, keepdims=True)
 
-        return cls(probabilities, class_names(meta["class_to_idx"]), Preprocess.from_dict(meta["preprocess"]))
+        return cls(probabilities, class_names(meta["class_to_idx"]), Preprocess.from_dict(meta["preprocess"]),
+                   threshold=threshold)
 
     @classmethod
     def load(cls, path: str, device: str = "auto", gpu: bool = False) -> "Predictor":
@@ -109,7 +120,8 @@ class Predictor:
                      names: dict[str, str] | None = None) -> Iterator[dict]:
         """Decode (name, load) sources a batch at a time, run each batch, yield one item per source in input order.
 
-        An item is {"image": name, "predictions": [top-k]} or, for a source that cannot be decoded,
+        An item is {"image": name, "predictions": [top-k]} (with "confident": top probability >= threshold,
+        when there is a threshold) or, for a source that cannot be decoded,
         {"image": name, "error": message}. At most one batch of decoded images is held at a time,
         and `sources` is read no further than the batch being run.
         """
@@ -138,4 +150,6 @@ class Predictor:
                 top = np.argsort(-p, kind="stable")[:k]
                 item["predictions"] = [{"class": self.classes[i], "name": names.get(self.classes[i], self.classes[i]),
                                         "probability": float(p[i])} for i in top]
+                if self.threshold is not None:
+                    item["confident"] = bool(p[top[0]] >= self.threshold)
             yield item

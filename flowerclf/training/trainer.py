@@ -27,6 +27,7 @@ from flowerclf.data.folders import (
 )
 from flowerclf.data.loaders import make_loader
 from flowerclf.data.transforms import Preprocess, create_transform
+from flowerclf.evaluation.calibration import calibrate, report_calibration
 from flowerclf.evaluation.html import run_facts, write_html_report
 from flowerclf.evaluation.metrics import classification_report
 from flowerclf.evaluation.reports import write_history, write_report
@@ -77,6 +78,7 @@ class Plan:
     stateful: dict                        # optimizer, scheduler, scaler...: objects with state_dict()
     generator: torch.Generator            # the order of training batches
     engine: str
+    valid_logits: Callable[[], tuple] | None = None  # (logits, labels) of the valid split: calibration's input
 
 
 def _features(model, spec, preprocess, splits, cfg, device, log) -> tuple[dict, str]:
@@ -113,7 +115,8 @@ def _frozen_plan(model, spec, preprocess, splits, cfg, device, log) -> Plan:
                                        loss_fn),
         lambda: metrics_from_logits(head_logits(head, feats["valid"][0], device), feats["valid"][1]),
         (lambda: (head_logits(head, feats["test"][0], device), feats["test"][1])) if "test" in feats else None,
-        {"optimizer": optimizer}, generator, engine)
+        {"optimizer": optimizer}, generator, engine,
+        lambda: (head_logits(head, feats["valid"][0], device), feats["valid"][1]))
 
 
 def _finetune_plan(model, preprocess, splits, cfg, device, log) -> Plan:
@@ -154,7 +157,8 @@ def _finetune_plan(model, preprocess, splits, cfg, device, log) -> Plan:
     return Plan(
         model, train_epoch, lambda: metrics_from_logits(*logits("valid")),
         (lambda: logits("test")) if "test" in splits else None,
-        {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}, generator, "torch")
+        {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}, generator, "torch",
+        lambda: logits("valid"))
 
 
 def _cpu_state(state: dict) -> dict:
@@ -281,13 +285,16 @@ def _fit(run: Run, splits: dict, names: dict, device: torch.device) -> dict:
 
     plan.trainable.load_state_dict(best["state"])
     metrics = {"valid_loss": best["loss"], "valid_acc": best["acc"]}
+    calibration = calibrate(*(t.numpy() for t in plan.valid_logits()))
+    log(f"calibration on valid: temperature {calibration['temperature']:.3f}; \"not sure\" below "
+        f"{100 * calibration['threshold']:.1f}% (keeps {100 * calibration['kept']:.0f}% of its right answers)")
     test = plan.test_logits() if plan.test_logits else None
     if test is not None:
         m = metrics_from_logits(*test)
         metrics.update(test_loss=m["loss"], test_acc=m["acc"], test_top5=m["top5"])
         log(f"test accuracy: top-1 {100 * m['acc']:.2f}%  top-5 {100 * m['top5']:.2f}%  "
             f"(best epoch {best['epoch']})")
-    run.save(best["epoch"], history, metrics=metrics)
+    run.save(best["epoch"], history, metrics=metrics, calibration=calibration)
     files = run.files
     result = {"checkpoint": files.checkpoint, "metrics": metrics, "history": history, "epoch": best["epoch"]}
     ddp.cleanup()
@@ -297,13 +304,19 @@ def _fit(run: Run, splits: dict, names: dict, device: torch.device) -> dict:
     written = write_history(history, files)
     page = None
     if test is not None:
-        test_report = classification_report(test[0].numpy(), test[1].numpy(), class_names(run.class_to_idx), names,
-                                            files=splits["test"].files)
+        temperature = calibration["temperature"]
+        test_report = classification_report(test[0].numpy() / temperature, test[1].numpy(),
+                                            class_names(run.class_to_idx), names, files=splits["test"].files)
         written += write_report(test_report, files)
         facts = run_facts("train.py", asdict(cfg), str(device), os.path.join(cfg.data_dir, "test"),
                           ", ".join(f"{len(s)} {n}" for n, s in splits.items()), best["epoch"])
+        facts["calibration (test)"] = report_calibration(test[0].numpy(), test[1].numpy(), temperature,
+                                                         files.reliability())
+        log(f"calibration on test: {facts['calibration (test)']}")
+        written.append(files.reliability())
         page = write_html_report(files.folder, "test", test_report, facts, asdict(cfg), {
-            "Training curves": files.curves, "Confusion matrix": files.confusion()})
+            "Training curves": files.curves, "Confusion matrix": files.confusion(),
+            "Reliability diagram": files.reliability()})
     if cfg.export == "onnx":
         written.append(export_checkpoint(files.checkpoint))
     log("wrote " + ", ".join(os.path.basename(p) for p in written))
