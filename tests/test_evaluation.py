@@ -3,6 +3,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from PIL import Image
 
 import evaluate
 import train
-from flowerclf.evaluation import calibration
+from flowerclf.evaluation import audit, calibration, duplicates
 from flowerclf.evaluation.metrics import classification_report
 from flowerclf.evaluation.plots import plot_confusion_matrix
 from flowerclf.training.loops import metrics_from_logits
@@ -152,3 +153,77 @@ def test_ece_of_a_hand_made_example():
     assert calibration.expected_calibration_error(probs, labels) == pytest.approx(0.5 * 0.4 + 0.5 * 0.4)
     bins = calibration.reliability_bins(probs, labels)
     assert [(b["count"], b["accuracy"]) for b in bins] == [(2, 1.0), (2, 0.5)]
+
+
+def _planted(seed=0, classes=5, per_class=60, flipped=15):
+    """Synthetic features of well-separated classes with `flipped` labels moved to another class, seeded."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(classes), per_class)
+    x = rng.normal(0, 1, (classes, 64))[labels] + rng.normal(0, 0.8, (len(labels), 64))
+    moved = rng.choice(len(labels), flipped, replace=False)
+    given = labels.copy()
+    given[moved] = (labels[moved] + rng.integers(1, classes, flipped)) % classes
+    return x, given, set(moved.tolist())
+
+
+def test_the_audit_finds_planted_label_errors():
+    x, given, moved = _planted()
+    probs = audit.out_of_fold_probabilities(x, given, 5)
+    suspects = audit.label_suspects(probs, given)
+    top = set(suspects[:2 * len(moved)])
+    assert len(top & moved) >= 0.8 * len(moved)  # nearly all, within the top 2x planted
+    assert len(set(suspects) & moved) >= 0.8 * len(suspects)  # and few others
+    assert audit.label_suspects(probs, np.zeros(len(given), int)) == []  # one class: nothing to say
+
+
+def _photo(path, pixels):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(pixels.astype(np.uint8)).save(path)
+    return str(path)
+
+
+def test_exact_copies_across_classes_and_splits_and_a_resized_reencoded_copy_are_reported(tmp_path):
+    from flowerclf.features.store import file_digest, open_store
+
+    rng = np.random.default_rng(0)
+    noise = lambda: rng.integers(0, 256, (32, 32, 3))  # noqa: E731
+    ramp = np.linspace(0, 255, 64)[None, :, None] * np.ones((64, 1, 3))
+    a, b, c = (_photo(tmp_path / "train" / "1" / f"{n}.png", noise()) for n in "abc")
+    os.makedirs(tmp_path / "train" / "2")
+    shutil.copy(a, tmp_path / "train" / "2" / "a_copy.png")
+    os.makedirs(tmp_path / "test" / "1")
+    shutil.copy(b, tmp_path / "test" / "1" / "b_leak.png")
+    ramp_path = _photo(tmp_path / "train" / "2" / "ramp.png", ramp)
+    small = tmp_path / "valid" / "2" / "ramp_small.jpg"
+    os.makedirs(small.parent)
+    Image.open(ramp_path).resize((40, 40)).save(small, quality=70)
+    paths = [a, b, c, str(tmp_path / "train" / "2" / "a_copy.png"), str(tmp_path / "test" / "1" / "b_leak.png"),
+             ramp_path, str(small)]
+    entries = [{"path": p, "split": p.split(os.sep)[-3], "class": p.split(os.sep)[-2]} for p in paths]
+    vectors = rng.normal(0, 1, (7, 16))
+    vectors[3], vectors[4], vectors[6] = vectors[0], vectors[1], vectors[5] + 0.1 * rng.normal(0, 1, 16)
+
+    store = open_store(print, str(tmp_path / "store.sqlite"))  # a store that holds no hash of these files yet
+    digests = duplicates.content_digests(paths, store)
+    store.close()
+    assert digests == [file_digest(p) for p in paths] == duplicates.content_digests(paths)
+    report = duplicates.duplicates_report(entries, digests, vectors)
+    kinds = {tuple(sorted(os.path.basename(p["path"]) for p in g["photos"])): g["kind"] for g in report["exact"]}
+    assert kinds == {("a.png", "a_copy.png"): "conflict", ("b.png", "b_leak.png"): "leak"}
+    assert [sorted(os.path.basename(p["path"]) for p in g["photos"]) for g in report["near"]] == \
+        [["ramp.png", "ramp_small.jpg"]]
+    assert report["near"][0]["kind"] == "leak" and report["near"][0]["thumbnail"] >= duplicates.SAME_PICTURE
+    assert report["counts"] == {"exact_groups": 2, "near_pairs": 1, "within_class": 0, "across_classes": 1,
+                                "valid_in_train": 1, "test_in_train": 1}
+    # a distinct picture near in features is not a copy: its thumbnail tells them apart
+    vectors[2] = vectors[0] + 0.01
+    assert len(duplicates.duplicates_report(entries, digests, vectors)["near"]) == 1
+
+
+def test_nearest_pairs_on_inverted_lists_find_planted_copies(monkeypatch):
+    monkeypatch.setattr(duplicates, "EXACT_UP_TO", 200)  # the index 100,000 photos get, on 2,000
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (2000, 32)).astype(np.float32)
+    x[-20:] = x[:20] + 0.05 * rng.normal(0, 1, (20, 32))
+    pairs = {(i, j) for i, j, _ in duplicates.nearest_pairs(x, 0.95)}
+    assert {(i, 1980 + i) for i in range(20)} <= pairs

@@ -16,6 +16,7 @@ class RunFiles:
         self.history_csv = self._path("history.csv")
         self.curves = self._path("training_curves.png")
         self.onnx = self._path("model.onnx")
+        self.audit = self._path("audit.json")               # the frozen run's data audit
         self.lock = self._path(".flowerclf.lock")           # held (flock) by the run writing here
 
     def _path(self, name: str) -> str:
@@ -36,4 +37,5 @@ class RunFiles:
     def outputs(self) -> list[str]:
         """What train.py writes: all of it describes one model, so a new run replaces all of it."""
         return [self.checkpoint, self.last, self.history_json, self.history_csv, self.curves, self.report_json(),
-                self.confusion(), self.reliability(), self.report_html(), self.onnx]
+                self.confusion(), self.reliability(), self.report_html(), self.onnx,
+                self.audit]

@@ -13,6 +13,7 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from typing import Callable
 
 import torch
@@ -27,6 +28,9 @@ from flowerclf.data.folders import (
 )
 from flowerclf.data.loaders import make_loader
 from flowerclf.data.transforms import Preprocess, create_transform
+from flowerclf.evaluation.audit import audit_features, write_audit
+from flowerclf.evaluation.audit import section as audit_section
+from flowerclf.evaluation.audit import summary as audit_summary
 from flowerclf.evaluation.calibration import calibrate, report_calibration
 from flowerclf.evaluation.html import run_facts, write_html_report
 from flowerclf.evaluation.metrics import classification_report
@@ -79,6 +83,7 @@ class Plan:
     generator: torch.Generator            # the order of training batches
     engine: str
     valid_logits: Callable[[], tuple] | None = None  # (logits, labels) of the valid split: calibration's input
+    features: dict | None = None                     # the frozen plan's (features, labels) per split: the audit's
 
 
 def _features(model, spec, preprocess, splits, cfg, device, log) -> tuple[dict, str]:
@@ -96,6 +101,7 @@ def _features(model, spec, preprocess, splits, cfg, device, log) -> tuple[dict, 
         if cfg.augment_views:
             views = [passes.features(splits["train"], f"train view {view + 1}", view, cfg.seed)
                      for view in range(cfg.augment_views)]
+            feats["train plain"] = feats["train"]  # the center crops: what the audit looks at
             feats["train"] = tuple(torch.cat(parts) for parts in zip(*views))
     log(f"features ready in {time.perf_counter() - started:.1f}s")
     return feats, passes.engine
@@ -116,7 +122,7 @@ def _frozen_plan(model, spec, preprocess, splits, cfg, device, log) -> Plan:
         lambda: metrics_from_logits(head_logits(head, feats["valid"][0], device), feats["valid"][1]),
         (lambda: (head_logits(head, feats["test"][0], device), feats["test"][1])) if "test" in feats else None,
         {"optimizer": optimizer}, generator, engine,
-        lambda: (head_logits(head, feats["valid"][0], device), feats["valid"][1]))
+        lambda: (head_logits(head, feats["valid"][0], device), feats["valid"][1]), feats)
 
 
 def _finetune_plan(model, preprocess, splits, cfg, device, log) -> Plan:
@@ -302,6 +308,10 @@ def _fit(run: Run, splits: dict, names: dict, device: torch.device) -> dict:
         return result
     log(f"saved {files.checkpoint} (epoch {best['epoch']}, valid acc {100 * best['acc']:.2f}%)")
     written = write_history(history, files)
+    audited = audit_features(splits, plan.features, class_names(run.class_to_idx), names, cfg.store, log) \
+        if cfg.audit and plan.features is not None else None
+    if audited is not None:
+        written.append(write_audit(audited, files.audit))
     page = None
     if test is not None:
         temperature = calibration["temperature"]
@@ -316,10 +326,12 @@ def _fit(run: Run, splits: dict, names: dict, device: torch.device) -> dict:
         written.append(files.reliability())
         page = write_html_report(files.folder, "test", test_report, facts, asdict(cfg), {
             "Training curves": files.curves, "Confusion matrix": files.confusion(),
-            "Reliability diagram": files.reliability()})
+            "Reliability diagram": files.reliability()}, audited and partial(audit_section, audited))
     if cfg.export == "onnx":
         written.append(export_checkpoint(files.checkpoint))
     log("wrote " + ", ".join(os.path.basename(p) for p in written))
     if page:
         log(f"report: {page}")
+    if audited is not None:
+        log(audit_summary(audited, "report.html#audit" if page else files.audit))
     return result
