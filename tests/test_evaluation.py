@@ -159,7 +159,7 @@ def _planted(seed=0, classes=5, per_class=60, flipped=15):
     """Synthetic features of well-separated classes with `flipped` labels moved to another class, seeded."""
     rng = np.random.default_rng(seed)
     labels = np.repeat(np.arange(classes), per_class)
-    x = rng.normal(0, 1, (classes, 64))[labels] + rng.normal(0, 0.8, (len(labels), 64))
+    x = rng.normal(0, 1, (classes, 64))[labels] + rng.normal(0, 0.5, (len(labels), 64))
     moved = rng.choice(len(labels), flipped, replace=False)
     given = labels.copy()
     given[moved] = (labels[moved] + rng.integers(1, classes, flipped)) % classes

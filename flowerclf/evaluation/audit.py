@@ -20,7 +20,7 @@ from flowerclf.features.store import open_store
 
 FOLDS = 5
 SHOWN = 24          # suspects and copies with a thumbnail in report.html
-WEIGHT_DECAY = 1e-3
+WEIGHT_DECAY = 0.1  # on flowers5-dev with 5% planted errors: 1e-3 finds 60% of them in the top 2x, 0.1 67%
 
 
 def _linear_head(x: torch.Tensor, y: torch.Tensor, classes: int) -> torch.nn.Linear:

@@ -79,7 +79,7 @@ def plot_reliability(before: list[dict], after: list[dict], temperature: float, 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), sharey=True)
     for ax, bins, title in ((axes[0], before, "raw softmax"), (axes[1], after, f"temperature {temperature:.2f}")):
         ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=1, label="perfectly calibrated")
-        ax.bar([b["confidence"] for b in bins], [b["accuracy"] for b in bins], width=1 / 15, alpha=0.7,
+        ax.bar([b["centre"] for b in bins], [b["accuracy"] for b in bins], width=1 / 15, alpha=0.7,
                edgecolor="black", label="accuracy per bin")
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top probability)", title=title)
         ax.grid(alpha=0.3)
