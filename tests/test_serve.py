@@ -111,9 +111,12 @@ def _photos(trained_run):
 @pytest.mark.slow
 def test_predict_answers_as_predict_json_does(server, trained_run, expected):
     photos = _photos(trained_run)[:2]
+    import torch
+    threshold = torch.load(trained_run["save"] / "checkpoint.pth", weights_only=True)["calibration"]["threshold"]
     status, answer = _predict(server, [(os.path.basename(p), open(p, "rb").read()) for p in photos])
     assert status == 200
-    assert answer == [{"image": os.path.basename(p), "predictions": expected[os.path.basename(p)]} for p in photos]
+    assert answer == [{"image": os.path.basename(p), "predictions": expected[os.path.basename(p)],
+                       "confident": expected[os.path.basename(p)][0]["probability"] >= threshold} for p in photos]
     assert len(answer[0]["predictions"]) == TOP_K and answer[0]["predictions"][0]["name"] == "pink primrose"
 
 
