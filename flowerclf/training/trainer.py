@@ -330,8 +330,8 @@ def _fit(run: Run, splits: dict, names: dict, device: torch.device) -> dict:
     if cfg.export == "onnx":
         written.append(export_checkpoint(files.checkpoint))
     log("wrote " + ", ".join(os.path.basename(p) for p in written))
+    if audited is not None:  # before the report's path, which stays the last line
+        log(audit_summary(audited, "report.html#audit" if page else files.audit))
     if page:
         log(f"report: {page}")
-    if audited is not None:
-        log(audit_summary(audited, "report.html#audit" if page else files.audit))
     return result
