@@ -36,10 +36,14 @@ def build_parser() -> cli.ArgumentParser:
 
 
 def format_text(results: list[dict]) -> str:
-    """Per image: its path, then 'rank, name, probability %' lines."""
+    """Per image: its path, a 'not sure: ...' line when the answer is below the threshold, then 'rank, name,
+    probability %' lines."""
     lines = []
     for r in results:
         lines.append(cli.printable(r["image"]))
+        if r.get("confident") is False:
+            lines.append("  not sure: " + ", ".join(f"{cli.printable(p['name'])} {100 * p['probability']:.1f}%"
+                                                   for p in r["predictions"][:2]))
         lines += [f"  {i}. {cli.printable(p['name'])}  {100 * p['probability']:.2f}%"
                   for i, p in enumerate(r["predictions"], 1)]
     return "\n".join(lines)
@@ -59,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         raise FlowerclfError(f"--plot {args.plot} is a folder; give a file name such as {args.plot}/top5.png")
     names = load_category_names(args.category_names)
     predictor = Predictor.load(checkpoint, args.device, args.gpu)
+    if args.min_confidence is not None:
+        predictor.threshold = args.min_confidence
     results, errors = predictor.predict_paths(inputs, args.top_k, names)
     if args.plot and results:  # before the text, so a closed stdout (| head) cannot stop it
         from flowerclf.serving.figure import PLOT_MAX_IMAGES, plot_predictions

@@ -55,6 +55,8 @@ def run(args: argparse.Namespace) -> None:
     from flowerclf.serving.predictor import Predictor
 
     predictor = Predictor.load(args.model, args.device, args.gpu)
+    if args.min_confidence is not None:
+        predictor.threshold = args.min_confidence
     app = App(predictor, args.model, args.top_k, load_category_names(args.category_names), args.max_upload_mb * 2 ** 20,
               args.max_files)
     serve(app, args.host, args.port)

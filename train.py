@@ -78,6 +78,9 @@ def build_parser() -> cli.ArgumentParser:
                         "leave them out instead of stopping")
     d.add_argument("--valid_split", "--valid-split", type=float, default=0.0, metavar="FRACTION",
                    help="no valid/ folder? set aside this fraction of train/ (stratified, seeded), e.g. 0.2")
+    d.add_argument("--no_audit", "--no-audit", dest="audit", action="store_false",
+                   help="skip the data audit that ends a frozen run (SAVE_DIR/audit.json and report.html#audit: "
+                        "photos that look mislabeled, copies across classes, test photos also in train)")
     d.add_argument("--overwrite", action="store_true",
                    help="replace the model another run left in SAVE_DIR (its checkpoints, reports and model.onnx "
                         "are removed first); without it train.py refuses to overwrite a checkpoint.pth")

@@ -107,7 +107,9 @@ def test_a_non_finite_checkpoint_is_refused(tiny_run, tmp_path):
 @pytest.mark.parametrize("field, value", [
     ("preprocess", KeyError), ("model.hidden_units", KeyError), ("class_to_idx", ["1", "2", "3"]),
     ("class_to_idx", {"1": 0, "2": 1}), ("preprocess.interpolation", "lanczos"), ("preprocess.crop_size", 0),
-    ("preprocess.decode", "magic"), ("preprocess.decode", None)])
+    ("preprocess.decode", "magic"), ("preprocess.decode", None),
+    ("calibration.temperature", 0.0), ("calibration.temperature", float("nan")), ("calibration.threshold", 1.5),
+    ("calibration.kept", KeyError), ("calibration", "warm")])
 def test_malformed_checkpoints_name_the_field(tiny_run, tmp_path, field, value):
     data, save = tiny_run
     ckpt = torch.load(save / "checkpoint.pth", weights_only=True)

@@ -287,7 +287,8 @@ def test_a_large_jpeg_is_decoded_smaller_to_the_same_result(tmp_path):
 
 
 @pytest.mark.parametrize("w, h, decoded", [(255, 300, (255, 300)), (256, 300, (128, 150)), (511, 600, (256, 300)),
-                                           (1030, 2000, (129, 250)), (2048, 1023, (512, 256)), (200, 3000, (200, 3000))])
+                                           (1030, 2000, (129, 250)), (2048, 1023, (512, 256)),
+                                           (200, 3000, (200, 3000))])
 def test_draft_never_decodes_below_the_size_the_transform_needs(tmp_path, w, h, decoded):
     img = load_rgb(_smooth_jpeg(tmp_path / "p.jpg", w, h), draft=128)
     assert img.size == decoded and min(img.size) >= min(128, w, h)

@@ -3,6 +3,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from flowerclf.evaluation import evaluate as evaluation_module
 from flowerclf.evaluation import evaluate as library
 from flowerclf.features.passes import FeaturePass
 from flowerclf.models.checkpoints import load_model
+from flowerclf.evaluation import audit, calibration, duplicates
 from flowerclf.evaluation.metrics import classification_report
 from flowerclf.evaluation.plots import plot_confusion_matrix
 from flowerclf.evaluation.reports import write_report
@@ -102,6 +104,10 @@ def test_training_writes_every_output(run):
     assert [c["name"] for c in rep["per_class"]] == ["pink primrose", "globe thistle", "blanket flower"]
     assert sum(c["support"] for c in rep["per_class"]) == rep["images"] == 9
     assert np.array(rep["confusion_matrix"]).sum() == 9
+    assert "calibration on valid: temperature" in printed and "calibration on test: temperature" in printed
+    assert Image.open(save / "reliability.png").size == (1000, 450)
+    page = (save / "report.html").read_text()
+    assert "Reliability diagram" in page and "reliability.png" in page and "calibration (test)" in page
 
 
 def test_evaluate_agrees_with_training(run, tmp_path, capsys):
@@ -114,6 +120,8 @@ def test_evaluate_agrees_with_training(run, tmp_path, capsys):
     assert (tmp_path / "eval_test_report.json").is_file() and (tmp_path / "eval_test_confusion_matrix.png").is_file()
     assert evaluate.main([str(save / "checkpoint.pth"), os.path.join(data, "valid"), "--out", str(tmp_path)]) == 0
     assert (tmp_path / "eval_valid_report.json").is_file()
+    assert (tmp_path / "eval_test_reliability.png").is_file() and (tmp_path / "eval_valid_reliability.png").is_file()
+    assert "calibration (valid)" in (tmp_path / "eval_valid_report.html").read_text()
 
 
 def test_evaluate_bad_split_is_one_line(run, tmp_path, capsys):
@@ -163,3 +171,123 @@ def test_evaluate_on_a_gpu_picks_its_own_engine_and_batch_size_for_a_cpu_trained
     with pytest.raises(KeyboardInterrupt):
         library.evaluate_split(str(save / "checkpoint.pth"), os.path.join(data, "test"), batch_size=32)
     assert seen["batch"] == 32
+
+
+def _overconfident(seed, n=4000, classes=5):
+    """Logits of a head 10x too sure of itself: labels drawn from softmax(true logits), the head shows 10x them."""
+    rng = np.random.default_rng(seed)
+    true = rng.normal(0, 1.5, (n, classes))
+    p = calibration.softmax(true)
+    labels = (p.cumsum(axis=1) > rng.random((n, 1))).argmax(axis=1)
+    return 10 * true, labels
+
+
+def test_temperature_scaling_lowers_nll_of_an_overconfident_head_on_held_out_data():
+    fit_logits, fit_labels = _overconfident(0)
+    held_logits, held_labels = _overconfident(1)
+    t = calibration.fit_temperature(fit_logits, fit_labels)
+    assert 8 < t < 12  # it finds the factor the head is over-confident by
+    summary = calibration.calibration_summary(held_logits, held_labels, t)
+    assert summary["nll_after"] < 0.5 * summary["nll_before"]
+    assert summary["ece_after"] < 0.03 < 0.2 < summary["ece_before"]
+    assert calibration.fit_temperature(held_logits / t, held_labels) == pytest.approx(1, abs=0.15)
+
+
+def test_a_calibrated_head_keeps_temperature_one():
+    logits, labels = _overconfident(2)
+    logits = logits / 10  # calibrated by construction
+    assert calibration.fit_temperature(logits, labels) == pytest.approx(1, abs=0.1)
+
+
+@pytest.mark.parametrize("keep", [0.95, 0.8, 0.5])
+def test_the_threshold_keeps_the_stated_share_of_the_right_answers(keep):
+    logits, labels = _overconfident(3, n=997)
+    probs = calibration.softmax(logits, 10)
+    threshold = calibration.confidence_threshold(probs, labels, keep)
+    conf, right = probs.max(axis=1), probs.argmax(axis=1) == labels
+    kept = (conf[right] >= threshold).mean()
+    assert keep <= kept < keep + 2 / right.sum()  # the stated share, not more than one answer over
+    assert calibration.confidence_threshold(probs[~right], labels[~right], keep) == 0.0  # no right answer: no mark
+
+
+def test_ece_of_a_hand_made_example():
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
+    labels = np.array([0, 1, 0, 0])
+    # bin 0.9: confidence 0.9, accuracy 0.5; bin 0.6: confidence 0.6, accuracy 1.0; each half the photos
+    assert calibration.expected_calibration_error(probs, labels) == pytest.approx(0.5 * 0.4 + 0.5 * 0.4)
+    bins = calibration.reliability_bins(probs, labels)
+    assert [(b["count"], b["accuracy"]) for b in bins] == [(2, 1.0), (2, 0.5)]
+
+
+def _planted(seed=0, classes=5, per_class=60, flipped=15):
+    """Synthetic features of well-separated classes with `flipped` labels moved to another class, seeded."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(classes), per_class)
+    x = rng.normal(0, 1, (classes, 64))[labels] + rng.normal(0, 0.5, (len(labels), 64))
+    moved = rng.choice(len(labels), flipped, replace=False)
+    given = labels.copy()
+    given[moved] = (labels[moved] + rng.integers(1, classes, flipped)) % classes
+    return x, given, set(moved.tolist())
+
+
+def test_the_audit_finds_planted_label_errors():
+    x, given, moved = _planted()
+    probs = audit.out_of_fold_probabilities(x, given, 5)
+    suspects = audit.label_suspects(probs, given)
+    top = set(suspects[:2 * len(moved)])
+    assert len(top & moved) >= 0.8 * len(moved)  # nearly all, within the top 2x planted
+    assert len(set(suspects) & moved) >= 0.8 * len(suspects)  # and few others
+    assert audit.label_suspects(probs, np.zeros(len(given), int)) == []  # one class: nothing to say
+
+
+def _photo(path, pixels):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(pixels.astype(np.uint8)).save(path)
+    return str(path)
+
+
+def test_exact_copies_across_classes_and_splits_and_a_resized_reencoded_copy_are_reported(tmp_path):
+    from flowerclf.features.store import file_digest, open_store
+
+    rng = np.random.default_rng(0)
+    noise = lambda: rng.integers(0, 256, (32, 32, 3))  # noqa: E731
+    ramp = np.linspace(0, 255, 64)[None, :, None] * np.ones((64, 1, 3))
+    a, b, c = (_photo(tmp_path / "train" / "1" / f"{n}.png", noise()) for n in "abc")
+    os.makedirs(tmp_path / "train" / "2")
+    shutil.copy(a, tmp_path / "train" / "2" / "a_copy.png")
+    os.makedirs(tmp_path / "test" / "1")
+    shutil.copy(b, tmp_path / "test" / "1" / "b_leak.png")
+    ramp_path = _photo(tmp_path / "train" / "2" / "ramp.png", ramp)
+    small = tmp_path / "valid" / "2" / "ramp_small.jpg"
+    os.makedirs(small.parent)
+    Image.open(ramp_path).resize((40, 40)).save(small, quality=70)
+    paths = [a, b, c, str(tmp_path / "train" / "2" / "a_copy.png"), str(tmp_path / "test" / "1" / "b_leak.png"),
+             ramp_path, str(small)]
+    entries = [{"path": p, "split": p.split(os.sep)[-3], "class": p.split(os.sep)[-2]} for p in paths]
+    vectors = rng.normal(0, 1, (7, 16))
+    vectors[3], vectors[4], vectors[6] = vectors[0], vectors[1], vectors[5] + 0.1 * rng.normal(0, 1, 16)
+
+    store = open_store(print, str(tmp_path / "store.sqlite"))  # a store that holds no hash of these files yet
+    digests = duplicates.content_digests(paths, store)
+    store.close()
+    assert digests == [file_digest(p) for p in paths] == duplicates.content_digests(paths)
+    report = duplicates.duplicates_report(entries, digests, vectors)
+    kinds = {tuple(sorted(os.path.basename(p["path"]) for p in g["photos"])): g["kind"] for g in report["exact"]}
+    assert kinds == {("a.png", "a_copy.png"): "conflict", ("b.png", "b_leak.png"): "leak"}
+    assert [sorted(os.path.basename(p["path"]) for p in g["photos"]) for g in report["near"]] == \
+        [["ramp.png", "ramp_small.jpg"]]
+    assert report["near"][0]["kind"] == "leak" and report["near"][0]["thumbnail"] >= duplicates.SAME_PICTURE
+    assert report["counts"] == {"exact_groups": 2, "near_pairs": 1, "within_class": 0, "across_classes": 1,
+                                "valid_in_train": 1, "test_in_train": 1}
+    # a distinct picture near in features is not a copy: its thumbnail tells them apart
+    vectors[2] = vectors[0] + 0.01
+    assert len(duplicates.duplicates_report(entries, digests, vectors)["near"]) == 1
+
+
+def test_nearest_pairs_on_inverted_lists_find_planted_copies(monkeypatch):
+    monkeypatch.setattr(duplicates, "EXACT_UP_TO", 200)  # the index 100,000 photos get, on 2,000
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (2000, 32)).astype(np.float32)
+    x[-20:] = x[:20] + 0.05 * rng.normal(0, 1, (20, 32))
+    pairs = {(i, j) for i, j, _ in duplicates.nearest_pairs(x, 0.95)}
+    assert {(i, 1980 + i) for i in range(20)} <= pairs

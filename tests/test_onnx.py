@@ -61,6 +61,10 @@ def test_onnx_predictions_match_torch(exported):
         assert [p["class"] for p in t["predictions"]] == [p["class"] for p in o["predictions"]]
         np.testing.assert_allclose([p["probability"] for p in t["predictions"]],
                                    [p["probability"] for p in o["predictions"]], atol=1e-4)
+    calibration = torch.load(save / "checkpoint.pth", weights_only=True)["calibration"]
+    session = onnx_module.open_session(str(save / "model.onnx"))
+    assert onnx_module.model_metadata(session, "model.onnx")["calibration"] == calibration  # the same T and threshold
+    assert [t.get("confident") for t in via_torch] == [o.get("confident") for o in via_onnx] != [None] * 6
 
 
 def test_onnx_features_match_torch(image_folder):
@@ -154,7 +158,8 @@ def test_export_leaves_one_self_contained_file(tiny_onnx, tmp_path):
 @pytest.mark.parametrize("field, value, named", [
     ("preprocess", KeyError, "preprocess"), ("class_to_idx", KeyError, "class_to_idx"),
     ("preprocess.mean", KeyError, "preprocess.mean"), (None, [], "flowerclf description"),
-    ("preprocess.crop_size", 12, "preprocess.crop_size"), ("preprocess.decode", "magic", "preprocess.decode")])
+    ("preprocess.crop_size", 12, "preprocess.crop_size"), ("preprocess.decode", "magic", "preprocess.decode"),
+    ("calibration", {"temperature": -1, "threshold": 0.5, "kept": 0.95}, "calibration.temperature")])
 def test_malformed_onnx_metadata_names_the_field(tiny_onnx, tiny_run, field, value, named):
     net, meta, folder = tiny_onnx
     meta = json.loads(json.dumps(meta))

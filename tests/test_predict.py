@@ -172,6 +172,60 @@ def test_a_fifo_in_a_predicted_folder_does_not_hang(tiny_run, tmp_path):
                                                                     str(save / "checkpoint.pth")])[::2])
 
 
+def _predict_json(image, checkpoint, *flags):
+    code, out, err = _main(predict, [image, str(checkpoint), "--json", "--top_k", "3", *flags])
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_not_sure_in_text_and_json_and_min_confidence_overrides(tiny_run):
+    data, save = tiny_run
+    image, ckpt = an_image(data), save / "checkpoint.pth"
+    threshold = torch.load(ckpt, weights_only=True)["calibration"]["threshold"]
+    answer = _predict_json(image, ckpt)[0]
+    assert answer["confident"] == (answer["predictions"][0]["probability"] >= threshold)
+    unsure = _predict_json(image, ckpt, "--min_confidence", "1")[0]
+    assert unsure["confident"] is False and unsure["predictions"] == answer["predictions"]
+    assert _predict_json(image, ckpt, "--min_confidence", "0")[0]["confident"] is True
+    code, out, _ = _main(predict, [image, str(ckpt), "--min_confidence", "1", "--top_k", "3"])
+    first, second = unsure["predictions"][:2]
+    assert out.splitlines()[:2] == [image, f"  not sure: {first['name']} {100 * first['probability']:.1f}%, "
+                                           f"{second['name']} {100 * second['probability']:.1f}%"]
+    assert "not sure" not in _main(predict, [image, str(ckpt), "--min_confidence", "0"])[1]
+    for bad in ("1.5", "-0.1", "nan", "x"):
+        assert "--min_confidence" in one_error_line(*_main(predict, [image, str(ckpt), "--min_confidence", bad])[::2])
+
+
+def test_predictions_divide_the_logits_by_the_temperature(tiny_run, tmp_path):
+    data, save = tiny_run
+    image = an_image(data)
+    ckpt = torch.load(save / "checkpoint.pth", weights_only=True)
+    del ckpt["calibration"]  # a checkpoint made before calibration: the raw softmax, no "confident"
+    torch.save(ckpt, tmp_path / "old.pth")
+    old = _predict_json(image, tmp_path / "old.pth")[0]
+    assert "confident" not in old
+    ckpt["calibration"] = {"temperature": 2.5, "threshold": 0.5, "kept": 0.95}
+    torch.save(ckpt, tmp_path / "warm.pth")
+    warm = _predict_json(image, tmp_path / "warm.pth")[0]
+    raw = {p["class"]: np.log(p["probability"]) for p in old["predictions"]}  # all 3 classes: logits + a constant
+    scaled = {c: np.exp(v / 2.5) for c, v in raw.items()}
+    total = sum(scaled.values())
+    assert {p["class"]: p["probability"] for p in warm["predictions"]} == \
+        pytest.approx({c: v / total for c, v in scaled.items()}, abs=1e-5)
+    assert warm["confident"] == (warm["predictions"][0]["probability"] >= 0.5)
+
+
+def test_the_stored_threshold_keeps_the_stated_share_of_valid_right_answers(tiny_run):
+    data, save = tiny_run
+    calibration = torch.load(save / "checkpoint.pth", weights_only=True)["calibration"]
+    results = _predict_json(os.path.join(data, "valid"), save / "checkpoint.pth")
+    right = [r["predictions"][0]["probability"] for r in results
+             if r["predictions"][0]["class"] == os.path.basename(os.path.dirname(r["image"]))]
+    assert right  # the share is of something
+    kept = sum(p >= calibration["threshold"] - 1e-6 for p in right) / len(right)
+    assert kept >= calibration["kept"] == 0.95
+
+
 def test_swapped_predict_arguments(tiny_run):
     data, save = tiny_run
     line = one_error_line(*_main(predict, [str(save / "checkpoint.pth"), os.path.join(data, "test")])[::2])

@@ -111,9 +111,12 @@ def _photos(trained_run):
 @pytest.mark.slow
 def test_predict_answers_as_predict_json_does(server, trained_run, expected):
     photos = _photos(trained_run)[:2]
+    import torch
+    threshold = torch.load(trained_run["save"] / "checkpoint.pth", weights_only=True)["calibration"]["threshold"]
     status, answer = _predict(server, [(os.path.basename(p), open(p, "rb").read()) for p in photos])
     assert status == 200
-    assert answer == [{"image": os.path.basename(p), "predictions": expected[os.path.basename(p)]} for p in photos]
+    assert answer == [{"image": os.path.basename(p), "predictions": expected[os.path.basename(p)],
+                       "confident": expected[os.path.basename(p)][0]["probability"] >= threshold} for p in photos]
     assert len(answer[0]["predictions"]) == TOP_K and answer[0]["predictions"][0]["name"] == "pink primrose"
 
 
@@ -257,6 +260,30 @@ def test_page_in_a_browser(server, trained_run, expected, browser, tmp_path):
     assert first.find_element(By.TAG_NAME, "h2").text == "dropped.png"
     answer = _predict(server, [("dropped.png", base64.b64decode(dropped))])[1][0]["predictions"]
     assert [r.text for r in first.find_elements(By.CLASS_NAME, "name")] == [p["name"] for p in answer]
+
+
+@pytest.mark.slow
+def test_not_sure_on_the_page(trained_run, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    photo = _photos(trained_run)[0]
+    for min_confidence, unsure in (("1", True), ("0", False)):
+        proc, line = _start(str(trained_run["save"] / "model.onnx"), "--port", "0", "--top_k", str(TOP_K),
+                            "--category_names", trained_run["names"], "--min_confidence", min_confidence)
+        try:
+            port = urlsplit(line.split(" on ")[1].split()[0]).port
+            answer = _predict(port, [("p.png", open(photo, "rb").read())])[1][0]
+            assert answer["confident"] is not unsure
+            browser.get(f"http://127.0.0.1:{port}/")
+            browser.find_element(By.ID, "files").send_keys(photo)
+            WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".card .row"))
+            marks = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".card .unsure")]
+            first, second = answer["predictions"][:2]
+            assert marks == ([f"not sure: {first['name']} {100 * first['probability']:.1f}%, "
+                              f"{second['name']} {100 * second['probability']:.1f}%"] if unsure else [])
+        finally:
+            _stop(proc)
 
 
 # ------------------------------------------------------------------ raw HTTP: Expect, Host, Origin, limits

@@ -1,6 +1,7 @@
 """None"""
 import os
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY, one_error_line, tiny_config
@@ -164,7 +165,8 @@ def test_finetuning_validates_through_one_loader_for_the_whole_run(image_folder,
     monkeypatch.setattr(loops, "extract_features", recording)
     trainer.train(_cfg(image_folder, tmp_path, epochs=3, unfreeze=1, batch_size=6, num_workers=1),
                   log=lambda line: None)
-    assert len(loaders["valid"]) == 3 and len({id(x) for x in loaders["valid"]}) == 1  # its workers persist
+    # 3 epochs, then the best epoch's logits for the temperature: one loader, so its workers persist
+    assert len(loaders["valid"]) == 4 and len({id(x) for x in loaders["valid"]}) == 1
     assert len(loaders["test"]) == 1
 
 
@@ -197,3 +199,45 @@ def test_checkpoint_last_is_fsynced_now_and_then_and_after_the_last_epoch(image_
     last = str(tmp_path / "s" / "checkpoint_last.pth")
     assert [a[0] for p, *a in saves if p == last] == durable
     assert all(not a or a[0] for p, *a in saves if p != last)  # checkpoint.pth: always
+
+
+def test_a_frozen_run_audits_its_data_and_no_audit_turns_it_off(tmp_path):
+    import json
+    import shutil
+
+    from PIL import Image
+
+    from conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", per_class={"train": 10, "valid": 4, "test": 3})
+    moved = os.path.join(data, "train", "2", "1_moved.png")  # a photo of class 1 filed under 2
+    shutil.move(os.path.join(data, "train", "1", "1_9.png"), moved)
+    shutil.copy(os.path.join(data, "train", "3", "3_0.png"), os.path.join(data, "train", "1", "3_copy.png"))
+    shutil.copy(os.path.join(data, "train", "2", "2_0.png"), os.path.join(data, "test", "2", "2_leak.png"))
+    ramp = (np.linspace(60, 200, 48)[None, :, None] * np.array([[[1.0, 0.3, 0.3]]])).repeat(48, 0)
+    Image.fromarray(ramp.astype(np.uint8)).save(os.path.join(data, "train", "1", "ramp.png"))
+    Image.open(os.path.join(data, "train", "1", "ramp.png")).resize((32, 32)).save(
+        os.path.join(data, "valid", "1", "ramp_small.jpg"), quality=70)
+    save = tmp_path / "save"
+    lite0 = ["--arch", "efficientnet_lite0", "--batch_size", "8"]  # offline pretrained: features worth auditing
+    code, out, err = _main(train, [data, "--save_dir", str(save), "--epochs", "1"] + lite0)
+    assert code == 0, err
+    result = json.loads((save / "audit.json").read_text())
+    suspects = [os.path.basename(s["path"]) for s in result["suspects"]]
+    assert "1_moved.png" in suspects[:4]
+    assert next(s for s in result["suspects"] if s["path"] == moved)["likely"] == "1"
+    counts = result["duplicates"]["counts"]
+    assert counts["test_in_train"] == 1 and counts["valid_in_train"] >= 1 and counts["across_classes"] >= 1
+    near = [sorted(os.path.basename(p["path"]) for p in g["photos"]) for g in result["duplicates"]["near"]]
+    assert ["ramp.png", "ramp_small.jpg"] in near
+    line = out.strip().splitlines()[-2]  # the report's path comes last
+    assert line == (f"audit: {len(suspects)} train/valid photos look mislabeled, {counts['across_classes']} duplicates "
+                    f"across classes, 1 test photos also in train; see report.html#audit")
+    page = (save / "report.html").read_text()
+    assert 'id="audit"' in page and "1_moved.png" in page and "2_leak.png" in page
+
+    code, out, err = _main(train, [data, "--save_dir", str(save), "--epochs", "1", "--overwrite", "--no_audit"]
+                           + lite0)
+    assert code == 0, err
+    assert not (save / "audit.json").exists() and "audit:" not in out and 'id="audit"' not in \
+        (save / "report.html").read_text()

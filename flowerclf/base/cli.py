@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import errno
+import math
 import os
 import re
 import shutil
@@ -85,6 +86,17 @@ def auto_or_whole(value: str) -> int | str:
     return value if value == "auto" else whole_number(value)
 
 
+def probability(value: str) -> float:
+    """argparse type: a number from 0 to 1."""
+    try:
+        p = float(value)
+    except ValueError:
+        p = math.nan
+    if not 0 <= p <= 1:
+        raise argparse.ArgumentTypeError(f"expected a probability from 0 to 1, got {value!r}")
+    return p
+
+
 def add_workers_flag(parser: argparse.ArgumentParser) -> None:
     """--num_workers, the same in every script that decodes images (devices.resolve_num_workers decides auto)."""
     parser.add_argument("--num_workers", "--num-workers", type=auto_or_whole, default="auto", metavar="N|auto",
@@ -101,11 +113,16 @@ def add_device_flags(parser: argparse.ArgumentParser, choices: tuple[str, ...] =
 
 
 def add_answer_flags(parser: argparse.ArgumentParser) -> None:
-    """--top_k and --category_names, for the scripts that answer "which flower?" (predict.py, serve.py)."""
+    """--top_k, --category_names and --min_confidence, for the scripts that answer "which flower?" (predict.py,
+    serve.py)."""
     parser.add_argument("--top_k", "--top-k", type=positive_int, default=5,
                         help="how many classes each answer names (default: %(default)s)")
     parser.add_argument("--category_names", "--category-names", metavar="JSON",
                         help="JSON file mapping class folder names to display names, e.g. cat_to_name.json")
+    parser.add_argument("--min_confidence", "--min-confidence", type=probability, metavar="P",
+                        help="mark answers whose top probability is below P (0 to 1) as 'not sure' (default: the "
+                             "threshold train.py chose on the validation split, kept in the model; none for models "
+                             "made before it)")
 
 
 def error_line(message: str) -> str:

@@ -16,6 +16,7 @@ class RunFiles:
         self.history_csv = self._path("history.csv")
         self.curves = self._path("training_curves.png")
         self.onnx = self._path("model.onnx")
+        self.audit = self._path("audit.json")               # the frozen run's data audit
         self.lock = self._path(".flowerclf.lock")           # held (flock) by the run writing here
         self.previous = self._path(".flowerclf-previous")   # --overwrite: the old outputs, until a new checkpoint
 
@@ -28,6 +29,9 @@ class RunFiles:
     def confusion(self, stem: str = "test") -> str:
         return self._path("confusion_matrix.png" if stem == "test" else f"{stem}_confusion_matrix.png")
 
+    def reliability(self, stem: str = "test") -> str:
+        return self._path("reliability.png" if stem == "test" else f"{stem}_reliability.png")
+
     def report_html(self, stem: str = "test") -> str:
         return self._path("report.html" if stem == "test" else f"{stem}_report.html")
 
@@ -39,4 +43,5 @@ class RunFiles:
     def outputs(self) -> list[str]:
         """What train.py writes: all of it describes one model, so a new run replaces all of it."""
         return [self.checkpoint, self.last, self.history_json, self.history_csv, self.curves, self.report_json(),
-                self.confusion(), self.report_html(), self.onnx]
+                self.confusion(), self.reliability(), self.report_html(), self.onnx,
+                self.audit]

@@ -53,6 +53,17 @@ MODEL_FIELDS = {
 }
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+CALIBRATION_FIELDS = {  # optional: a checkpoint without it (older ones, the classic project's) predicts at T = 1
+    "temperature": (lambda v: _number(v) and 0 < v <= 1000, "a number in (0, 1000]"),
+    "threshold": (lambda v: _number(v) and 0 <= v <= 1, "a probability in [0, 1]"),
+    "kept": (lambda v: _number(v) and 0 < v <= 1, "a share in (0, 1]"),
+}
+
+
 def _check(section, fields: dict, name: str, where: str, optional: dict | None = None) -> None:
     if not isinstance(section, dict):
         raise FlowerclfError(f"{where}: field '{name}' is {type(section).__name__}, expected an object; "
@@ -83,7 +94,7 @@ def check_classes(class_to_idx, num_classes: int | None, where: str) -> None:
 
 
 def check_model_meta(meta, where: str, full: bool = True) -> dict:
-    """Check a checkpoint's or model.onnx's description (model, class_to_idx, preprocess); return it.
+    """Check a checkpoint's or model.onnx's description (model, class_to_idx, preprocess, calibration); return it.
 
     `full` is False for the classic project's checkpoints, which carry only an arch name.
     """
@@ -93,4 +104,6 @@ def check_model_meta(meta, where: str, full: bool = True) -> dict:
     _check(meta.get("model"), model_fields, "model", where)
     check_classes(meta.get("class_to_idx"), meta["model"].get("num_classes") if full else None, where)
     _check(meta.get("preprocess"), PREPROCESS_FIELDS, "preprocess", where, OPTIONAL_PREPROCESS_FIELDS)
+    if "calibration" in meta:
+        _check(meta["calibration"], CALIBRATION_FIELDS, "calibration", where)
     return meta

@@ -13,6 +13,7 @@ from flowerclf.data.folders import (
     scan_split,
 )
 from flowerclf.data.transforms import Preprocess
+from flowerclf.evaluation.calibration import report_calibration
 from flowerclf.evaluation.html import run_facts, write_html_report
 from flowerclf.evaluation.metrics import classification_report
 from flowerclf.evaluation.reports import write_report
@@ -52,13 +53,19 @@ def evaluate_split(checkpoint: str, split: str, out: str | None = None, category
                      Preprocess.from_dict(ckpt["preprocess"]), engine, dev, bool(train_args.get("amp")), batch_size,
                      resolve_num_workers(num_workers, dev), True, log) as passes:
         feats, labels = passes.features(images, stem)
-    logits = head_logits(model.head, feats, dev)
-    result = classification_report(logits.numpy(), labels.numpy(), class_names(ckpt["class_to_idx"]), names,
+    logits = head_logits(model.head, feats, dev).numpy()
+    temperature = ckpt.get("calibration", {}).get("temperature", 1.0)  # 1: a checkpoint made before calibration
+    result = classification_report(logits / temperature, labels.numpy(), class_names(ckpt["class_to_idx"]), names,
                                    files=images.files)
     files, named = RunFiles(out or os.path.dirname(os.path.abspath(checkpoint))), RunFiles.evaluated(stem)
     written = write_report(result, files, named)
     facts = run_facts("evaluate.py", train_args, str(dev), split, f"{len(images)} {stem}", ckpt.get("epoch", "?"))
+    if "calibration" in ckpt:
+        facts[f"calibration ({stem})"] = report_calibration(logits, labels.numpy(), temperature,
+                                                            files.reliability(named))
+        written.append(files.reliability(named))
     curves = RunFiles(os.path.dirname(os.path.abspath(checkpoint))).curves
     page = write_html_report(files.folder, named, result, facts, train_args, {
-        "Training curves": curves, "Confusion matrix": files.confusion(named)})
+        "Training curves": curves, "Confusion matrix": files.confusion(named),
+        "Reliability diagram": files.reliability(named)})
     return result, written, page

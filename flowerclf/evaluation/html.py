@@ -12,6 +12,7 @@ import os
 import time
 import urllib.parse
 from pathlib import Path
+from typing import Callable
 
 from flowerclf.base.errors import FlowerclfError
 from flowerclf.base.files import atomic_write
@@ -161,9 +162,10 @@ def _mistakes(result: dict, page_dir: str) -> str:
 
 
 def write_html_report(out_dir: str, stem: str, result: dict, facts: dict[str, str], settings: dict,
-                      figures: dict[str, str]) -> str:
+                      figures: dict[str, str], sections: Callable[[str], str] | None = None) -> str:
     """OUT/report.html (OUT/STEM_report.html for a split other than test): the run `facts` and training
-    `settings`, the `figures` ({title: PNG path}, those that exist), the class table and the mistakes.
+    `settings`, the `figures` ({title: PNG path}, those that exist), the class table, the mistakes, and
+    what `sections(page folder)` adds (the audit).
     """
     path = RunFiles(out_dir).report_html(stem)
     page_dir = os.path.dirname(os.path.abspath(path))
@@ -185,6 +187,7 @@ def write_html_report(out_dir: str, stem: str, result: dict, facts: dict[str, st
 {figs}
 <section><h2>Per class (worst first; click a column to sort)</h2>{_class_table(result["per_class"])}</section>
 {_mistakes(result, page_dir)}
+{sections(page_dir) if sections else ""}
 </main><script>{SCRIPT}</script></body></html>
 """
     atomic_write(path, lambda f: f.write(page.encode("utf-8")))

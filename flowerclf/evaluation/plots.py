@@ -71,3 +71,19 @@ def plot_confusion_matrix(cm: np.ndarray, labels: list[str], path: str) -> None:
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def plot_reliability(before: list[dict], after: list[dict], temperature: float, path: str) -> None:
+    """Reliability diagram: accuracy against confidence per bin, before and after temperature scaling."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), sharey=True)
+    for ax, bins, title in ((axes[0], before, "raw softmax"), (axes[1], after, f"temperature {temperature:.2f}")):
+        ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=1, label="perfectly calibrated")
+        ax.bar([b["centre"] for b in bins], [b["accuracy"] for b in bins], width=1 / 15, alpha=0.7,
+               edgecolor="black", label="accuracy per bin")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top probability)", title=title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="upper left")
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -46,6 +46,8 @@ def export_checkpoint(checkpoint: str, out: str | None = None) -> str:
     model, ckpt = load_model(checkpoint, "cpu")
     out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "model.onnx")
     meta = {key: ckpt[key] for key in ("format", "version", "model", "preprocess", "class_to_idx")}
+    if "calibration" in ckpt:  # optional: without it prediction uses the raw softmax
+        meta["calibration"] = ckpt["calibration"]
     try:
         return export_module(model, out, ckpt["preprocess"]["crop_size"], {METADATA_KEY: json.dumps(meta)})
     except FlowerclfError:

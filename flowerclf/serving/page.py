@@ -31,6 +31,7 @@ main { padding: 18px 28px 40px; max-width: 1400px; }
 .bar { height: 100%; background: #2f6fde; border-radius: 5px; }
 .row:first-of-type .bar { background: #1b9e55; }
 .error { color: #b3261e; }
+.unsure { color: #8a5a00; background: #fff4d6; border-radius: 4px; padding: 2px 6px; margin: 4px 0; }
 .muted { color: #667085; }
 """
 
@@ -49,8 +50,16 @@ function showError(card, message) {
   card.status.textContent = message;
 }
 
-function showPredictions(card, predictions) {
+function percent(p) { return (100 * p).toFixed(1) + "%"; }
+
+function showPredictions(card, answer) {
+  var predictions = answer.predictions;
   card.status.remove();
+  if (answer.confident === false) {  // below the threshold: the model's, or serve.py --min_confidence
+    card.appendChild(element("p", "unsure", "not sure: " + predictions.slice(0, 2).map(function (p) {
+      return p.name + " " + percent(p.probability);
+    }).join(", ")));
+  }
   predictions.forEach(function (p) {
     var row = element("div", "row"), track = element("div", "track"), bar = element("div", "bar");
     row.dataset.probability = p.probability;
@@ -81,7 +90,7 @@ function predict(file) {
   form.append("file", file, file.name);
   fetch("predict", {method: "POST", body: form}).then(function (response) {
     return response.json().then(function (answer) {
-      if (response.ok) { showPredictions(card, answer[0].predictions); }
+      if (response.ok) { showPredictions(card, answer[0]); }
       else { showError(card, answer.error); }
     });
   }).catch(function () { showError(card, "no answer from the server; is serve.py still running?"); });

@@ -42,6 +42,13 @@ class Predictor:
     classes: list[str]              # class folder names, by output index
     preprocess: Preprocess
     batch_size: int = 32
+    threshold: float | None = None  # top probabilities below it are "not sure"; None: no such mark (no calibration)
+
+    @staticmethod
+    def calibration(meta: dict) -> tuple[float, float | None]:
+        """(temperature, "not sure" threshold) of a checked checkpoint or model.onnx description; (1, None) without."""
+        found = meta.get("calibration")
+        return (found["temperature"], found["threshold"]) if found else (1.0, None)
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "auto", gpu: bool = False) -> "Predictor":
@@ -53,15 +60,16 @@ class Predictor:
 
         dev = resolve_device(device, gpu)
         model, ckpt = load_model(path, dev)
+        temperature, threshold = cls.calibration(ckpt)
 
         classes = class_names(ckpt["class_to_idx"])
 
         @torch.inference_mode()
         def probabilities(batch: np.ndarray) -> np.ndarray:
             logits = model(torch.from_numpy(batch).to(dev)).float().cpu().numpy()
-            return softmax(checked_logits(logits, len(batch), len(classes), path))
+            return softmax(checked_logits(logits, len(batch), len(classes), path) / temperature)
 
-        return cls(probabilities, classes, Preprocess.from_dict(ckpt["preprocess"]))
+        return cls(probabilities, classes, Preprocess.from_dict(ckpt["preprocess"]), threshold=threshold)
 
     @classmethod
     def from_onnx(cls, path: str) -> "Predictor":
@@ -69,15 +77,16 @@ class Predictor:
         session = open_session(path)
         meta = model_metadata(session, path)
         name, classes = session.get_inputs()[0].name, class_names(meta["class_to_idx"])
+        temperature, threshold = cls.calibration(meta)
 
         def probabilities(batch: np.ndarray) -> np.ndarray:
             try:
                 logits = np.asarray(session.run(None, {name: batch})[0], dtype=np.float64)
             except Exception as e:  # onnxruntime's own types: a graph that cannot run on these images
                 raise FlowerclfError(f"{path} failed to run ({brief(e)}); export it again") from None
-            return softmax(checked_logits(logits, len(batch), len(classes), path))
+            return softmax(checked_logits(logits, len(batch), len(classes), path) / temperature)
 
-        return cls(probabilities, classes, Preprocess.from_dict(meta["preprocess"]))
+        return cls(probabilities, classes, Preprocess.from_dict(meta["preprocess"]), threshold=threshold)
 
     @classmethod
     def load(cls, path: str, device: str = "auto", gpu: bool = False) -> "Predictor":
@@ -133,7 +142,8 @@ class Predictor:
                      names: dict[str, str] | None = None) -> Iterator[dict]:
         """Decode (name, load) sources a batch at a time, run each batch, yield one item per source in input order.
 
-        An item is {"image": name, "predictions": [top-k]} or, for a source that cannot be decoded,
+        An item is {"image": name, "predictions": [top-k]} (with "confident": top probability >= threshold,
+        when there is a threshold) or, for a source that cannot be decoded,
         {"image": name, "error": message}. At most one batch of decoded images is held at a time,
         and `sources` is read no further than the batch being run.
         """
@@ -162,4 +172,6 @@ class Predictor:
                 top = np.argsort(-p, kind="stable")[:k]
                 item["predictions"] = [{"class": self.classes[i], "name": names.get(self.classes[i], self.classes[i]),
                                         "probability": float(p[i])} for i in top]
+                if self.threshold is not None:
+                    item["confident"] = bool(p[top[0]] >= self.threshold)
             yield item

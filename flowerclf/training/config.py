@@ -43,6 +43,7 @@ class TrainConfig:
     skip_bad_images: bool = False
     resume: bool = False
     overwrite: bool = False
+    audit: bool = True  # --no_audit: no data audit (mislabeled photos, duplicates, leaks) after a frozen run
 
     def __post_init__(self):
         """Every caller (train.py, tests, benchmarks) gets the same checks, before any work."""

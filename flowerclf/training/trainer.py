@@ -13,6 +13,7 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from typing import Callable
 
 import torch
@@ -27,6 +28,10 @@ from flowerclf.data.folders import (
 )
 from flowerclf.data.loaders import make_loader
 from flowerclf.data.transforms import Preprocess, create_transform
+from flowerclf.evaluation.audit import audit_features, write_audit
+from flowerclf.evaluation.audit import section as audit_section
+from flowerclf.evaluation.audit import summary as audit_summary
+from flowerclf.evaluation.calibration import calibrate, report_calibration
 from flowerclf.evaluation.html import run_facts, write_html_report
 from flowerclf.evaluation.metrics import classification_report
 from flowerclf.evaluation.reports import write_history, write_report
@@ -73,6 +78,8 @@ class Plan:
     stateful: dict                        # optimizer, scheduler, scaler...: objects with state_dict()
     generator: torch.Generator            # the order of training batches
     engine: str
+    valid_logits: Callable[[], tuple] | None = None  # (logits, labels) of the valid split: calibration's input
+    features: dict | None = None                     # the frozen plan's (features, labels) per split: the audit's
 
 
 def _features(model, spec, preprocess, splits, cfg, device, log) -> tuple[dict, str]:
@@ -92,6 +99,7 @@ def _features(model, spec, preprocess, splits, cfg, device, log) -> tuple[dict, 
             if cfg.augment_views:
                 views = [passes.features(splits["train"], f"train view {view + 1}", view, cfg.seed)
                          for view in range(cfg.augment_views)]
+                feats["train plain"] = feats["train"]  # the center crops: what the audit looks at
                 feats["train"] = tuple(torch.cat(parts) for parts in zip(*views))
     log(f"features ready in {time.perf_counter() - started:.1f}s")
     return feats, passes.engine
@@ -111,7 +119,8 @@ def _frozen_plan(model, spec, preprocess, splits, cfg, device, log) -> Plan:
                                        loss_fn),
         lambda: metrics_from_logits(head_logits(head, feats["valid"][0], device), feats["valid"][1]),
         (lambda: (head_logits(head, feats["test"][0], device), feats["test"][1])) if "test" in feats else None,
-        {"optimizer": optimizer}, generator, engine)
+        {"optimizer": optimizer}, generator, engine,
+        lambda: (head_logits(head, feats["valid"][0], device), feats["valid"][1]), feats)
 
 
 def _finetune_plan(model, preprocess, splits, cfg, device, log) -> Plan:
@@ -149,7 +158,7 @@ def _finetune_plan(model, preprocess, splits, cfg, device, log) -> Plan:
                                   num_workers=cfg.num_workers) for split in ("valid", "test") if split in splits}
     return Plan(
         model, train_epoch, lambda: metrics_from_logits(*logits["valid"]()), logits.get("test"),
-        {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}, generator, "torch")
+        {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}, generator, "torch", logits["valid"])
 
 
 def _cpu_state(state: dict) -> dict:
@@ -295,13 +304,16 @@ def _fit(run: Run, splits: dict, names: dict, device: torch.device) -> dict:
 
     plan.trainable.load_state_dict(best["state"])
     metrics = {"valid_loss": best["loss"], "valid_acc": best["acc"]}
+    calibration = calibrate(*(t.numpy() for t in plan.valid_logits()))
+    log(f"calibration on valid: temperature {calibration['temperature']:.3f}; \"not sure\" below "
+        f"{100 * calibration['threshold']:.1f}% (keeps {100 * calibration['kept']:.0f}% of its right answers)")
     test = plan.test_logits() if plan.test_logits else None
     if test is not None:
         m = metrics_from_logits(*test)
         metrics.update(test_loss=m["loss"], test_acc=m["acc"], test_top5=m["top5"])
         k = min(5, len(run.class_to_idx))
         log(f"test accuracy: top-1 {100 * m['acc']:.2f}%  top-{k} {100 * m['top5']:.2f}%  (best epoch {best['epoch']})")
-    run.save(best["epoch"], history, metrics=metrics)
+    run.save(best["epoch"], history, metrics=metrics, calibration=calibration)
     files = run.files
     result = {"checkpoint": files.checkpoint, "metrics": metrics, "history": history, "epoch": best["epoch"]}
     ddp.cleanup()
@@ -309,18 +321,30 @@ def _fit(run: Run, splits: dict, names: dict, device: torch.device) -> dict:
         return result
     log(f"saved {files.checkpoint} (epoch {best['epoch']}, valid acc {100 * best['acc']:.2f}%)")
     written = write_history(history, files)
+    audited = audit_features(splits, plan.features, class_names(run.class_to_idx), names, cfg.store, log) \
+        if cfg.audit and plan.features is not None else None
+    if audited is not None:
+        written.append(write_audit(audited, files.audit))
     page = None
     if test is not None:
-        test_report = classification_report(test[0].numpy(), test[1].numpy(), class_names(run.class_to_idx), names,
-                                            files=splits["test"].files)
+        temperature = calibration["temperature"]
+        test_report = classification_report(test[0].numpy() / temperature, test[1].numpy(),
+                                            class_names(run.class_to_idx), names, files=splits["test"].files)
         written += write_report(test_report, files)
         facts = run_facts("train.py", asdict(cfg), str(device), os.path.join(cfg.data_dir, "test"),
                           ", ".join(f"{len(s)} {n}" for n, s in splits.items()), best["epoch"])
+        facts["calibration (test)"] = report_calibration(test[0].numpy(), test[1].numpy(), temperature,
+                                                         files.reliability())
+        log(f"calibration on test: {facts['calibration (test)']}")
+        written.append(files.reliability())
         page = write_html_report(files.folder, "test", test_report, facts, asdict(cfg), {
-            "Training curves": files.curves, "Confusion matrix": files.confusion()})
+            "Training curves": files.curves, "Confusion matrix": files.confusion(),
+            "Reliability diagram": files.reliability()}, audited and partial(audit_section, audited))
     if cfg.export == "onnx":
         written.append(export_checkpoint(files.checkpoint))
     log("wrote " + ", ".join(os.path.basename(p) for p in written))
+    if audited is not None:  # before the report's path, which stays the last line
+        log(audit_summary(audited, "report.html#audit" if page else files.audit))
     if page:
         log(f"report: {page}")
     return result
