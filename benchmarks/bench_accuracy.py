@@ -21,15 +21,16 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from flowerclf.data.folders import scan_data_dir
-from flowerclf.data.transforms import create_transform
-from flowerclf.features.engines import feature_forward, state_fingerprint
-from flowerclf.features.passes import sharded_features
-from flowerclf.models.registry import ModelSpec, build_model
-from flowerclf.training.config import TrainConfig
-from flowerclf.training.trainer import train
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from flowerclf.data.folders import scan_data_dir  # noqa: E402
+from flowerclf.data.transforms import create_transform  # noqa: E402
+from flowerclf.features.engines import feature_forward, state_fingerprint  # noqa: E402
+from flowerclf.features.passes import sharded_features  # noqa: E402
+from flowerclf.models.registry import ModelSpec, build_model  # noqa: E402
+from flowerclf.training.config import TrainConfig  # noqa: E402
+from flowerclf.training.trainer import train  # noqa: E402
 
 
 def frozen_features(data_dir: str, arch: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -14,11 +14,12 @@ import time
 import torch
 import torchvision
 
-from flowerclf.features.engines import torch_forward
-from flowerclf.models.lite import EXTRA_ARCHS
-from flowerclf.models.registry import ModelSpec, build_model
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from flowerclf.features.engines import torch_forward  # noqa: E402
+from flowerclf.models.lite import EXTRA_ARCHS  # noqa: E402
+from flowerclf.models.registry import ModelSpec, build_model  # noqa: E402
 
 DEFAULT = "efficientnet_lite0,mobilenet_v3_large,efficientnet_b0,resnet18,densenet121,resnet50,convnext_tiny,vit_b_16"
 

@@ -16,10 +16,13 @@ import time
 
 import torch
 
-from flowerclf.data.folders import ImageSet, scan_data_dir
-from flowerclf.data.loaders import JpegBatches, jpeg_orientation, make_loader
-from flowerclf.data.transforms import create_transform
-from flowerclf.features.engines import torch_forward
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from flowerclf.data.folders import ImageSet, scan_data_dir  # noqa: E402
+from flowerclf.data.loaders import JpegBatches, jpeg_orientation, make_loader  # noqa: E402
+from flowerclf.data.transforms import create_transform  # noqa: E402
+from flowerclf.features.engines import torch_forward  # noqa: E402
 from flowerclf.models.registry import (
     _final_layer,
     build_imagenet_model,
@@ -27,8 +30,6 @@ from flowerclf.models.registry import (
     pretrained_state,
     resolve_weights,
 )
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CPU = torch.device("cpu")
 

@@ -23,23 +23,24 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from PIL import Image
 
-from flowerclf.data.folders import ImageSet, scan_data_dir
-from flowerclf.data.images import load_rgb
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from flowerclf.data.folders import ImageSet, scan_data_dir  # noqa: E402
+from flowerclf.data.images import load_rgb  # noqa: E402
 from flowerclf.data.loaders import (
     decode_batch,
     input_batches,
     jpeg_orientation,
     make_loader,
 )
-from flowerclf.data.transforms import create_transform
-from flowerclf.features.engines import torch_forward
-from flowerclf.features.passes import extract_features, sharded_features
-from flowerclf.models.registry import ModelSpec, build_model
-from flowerclf.runtime import devices
-from flowerclf.training.config import TrainConfig
-from flowerclf.training.trainer import train
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from flowerclf.data.transforms import create_transform  # noqa: E402
+from flowerclf.features.engines import torch_forward  # noqa: E402
+from flowerclf.features.passes import extract_features, sharded_features  # noqa: E402
+from flowerclf.models.registry import ModelSpec, build_model  # noqa: E402
+from flowerclf.runtime import devices  # noqa: E402
+from flowerclf.training.config import TrainConfig  # noqa: E402
+from flowerclf.training.trainer import train  # noqa: E402
 
 BIG = (500, 667)  # width, height
 

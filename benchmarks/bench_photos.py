@@ -166,7 +166,8 @@ def agreement(images: ImageSet, args) -> int:
     cosine, same, margins, same_head = [], 0, [], 0
     with torch.inference_mode():
         for f in images.files:  # row 0 the full decode, row 1 the draft
-            x = torch.from_numpy(np.stack([preprocess_image(load_rgb(f, draft=d), pp) for d in (None, decode_size(pp))]))
+            x = torch.from_numpy(np.stack([preprocess_image(load_rgb(f, draft=d), pp)
+                                           for d in (None, decode_size(pp))]))
             logits = classify(x)
             cosine.append(torch.nn.functional.cosine_similarity(features[-1][:1], features[-1][1:]).item())
             if logits[0].argmax() == logits[1].argmax():

@@ -1,13 +1,15 @@
 """The feature store at scale: a cold pass, a full hit and 1% new photos, on synthetic folders of growing size.
 
-usage: python benchmarks/bench_store.py [--sizes 1000 4000 16000] [--arch mobilenet_v3_small]
+usage: python benchmarks/bench_store.py [--sizes 1000 4000 16000] [--arch mobilenet_v3_small] [--engine torch]
+       [--scenarios cold]
 
 For each size N: a folder of N training images (drawn shapes, 32 px, 4 classes) and 100
-validation images; then three `train.py DIR --arch ARCH --weights none --epochs 1` processes
-on one fresh store: cold (every image computed), full hit (the same command again), and +1%
-(N/100 new training photos). Each row: the process's wall time, the feature time (its
-`features ready in` line), what it computed, the store's size on disk and the process's peak
-RSS. The exported backbone comes from the user's cache, so no row pays for the export.
+validation images; then three `train.py DIR --arch ARCH --weights none --epochs 1 --engine ENGINE`
+processes on one fresh store: cold (every image computed), full hit (the same command again), and
++1% (N/100 new training photos); `--scenarios cold` runs only the first (the memory check).
+Each row: the process's wall time, the feature time (its `features ready in` line), what it
+computed, the store's size on disk and the process's peak RSS. The exported backbone comes from
+the user's cache, so no row pays for the export.
 """
 from __future__ import annotations
 
@@ -20,19 +22,22 @@ import sys
 import tempfile
 import time
 
-from flowerclf.data import samples
-from flowerclf.features import store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from flowerclf.data import samples  # noqa: E402
+from flowerclf.features import store  # noqa: E402
+
+
 VALID_PER_CLASS = 25
+SCENARIOS = ("cold", "full hit", "+1%")
 
 
-def run_train(data: str, save: str, arch: str, cache: str) -> dict:
+def run_train(data: str, save: str, arch: str, engine: str, cache: str) -> dict:
     """One train.py process: wall seconds, feature seconds, images computed, peak RSS in MiB."""
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), data, "--save_dir", save, "--arch", arch,
-           "--weights", "none", "--epochs", "1"]
+           "--weights", "none", "--epochs", "1", "--engine", engine, "--overwrite"]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env=dict(os.environ, FLOWERCLF_STORE=cache))
@@ -63,14 +68,14 @@ def fresh_cache(path: str, exports: str) -> str:
     return path
 
 
-def bench_size(n: int, arch: str, work: str, exports: str) -> None:
-    """Print the three scenarios on a folder of n training images and a fresh store."""
+def bench_size(n: int, arch: str, engine: str, scenarios: list[str], work: str, exports: str) -> None:
+    """Print the scenarios on a folder of n training images and a fresh store."""
     data, cache = os.path.join(work, f"data{n}"), fresh_cache(os.path.join(work, f"cache{n}"), exports)
     samples.make_demo(data, {"train": n // len(samples.DEMO_SHAPES), "valid": VALID_PER_CLASS}, size=32)
-    for scenario in ("cold", "full hit", "+1%"):
+    for scenario in (s for s in SCENARIOS if s in scenarios):
         if scenario == "+1%":
             add_photos(data, n // 100, seed=n)
-        r = run_train(data, os.path.join(work, "run"), arch, cache)
+        r = run_train(data, os.path.join(work, "run"), arch, engine, cache)
         path = os.path.join(cache, store.STORE_NAME)
         mib = sum(os.path.getsize(p) for p in (path, path + "-wal") if os.path.exists(p)) / 2 ** 20
         print(f"{n:7,d} {scenario:9s} {r['wall']:7.1f} {r['features']:10.1f} {r['computed']:9,d} {mib:9.1f} "
@@ -83,20 +88,25 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000],
                    help="training images per folder (default: %(default)s)")
     p.add_argument("--arch", default="mobilenet_v3_small", help="backbone, random weights (default: %(default)s)")
+    p.add_argument("--engine", choices=("auto", "torch", "onnxruntime"), default="auto",
+                   help="train.py --engine (default: %(default)s: ONNX Runtime on a CPU)")
+    p.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS),
+                   help="which rows per size, in this order (default: all three)")
     args = p.parse_args(argv)
     exports = os.path.join(store.store_dir(), "onnx")
     os.makedirs(exports, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
         # warm-up: the exported backbone lands in the user's cache, as after any first run
         samples.make_demo(os.path.join(work, "warm"), {"train": 2, "valid": 1}, size=32)
-        run_train(os.path.join(work, "warm"), os.path.join(work, "run"), args.arch,
+        run_train(os.path.join(work, "warm"), os.path.join(work, "run"), args.arch, args.engine,
                   fresh_cache(os.path.join(work, "cachewarm"), exports))
-        print(f"{args.arch} --weights none, {os.cpu_count()} CPUs; train.py --epochs 1 per row "
+        print(f"{args.arch} --weights none --engine {args.engine}, {os.cpu_count()} CPUs; "
+              f"train.py --epochs 1 per row "
               f"(+ {VALID_PER_CLASS * len(samples.DEMO_SHAPES)} validation images)")
         print(f"{'images':>7s} {'scenario':9s} {'wall s':>7s} {'features s':>10s} {'computed':>9s} "
               f"{'store MiB':>9s} {'RSS MiB':>8s}")
         for n in args.sizes:
-            bench_size(n, args.arch, work, exports)
+            bench_size(n, args.arch, args.engine, args.scenarios, work, exports)
     return 0
 
 

@@ -26,19 +26,20 @@ import torch
 from torch import nn
 from torchvision import transforms as T
 
-from flowerclf.data.folders import ImageSet, scan_data_dir, scan_split
-from flowerclf.data.loaders import ImageDataset, make_loader
-from flowerclf.data.transforms import create_transform
-from flowerclf.features import store
-from flowerclf.features.engines import feature_forward, state_fingerprint
-from flowerclf.features.passes import extract_features
-from flowerclf.models.onnx import export_module
-from flowerclf.models.registry import ModelSpec, build_model, freeze
-from flowerclf.runtime import devices
-from flowerclf.training.config import TrainConfig
-from flowerclf.training.trainer import train
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from flowerclf.data.folders import ImageSet, scan_data_dir, scan_split  # noqa: E402
+from flowerclf.data.loaders import ImageDataset, make_loader  # noqa: E402
+from flowerclf.data.transforms import create_transform  # noqa: E402
+from flowerclf.features import store  # noqa: E402
+from flowerclf.features.engines import feature_forward, state_fingerprint  # noqa: E402
+from flowerclf.features.passes import extract_features  # noqa: E402
+from flowerclf.models.onnx import export_module  # noqa: E402
+from flowerclf.models.registry import ModelSpec, build_model, freeze  # noqa: E402
+from flowerclf.runtime import devices  # noqa: E402
+from flowerclf.training.config import TrainConfig  # noqa: E402
+from flowerclf.training.trainer import train  # noqa: E402
 
 
 def classic(data_dir: str, arch: str, epochs: int, device: torch.device) -> dict:

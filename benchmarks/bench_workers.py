@@ -18,17 +18,18 @@ import time
 import torch
 from torch import nn
 
-from flowerclf.data.folders import ImageSet, scan_split
-from flowerclf.data.loaders import input_batches, make_loader
-from flowerclf.data.transforms import create_transform
-from flowerclf.features.engines import feature_forward, state_fingerprint
-from flowerclf.features.passes import extract_features
-from flowerclf.models.registry import ModelSpec, build_model
-from flowerclf.models.stages import unfreeze_last
-from flowerclf.runtime import devices
-from flowerclf.training.loops import finetune_epoch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from flowerclf.data.folders import ImageSet, scan_split  # noqa: E402
+from flowerclf.data.loaders import input_batches, make_loader  # noqa: E402
+from flowerclf.data.transforms import create_transform  # noqa: E402
+from flowerclf.features.engines import feature_forward, state_fingerprint  # noqa: E402
+from flowerclf.features.passes import extract_features  # noqa: E402
+from flowerclf.models.registry import ModelSpec, build_model  # noqa: E402
+from flowerclf.models.stages import unfreeze_last  # noqa: E402
+from flowerclf.runtime import devices  # noqa: E402
+from flowerclf.training.loops import finetune_epoch  # noqa: E402
 
 
 def frozen(images: ImageSet, arch: str, workers: int, device: torch.device) -> float:

@@ -13,16 +13,17 @@ import sys
 
 import torch
 
-from flowerclf.data.folders import scan_split
-from flowerclf.data.images import load_rgb
-from flowerclf.data.transforms import Preprocess, preprocess_image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from flowerclf.data.folders import scan_split  # noqa: E402
+from flowerclf.data.images import load_rgb  # noqa: E402
+from flowerclf.data.transforms import Preprocess, preprocess_image  # noqa: E402
 from flowerclf.models.registry import (
     build_imagenet_model,
     pretrained_state,
     resolve_weights,
 )
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SCALINGS = {"mean=std=0.5 (TF-Lite)": ((0.5,) * 3, (0.5,) * 3),
             "ImageNet mean/std": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}

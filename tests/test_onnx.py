@@ -1,11 +1,13 @@
 """ONNX export, torch-free prediction and the ONNX Runtime feature engine."""
 import contextlib
 import copy
+import gc
 import io
 import json
 import os
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -21,12 +23,15 @@ from flowerclf.data.folders import scan_split
 from flowerclf.data.loaders import make_loader
 from flowerclf.data.transforms import Preprocess, create_transform
 from flowerclf.features import store
+from flowerclf.features import engines
 from flowerclf.features.engines import feature_forward, state_fingerprint, torch_forward
-from flowerclf.features.passes import extract_features
+from flowerclf.features.passes import FeaturePass, extract_features
 from flowerclf.models import onnx as onnx_module
 from flowerclf.models.onnx import export_module
 from flowerclf.models.registry import ModelSpec, build_model
 from flowerclf.serving.predictor import Predictor
+from flowerclf.training import trainer
+from conftest import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -237,3 +242,49 @@ def test_onnx_metadata_json_that_json_cannot_take_is_one_line(tiny_onnx, tiny_ru
     path = str(tmp_path / "model.onnx")
     export_module(net, path, 8, {"flowerclf": text})
     assert "metadata is not valid JSON" in one_error_line(*_main(predict, [an_image(tiny_run[0]), path])[::2])
+
+
+def _seeded_backbone():
+    """The same untrained mobilenet_v3_small every call, so its export is made once a session."""
+    torch.manual_seed(0)
+    return build_model(ModelSpec("mobilenet_v3_small", "none", [], 0.0, 3), load_pretrained=False)
+
+
+def test_the_onnx_session_ends_with_the_feature_pass(image_folder):
+    model, pp = _seeded_backbone()
+    images = scan_split(os.path.join(image_folder, "valid"))
+    with FeaturePass(model.backbone, "mobilenet_v3_small", "none", pp, "onnxruntime", torch.device("cpu"), False,
+                     4, 0, True, print) as passes:
+        assert passes.engine == "onnxruntime"
+        session = weakref.ref(passes.forward.session)
+        assert passes.features(images, "valid")[0].shape == (9, 1024)
+    gc.collect()
+    assert session() is None  # passes itself is still in scope: it let go of the session
+
+
+def test_no_onnx_session_is_alive_while_the_head_trains(image_folder, tmp_path, monkeypatch):
+    sessions, alive_in_epochs = [], []
+    open_session = engines.backbone_session
+
+    def recorded(*args):
+        session = open_session(*args)
+        sessions.append(weakref.ref(session))
+        return session
+
+    def epoch(*args, **kw):  # no gc.collect(): what a real run's epochs run beside
+        alive_in_epochs.append(sum(ref() is not None for ref in sessions))
+        return train_head_epoch(*args, **kw)
+
+    train_head_epoch = trainer.train_head_epoch
+    monkeypatch.setattr(engines, "backbone_session", recorded)
+    monkeypatch.setattr(trainer, "train_head_epoch", epoch)
+    trainer.train(tiny_config(image_folder, tmp_path / "s", engine="onnxruntime"), log=lambda line: None)
+    assert len(sessions) == 1 and alive_in_epochs == [0, 0]
+
+
+def test_backbone_sessions_do_not_spin(image_folder):
+    model, pp = _seeded_backbone()
+    session = onnx_module.backbone_session(model.backbone, "mobilenet_v3_small", pp.crop_size,
+                                           state_fingerprint(model.backbone), os.path.join(store.store_dir(), "onnx"))
+    options = session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"

@@ -1,5 +1,6 @@
 """The feature store: keyed by content, incremental, shared, resumable after kill -9, safe with two runs, healing."""
 import contextlib
+import gc
 import io
 import os
 import re
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
+import weakref
 
 import numpy as np
 import pytest
@@ -22,7 +24,7 @@ import evaluate
 from flowerclf.data.folders import scan_split
 from flowerclf.data.images import load_rgb
 from flowerclf.data.transforms import Preprocess, create_transform
-from flowerclf.features import store
+from flowerclf.features import passes, store
 from flowerclf.training.trainer import train
 
 
@@ -486,3 +488,68 @@ def test_vectors_of_one_decode_rule_never_serve_the_other(small):
     assert [line for line in lines if line.startswith("features")] == [
         "features draft: 0 cached, 9 computed", "features full: 0 cached, 9 computed",
         "features draft: 9 cached, 0 computed"]
+
+
+class _Batches:
+    """Batches made as they are asked for (as a DataLoader does): 4 images of 2x2 pixels, then 3."""
+
+    def __init__(self, sizes=(4, 4, 4, 3)):
+        self.sizes = sizes
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __iter__(self):
+        start = 0
+        for n in self.sizes:
+            yield torch.arange(start * 12, (start + n) * 12, dtype=torch.float32).reshape(n, 3, 2, 2), \
+                torch.arange(start, start + n)
+            start += n
+
+
+def test_a_feature_pass_keeps_no_batch(monkeypatch):
+    outputs, alive = [], []
+
+    def forward(x):
+        out = x.flatten(1)[:, ::4] * 2  # a new tensor per batch, as the engines return
+        outputs.append(weakref.ref(out))
+        return out
+
+    def on_batch(start, feats):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in outputs[:-1]))  # the batches before this one
+
+    feats, labels = passes.extract_features(forward, _Batches(), on_batch=on_batch)
+    expected = torch.arange(15 * 12, dtype=torch.float32).reshape(15, 12)[:, ::4] * 2
+    assert torch.equal(feats, expected) and torch.equal(labels, torch.arange(15))
+    assert alive == [0, 0, 0, 0]
+
+
+_PASS_PEAK = """
+import resource, sys, torch
+from flowerclf.data.folders import scan_split
+from flowerclf.data.transforms import Preprocess
+from flowerclf.features.passes import FeaturePass
+from flowerclf.models.registry import ModelSpec, build_model
+torch.manual_seed(0)
+model, pp = build_model(ModelSpec("mobilenet_v3_small", "none", [], 0.0, 3), load_pretrained=False)
+images = scan_split(sys.argv[1])
+with FeaturePass(model.backbone, "mobilenet_v3_small", "none", pp, sys.argv[2], torch.device("cpu"), False, 8, 0,
+                 True, lambda line: None) as fp:
+    fp.features(images, "train")
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["torch", "onnxruntime"])
+def test_a_cold_pass_peak_memory_does_not_grow_with_the_photos(tmp_path, engine):
+    def peak_mib(per_class: int) -> int:
+        data = make_image_folder(tmp_path / str(per_class), per_class={"train": per_class})
+        out = subprocess.run([sys.executable, "-c", _PASS_PEAK, os.path.join(data, "train"), engine], cwd=ROOT,
+                             env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[-1])
+
+    # 60 batches of 8 more: a list of per-batch features grew the peak by ~5 MB a batch (torch), ~2 (ORT)
+    small, large = peak_mib(8), peak_mib(168)
+    assert large - small < 40, (small, large)

@@ -36,11 +36,27 @@ def torch_forward(backbone: nn.Module, device: torch.device, amp: bool = False, 
     return forward
 
 
-def onnx_forward(backbone: nn.Module, arch: str, crop_size: int, fingerprint: str) -> Forward:
+class OnnxForward:
+    """The backbone through an ONNX Runtime session; `close()` ends the session.
+
+    A session holds its model, its memory arena and its intra-op threads: the feature pass
+    closes it when it ends, so the rest of the run gets those cores and that memory back.
+    """
+
+    def __init__(self, session):
+        self.session = session
+        self.input = session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input: x.numpy()})[0])
+
+    def close(self) -> None:
+        self.session = None
+
+
+def onnx_forward(backbone: nn.Module, arch: str, crop_size: int, fingerprint: str) -> OnnxForward:
     """The backbone through ONNX Runtime's CPU provider, exported once per weights and library versions."""
-    session = backbone_session(backbone, arch, crop_size, fingerprint, os.path.join(store_dir(), "onnx"))
-    name = session.get_inputs()[0].name
-    return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+    return OnnxForward(backbone_session(backbone, arch, crop_size, fingerprint, os.path.join(store_dir(), "onnx")))
 
 
 def feature_forward(backbone: nn.Module, arch: str, crop_size: int, engine: str, device: torch.device,
