@@ -1,4 +1,5 @@
 """None"""
+import json
 import os
 
 import numpy as np
@@ -241,3 +242,29 @@ def test_a_frozen_run_audits_its_data_and_no_audit_turns_it_off(tmp_path):
     assert code == 0, err
     assert not (save / "audit.json").exists() and "audit:" not in out and 'id="audit"' not in \
         (save / "report.html").read_text()
+
+
+def test_patience_stops_early_and_keeps_the_best_checkpoint(image_folder, tmp_path, monkeypatch):
+    accs = iter([0.5, 0.7, 0.6, 0.65, 0.9, 0.95])  # no better epoch after the 2nd for 2 epochs: stop after the 4th
+    real = trainer.metrics_from_logits
+    monkeypatch.setattr(trainer, "metrics_from_logits", lambda *a: dict(real(*a), acc=next(accs, 0.0)))
+    lines = []
+    result = trainer.train(_cfg(image_folder, tmp_path, epochs=6, patience=2), log=lines.append)
+    assert [h["epoch"] for h in result["history"]] == [1, 2, 3, 4] and result["epoch"] == 2
+    assert "stopped early: no better validation accuracy for 2 epochs (checkpoint.pth keeps epoch 2)" in lines
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"] == 2
+
+
+def test_the_history_is_on_disk_after_each_epoch(image_folder, tmp_path, monkeypatch):
+    real = trainer.format_epoch
+
+    def interrupt_at_2(epoch, *a):
+        if epoch == 2:
+            assert json.loads((tmp_path / "history.json").read_text())[-1]["epoch"] == 1
+            assert (tmp_path / "history.csv").read_text().count("\n") == 2  # the header and epoch 1
+            raise KeyboardInterrupt
+        return real(epoch, *a)
+    monkeypatch.setattr(trainer, "format_epoch", interrupt_at_2)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(_cfg(image_folder, tmp_path, epochs=3), log=lambda line: None)
+    assert [h["epoch"] for h in json.loads((tmp_path / "history.json").read_text())] == [1]

@@ -17,14 +17,16 @@ def write_json(obj, path: str) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode("utf-8")))
 
 
-def write_history(history: list[dict], files: RunFiles) -> list[str]:
-    """history.json, history.csv and training_curves.png; returns the paths written."""
+def write_history(history: list[dict], files: RunFiles, curves: bool = True) -> list[str]:
+    """history.json, history.csv and (with `curves`) training_curves.png; returns the paths written."""
     write_json(history, files.history_json)
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=list(history[0]))
     writer.writeheader()
     writer.writerows(history)
     atomic_write(files.history_csv, lambda f: f.write(text.getvalue().encode("utf-8")))
+    if not curves:
+        return [files.history_json, files.history_csv]
     plot_history(history, files.curves)
     return [files.history_json, files.history_csv, files.curves]
 

@@ -43,6 +43,7 @@ class TrainConfig:
     skip_bad_images: bool = False
     resume: bool = False
     overwrite: bool = False
+    patience: int = 0  # stop after this many epochs without a better validation accuracy; 0: never
     audit: bool = True  # --no_audit: no data audit (mislabeled photos, duplicates, leaks) after a frozen run
 
     def __post_init__(self):
@@ -68,6 +69,7 @@ class TrainConfig:
              "--num_workers must be auto or a whole number, 0 or more"),
             (self.feature_batch_size >= 0, "--feature_batch_size must be 0 (auto) or more"),
             (self.augment_views >= 0, "--augment_views must be 0 or more"),
+            (isinstance(self.patience, int) and self.patience >= 0, "--patience must be a whole number, 0 or more"),
             (self.unfreeze == "all" or (isinstance(self.unfreeze, int) and self.unfreeze >= 0),
              "--unfreeze must be a number of stages or 'all'"),
             (not (self.augment_views and self.unfreeze),

@@ -17,7 +17,7 @@ _TYPES = {"epoch": int, "history": list, "best": dict, "trained_state": dict, "s
 # flags a resumed run may change: where the data and outputs are, how fast and on what it runs, how long
 RESUMABLE_FLAGS = frozenset({"data_dir", "save_dir", "epochs", "feature_batch_size", "device", "gpu", "num_workers",
                              "store", "compile", "engine", "category_names", "export", "skip_bad_images", "resume",
-                             "overwrite"})
+                             "overwrite", "patience", "audit"})
 
 
 @dataclass

@@ -65,6 +65,7 @@ from flowerclf.training.resume import ResumeState
 
 DIST_TIMEOUT_S = 300  # a collective waiting longer than this means a rank died or hung: end the job
 LAST_SYNC_S = 10.0    # checkpoint_last.pth is fsynced at least this often, and after the last epoch
+CURVES_EVERY_S = 10.0  # training_curves.png is redrawn during a run at most this often (history.json every epoch)
 
 
 @dataclass
@@ -214,7 +215,7 @@ def run_epochs(plan: Plan, run: Run) -> tuple[list, dict]:
     if run.resume is not None:
         start, history, best = run.resume.apply(plan.trainable, plan.stateful, plan.generator, last)
         run.log(f"resuming after epoch {start - 1} (best so far: epoch {best['epoch']})")
-    synced = time.monotonic()
+    synced = drawn = time.monotonic()
     for epoch in range(start, cfg.epochs + 1):
         t0 = time.perf_counter()
         rate = plan.stateful["optimizer"].param_groups[0]["lr"]
@@ -234,14 +235,24 @@ def run_epochs(plan: Plan, run: Run) -> tuple[list, dict]:
             best = {"epoch": epoch, "acc": va["acc"], "loss": va["loss"],
                     "state": _cpu_state(plan.trainable.state_dict())}
             run.save(epoch, history, metrics={"valid_loss": va["loss"], "valid_acc": va["acc"]})
+        stop = cfg.patience and epoch - best["epoch"] >= cfg.patience
         if ddp.is_main():
             # an fsync made each frozen epoch's save ~1.4x slower; a killed process leaves the file whole without
             # one, so only a power cut can lose the epochs since the last, at most LAST_SYNC_S of them
-            durable = epoch == cfg.epochs or time.monotonic() - synced >= LAST_SYNC_S
+            durable = stop or epoch == cfg.epochs or time.monotonic() - synced >= LAST_SYNC_S
             atomic_save(ResumeState.capture(_cpu_state(plan.trainable.state_dict()), plan.stateful, plan.generator,
                                             run.spec, run.class_to_idx, epoch, history, best, asdict(cfg)).to_dict(),
                         last, durable)
             synced = time.monotonic() if durable else synced
+            # the history as it grows, to watch a run; the curves at most every CURVES_EVERY_S (a frozen epoch is
+            # a tenth of a second, drawing them three times that), and _fit draws the final ones
+            draw = time.monotonic() - drawn >= CURVES_EVERY_S
+            write_history(history, run.files, curves=draw)
+            drawn = time.monotonic() if draw else drawn
+        if stop:
+            run.log(f"stopped early: no better validation accuracy for {cfg.patience} epochs "
+                    f"(checkpoint.pth keeps epoch {best['epoch']})")
+            break
     return history, best
 
 
