@@ -437,3 +437,30 @@ def test_hostile_requests_get_one_line_json_and_the_server_keeps_serving(server,
     answer = _raw(server, request_bytes)  # _raw checks: one line of JSON, Connection: close
     assert answer[0] == status and answer[2]["error"], answer
     _still_serves(server, trained_run, expected)
+
+
+def _peak_rss_mib(pid: int) -> int:
+    """A process's own high-water mark of resident memory, in MiB."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) // 1024
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the server's peak memory from /proc")
+def test_a_many_part_request_holds_one_batch_of_images_at_a_time(trained_run):
+    # 1,000 tiny PNGs are a 0.2 MB request, but each becomes a 3x224x224 float32 array (0.6 MB): decoding all of
+    # them before the first batch ran would take 600 MB
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 40, 60)).save(buf, "PNG")
+    proc, line = _start(str(trained_run["save"] / "model.onnx"), "--port", "0", "--max_files", "1000")
+    try:
+        port = urlsplit(line.split(" on ")[1].split()[0]).port
+        # one full batch first: the runtime's own memory grows with the batch size, once
+        assert _predict(port, [(f"{i}.png", buf.getvalue()) for i in range(32)])[0] == 200
+        small = _peak_rss_mib(proc.pid)
+        status, answer = _predict(port, [(f"{i}.png", buf.getvalue()) for i in range(1000)])
+        assert status == 200 and len(answer) == 1000
+        large = _peak_rss_mib(proc.pid)
+    finally:
+        _stop(proc)
+    assert large < small + 150, f"peak RSS {small} MiB after one batch, {large} MiB after 1,000 images in one request"
