@@ -186,6 +186,7 @@ def _verdict(path):
     return None
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about the damage it reads past
 def test_fuzzed_exif_jpegs_and_tiffs_load_or_fail_in_one_line(tmp_path):
     jpeg, tiff = exif_jpeg(), small_tiff()
     app1_end = 22 + int.from_bytes(jpeg[22:24], "big")  # the EXIF segment: SOI, APP0, then APP1's length

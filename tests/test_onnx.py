@@ -30,7 +30,7 @@ from flowerclf.models import onnx as onnx_module
 from flowerclf.models.onnx import export_module
 from flowerclf.models.registry import ModelSpec, build_model
 from flowerclf.serving.predictor import Predictor
-from flowerclf.training import trainer
+from flowerclf.training import plans, trainer
 from conftest import tiny_config
 
 
@@ -275,9 +275,9 @@ def test_no_onnx_session_is_alive_while_the_head_trains(image_folder, tmp_path, 
         alive_in_epochs.append(sum(ref() is not None for ref in sessions))
         return train_head_epoch(*args, **kw)
 
-    train_head_epoch = trainer.train_head_epoch
+    train_head_epoch = plans.train_head_epoch
     monkeypatch.setattr(engines, "backbone_session", recorded)
-    monkeypatch.setattr(trainer, "train_head_epoch", epoch)
+    monkeypatch.setattr(plans, "train_head_epoch", epoch)
     trainer.train(tiny_config(image_folder, tmp_path / "s", engine="onnxruntime"), log=lambda line: None)
     assert len(sessions) == 1 and alive_in_epochs == [0, 0]
 

@@ -16,7 +16,7 @@ from flowerclf.data.transforms import create_transform
 from flowerclf.models.checkpoints import load_model
 from flowerclf.models.registry import ModelSpec, build_model
 from flowerclf.models.stages import backbone_stages, unfreeze_last
-from flowerclf.training import trainer
+from flowerclf.training import plans, trainer
 from flowerclf.training.loops import finetune_epoch, train_head_epoch, warmup_cosine
 from flowerclf.training import loops
 from flowerclf.training.loops import NonFiniteModel
@@ -122,7 +122,7 @@ def test_nan_loss_stops_and_keeps_the_best_checkpoint(image_folder, tmp_path, mo
             with torch.no_grad():
                 head[-1].weight.fill_(float("nan"))
         return real(head, *a, **k)
-    monkeypatch.setattr(trainer, "train_head_epoch", poisoned)
+    monkeypatch.setattr(plans, "train_head_epoch", poisoned)
     code, _, err = _main(train, [image_folder, "--save_dir", str(tmp_path), "--epochs", "5", "--dropout", "0"]
                          + TINY)
     assert code == 2 and err.count("\n") == 1
@@ -246,8 +246,8 @@ def test_a_frozen_run_audits_its_data_and_no_audit_turns_it_off(tmp_path):
 
 def test_patience_stops_early_and_keeps_the_best_checkpoint(image_folder, tmp_path, monkeypatch):
     accs = iter([0.5, 0.7, 0.6, 0.65, 0.9, 0.95])  # no better epoch after the 2nd for 2 epochs: stop after the 4th
-    real = trainer.metrics_from_logits
-    monkeypatch.setattr(trainer, "metrics_from_logits", lambda *a: dict(real(*a), acc=next(accs, 0.0)))
+    real = plans.metrics_from_logits
+    monkeypatch.setattr(plans, "metrics_from_logits", lambda *a: dict(real(*a), acc=next(accs, 0.0)))
     lines = []
     result = trainer.train(_cfg(image_folder, tmp_path, epochs=6, patience=2), log=lines.append)
     assert [h["epoch"] for h in result["history"]] == [1, 2, 3, 4] and result["epoch"] == 2

@@ -1,10 +1,7 @@
-"""A training run: the frozen and fine-tuning plans, and the epochs that keep the best model.
+"""A training run: the epochs that keep the best model, and the files a finished run leaves.
 
-Two plans share one epoch loop:
-- frozen backbone (default): features come from the per-user feature store, and only the
-  images it lacks (per augmented view) go through the backbone; the head trains on them in seconds;
-- `unfreeze`: the last N backbone stages train too, on decoded images, with a lower
-  learning rate for the backbone, warm-up + cosine schedule and optional AMP.
+Both plans (plans.py: the frozen head on stored features, or fine-tuning the last stages)
+share the one epoch loop here.
 """
 from __future__ import annotations
 
@@ -26,8 +23,7 @@ from flowerclf.data.folders import (
     class_names,
     load_category_names,
 )
-from flowerclf.data.loaders import make_loader
-from flowerclf.data.transforms import Preprocess, create_transform
+from flowerclf.data.transforms import Preprocess
 from flowerclf.evaluation.audit import audit_features, write_audit
 from flowerclf.evaluation.audit import section as audit_section
 from flowerclf.evaluation.audit import summary as audit_summary
@@ -35,131 +31,29 @@ from flowerclf.evaluation.calibration import calibrate, report_calibration
 from flowerclf.evaluation.html import run_facts, write_html_report
 from flowerclf.evaluation.metrics import classification_report
 from flowerclf.evaluation.reports import write_history, write_report
-from flowerclf.features.passes import FeaturePass, head_logits
 from flowerclf.models.checkpoints import atomic_save, first_non_finite, make_checkpoint
 from flowerclf.models.onnx import export_checkpoint
 from flowerclf.models.registry import ModelSpec, build_model, freeze, resolve_weights
-from flowerclf.models.stages import unfreeze_last
 from flowerclf.runtime import ddp
 from flowerclf.runtime.devices import (
-    amp_dtype,
     enable_cudnn_autotune,
     resolve_device,
     resolve_feature_batch_size,
     resolve_num_workers,
-    to_channels_last,
 )
 from flowerclf.training import rundir
 from flowerclf.training.config import TrainConfig
 from flowerclf.training.loops import (
     NonFiniteModel,
-    finetune_epoch,
     metrics_from_logits,
-    split_logits,
-    train_head_epoch,
-    warmup_cosine,
-    wrap_ddp,
 )
+from flowerclf.training.plans import Plan, finetune_plan, frozen_plan
 from flowerclf.training.preflight import preflight
 from flowerclf.training.resume import ResumeState
 
 DIST_TIMEOUT_S = 300  # a collective waiting longer than this means a rank died or hung: end the job
 LAST_SYNC_S = 10.0    # checkpoint_last.pth is fsynced at least this often, and after the last epoch
 CURVES_EVERY_S = 10.0  # training_curves.png is redrawn during a run at most this often (history.json every epoch)
-
-
-@dataclass
-class Plan:
-    """What a training path hands the shared epoch loop."""
-
-    trainable: nn.Module                  # the part whose weights change: the head, or the whole model
-    train_epoch: Callable[[int], dict]
-    validate: Callable[[], dict]
-    test_logits: Callable[[], tuple] | None
-    stateful: dict                        # optimizer, scheduler, scaler...: objects with state_dict()
-    generator: torch.Generator            # the order of training batches
-    engine: str
-    valid_logits: Callable[[], tuple] | None = None  # (logits, labels) of the valid split: calibration's input
-    features: dict | None = None                     # the frozen plan's (features, labels) per split: the audit's
-
-
-def _features(model, spec, preprocess, splits, cfg, device, log) -> tuple[dict, str]:
-    """(features, labels) per split, from the feature store and one backbone pass over the misses; the engine.
-
-    Runs inside its own random stream, so a store hit and a miss (and a first run's ONNX export,
-    which draws random inputs) leave training on the same one.
-    """
-    started = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        with ddp.main_first():  # rank 0 creates the store before the other ranks open it: creation never races
-            passes = FeaturePass(model.backbone, spec.arch, spec.weights, preprocess, cfg.engine, device, cfg.amp,
-                                 cfg.feature_batch_size, cfg.num_workers, cfg.store, log)
-        with passes:
-            log(f"feature pass on {passes.engine}")
-            feats = {name: passes.features(images, name) for name, images in splits.items()}
-            if cfg.augment_views:
-                views = [passes.features(splits["train"], f"train view {view + 1}", view, cfg.seed)
-                         for view in range(cfg.augment_views)]
-                feats["train plain"] = feats["train"]  # the center crops: what the audit looks at
-                feats["train"] = tuple(torch.cat(parts) for parts in zip(*views))
-    log(f"features ready in {time.perf_counter() - started:.1f}s")
-    return feats, passes.engine
-
-
-def _frozen_plan(model, spec, preprocess, splits, cfg, device, log) -> Plan:
-    """Features once, from the store or the backbone; the head trains on them."""
-    feats, engine = _features(model, spec, preprocess, splits, cfg, device, log)
-    head = model.head.to(device)
-    runner = wrap_ddp(head, device)
-    optimizer = torch.optim.Adam(head.parameters(), lr=cfg.learning_rate)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
-    generator = torch.Generator().manual_seed(cfg.seed)
-    return Plan(
-        head,
-        lambda epoch: train_head_epoch(runner, *feats["train"], optimizer, cfg.batch_size, generator, device,
-                                       loss_fn),
-        lambda: metrics_from_logits(head_logits(head, feats["valid"][0], device), feats["valid"][1]),
-        (lambda: (head_logits(head, feats["test"][0], device), feats["test"][1])) if "test" in feats else None,
-        {"optimizer": optimizer}, generator, engine,
-        lambda: (head_logits(head, feats["valid"][0], device), feats["valid"][1]), feats)
-
-
-def _finetune_plan(model, preprocess, splits, cfg, device, log) -> Plan:
-    """The last stages of the backbone train with the head, on augmented images."""
-    names = unfreeze_last(model.backbone, cfg.unfreeze)
-    log(f"fine-tuning backbone stages: {', '.join(names) or 'none'}")
-    to_channels_last(model)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    # --batch_size is global: under torchrun each of the N processes takes batch_size / N per step
-    sampler = torch.utils.data.DistributedSampler(range(len(splits["train"])), seed=cfg.seed) \
-        if ddp.world() > 1 else None
-    # on CUDA every step has the same shape (one cuDNN autotuning), unless that would leave no step at all
-    train_loader = make_loader(splits["train"], create_transform(preprocess, augment=True),
-                               max(1, cfg.batch_size // ddp.world()), cfg.num_workers, device,
-                               shuffle=sampler is None, generator=generator, sampler=sampler,
-                               drop_last=device.type == "cuda" and len(splits["train"]) >= cfg.batch_size)
-    backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([
-        {"params": model.head.parameters(), "lr": cfg.learning_rate},
-        {"params": backbone_params, "lr": cfg.learning_rate * cfg.backbone_lr_ratio}], weight_decay=1e-4)
-    steps = cfg.epochs * len(train_loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(steps, min(steps, max(1, round(cfg.warmup_epochs * len(train_loader))))))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and amp_dtype(device) == torch.float16)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    runner = wrap_ddp(model, device)
-    runner = torch.compile(runner) if cfg.compile else runner
-
-    def train_epoch(epoch: int) -> dict:
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        return finetune_epoch(model, train_loader, optimizer, scheduler, scaler, loss_fn, device, cfg.amp, runner)
-
-    logits = {split: split_logits(model, splits[split], preprocess, cfg.feature_batch_size, device, cfg.amp, split,
-                                  num_workers=cfg.num_workers) for split in ("valid", "test") if split in splits}
-    return Plan(
-        model, train_epoch, lambda: metrics_from_logits(*logits["valid"]()), logits.get("test"),
-        {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}, generator, "torch", logits["valid"])
 
 
 def _cpu_state(state: dict) -> dict:
@@ -307,9 +201,9 @@ def _fit(run: Run, splits: dict, names: dict, device: torch.device) -> dict:
     """The plan, the epochs, the test split, and the files a finished run leaves."""
     cfg, log, main = run.cfg, run.log, ddp.is_main()
     if cfg.unfreeze:
-        plan = _finetune_plan(run.model, run.preprocess, splits, cfg, device, log)
+        plan = finetune_plan(run.model, run.preprocess, splits, cfg, device, log)
     else:
-        plan = _frozen_plan(run.model, run.spec, run.preprocess, splits, cfg, device, log)
+        plan = frozen_plan(run.model, run.spec, run.preprocess, splits, cfg, device, log)
     run.cfg = cfg = replace(cfg, engine=plan.engine)  # recorded, so evaluate.py recomputes features the same way
     history, best = run_epochs(plan, run)
 

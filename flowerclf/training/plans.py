@@ -1,0 +1,118 @@
+"""The two training plans: what the shared epoch loop trains, how an epoch runs and how validation is scored.
+
+- frozen backbone (default): features come from the per-user feature store, and only the
+  images it lacks (per augmented view) go through the backbone; the head trains on them in seconds;
+- `unfreeze`: the last N backbone stages train too, on decoded images, with a lower
+  learning rate for the backbone, warm-up + cosine schedule and optional AMP.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from flowerclf.data.loaders import make_loader
+from flowerclf.data.transforms import create_transform
+from flowerclf.features.passes import FeaturePass, head_logits
+from flowerclf.models.stages import unfreeze_last
+from flowerclf.runtime import ddp
+from flowerclf.runtime.devices import amp_dtype, to_channels_last
+from flowerclf.training.loops import (finetune_epoch, metrics_from_logits, split_logits, train_head_epoch,
+                                      warmup_cosine, wrap_ddp)
+
+
+@dataclass
+class Plan:
+    """What a training path hands the shared epoch loop."""
+
+    trainable: nn.Module                  # the part whose weights change: the head, or the whole model
+    train_epoch: Callable[[int], dict]
+    validate: Callable[[], dict]
+    test_logits: Callable[[], tuple] | None
+    stateful: dict                        # optimizer, scheduler, scaler...: objects with state_dict()
+    generator: torch.Generator            # the order of training batches
+    engine: str
+    valid_logits: Callable[[], tuple] | None = None  # (logits, labels) of the valid split: calibration's input
+    features: dict | None = None                     # the frozen plan's (features, labels) per split: the audit's
+
+
+def stored_features(model, spec, preprocess, splits, cfg, device, log) -> tuple[dict, str]:
+    """(features, labels) per split, from the feature store and one backbone pass over the misses; the engine.
+
+    Runs inside its own random stream, so a store hit and a miss (and a first run's ONNX export,
+    which draws random inputs) leave training on the same one.
+    """
+    started = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        with ddp.main_first():  # rank 0 creates the store before the other ranks open it: creation never races
+            passes = FeaturePass(model.backbone, spec.arch, spec.weights, preprocess, cfg.engine, device, cfg.amp,
+                                 cfg.feature_batch_size, cfg.num_workers, cfg.store, log)
+        with passes:
+            log(f"feature pass on {passes.engine}")
+            feats = {name: passes.features(images, name) for name, images in splits.items()}
+            if cfg.augment_views:
+                views = [passes.features(splits["train"], f"train view {view + 1}", view, cfg.seed)
+                         for view in range(cfg.augment_views)]
+                feats["train plain"] = feats["train"]  # the center crops: what the audit looks at
+                feats["train"] = tuple(torch.cat(parts) for parts in zip(*views))
+    log(f"features ready in {time.perf_counter() - started:.1f}s")
+    return feats, passes.engine
+
+
+def frozen_plan(model, spec, preprocess, splits, cfg, device, log) -> Plan:
+    """Features once, from the store or the backbone; the head trains on them."""
+    feats, engine = stored_features(model, spec, preprocess, splits, cfg, device, log)
+    head = model.head.to(device)
+    runner = wrap_ddp(head, device)
+    optimizer = torch.optim.Adam(head.parameters(), lr=cfg.learning_rate)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return Plan(
+        head,
+        lambda epoch: train_head_epoch(runner, *feats["train"], optimizer, cfg.batch_size, generator, device,
+                                       loss_fn),
+        lambda: metrics_from_logits(head_logits(head, feats["valid"][0], device), feats["valid"][1]),
+        (lambda: (head_logits(head, feats["test"][0], device), feats["test"][1])) if "test" in feats else None,
+        {"optimizer": optimizer}, generator, engine,
+        lambda: (head_logits(head, feats["valid"][0], device), feats["valid"][1]), feats)
+
+
+def finetune_plan(model, preprocess, splits, cfg, device, log) -> Plan:
+    """The last stages of the backbone train with the head, on augmented images."""
+    names = unfreeze_last(model.backbone, cfg.unfreeze)
+    log(f"fine-tuning backbone stages: {', '.join(names) or 'none'}")
+    to_channels_last(model)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    # --batch_size is global: under torchrun each of the N processes takes batch_size / N per step
+    sampler = torch.utils.data.DistributedSampler(range(len(splits["train"])), seed=cfg.seed) \
+        if ddp.world() > 1 else None
+    # on CUDA every step has the same shape (one cuDNN autotuning), unless that would leave no step at all
+    train_loader = make_loader(splits["train"], create_transform(preprocess, augment=True),
+                               max(1, cfg.batch_size // ddp.world()), cfg.num_workers, device,
+                               shuffle=sampler is None, generator=generator, sampler=sampler,
+                               drop_last=device.type == "cuda" and len(splits["train"]) >= cfg.batch_size)
+    backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([
+        {"params": model.head.parameters(), "lr": cfg.learning_rate},
+        {"params": backbone_params, "lr": cfg.learning_rate * cfg.backbone_lr_ratio}], weight_decay=1e-4)
+    steps = cfg.epochs * len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(steps, min(steps, max(1, round(cfg.warmup_epochs * len(train_loader))))))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and amp_dtype(device) == torch.float16)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    runner = wrap_ddp(model, device)
+    runner = torch.compile(runner) if cfg.compile else runner
+
+    def train_epoch(epoch: int) -> dict:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        return finetune_epoch(model, train_loader, optimizer, scheduler, scaler, loss_fn, device, cfg.amp, runner)
+
+    logits = {split: split_logits(model, splits[split], preprocess, cfg.feature_batch_size, device, cfg.amp, split,
+                                  num_workers=cfg.num_workers) for split in ("valid", "test") if split in splits}
+    return Plan(
+        model, train_epoch, lambda: metrics_from_logits(*logits["valid"]()), logits.get("test"),
+        {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}, generator, "torch", logits["valid"])
