@@ -167,6 +167,9 @@ def test_the_listed_formats_read(tmp_path, fmt, ext):
 
 @pytest.mark.parametrize("fmt", ["PCX", "ICO", "SGI", "QOI"])
 def test_other_formats_pillow_reads_are_refused_in_one_line(tmp_path, fmt):
+    Image.init()
+    if fmt not in Image.SAVE:
+        pytest.skip(f"this Pillow ({Image.__version__}) cannot write {fmt}")  # QOI: reads in 10.0, writes later
     path = tmp_path / "photo.jpg"
     Image.new("RGB", (16, 16), 90).save(path, fmt)
     with pytest.raises(FlowerclfError) as e:

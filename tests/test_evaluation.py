@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import make_image_folder, one_error_line
+from conftest import TINY, make_image_folder, one_error_line
 from conftest import run_script as _main
 from PIL import Image
 
@@ -291,3 +291,16 @@ def test_nearest_pairs_on_inverted_lists_find_planted_copies(monkeypatch):
     x[-20:] = x[:20] + 0.05 * rng.normal(0, 1, (20, 32))
     pairs = {(i, j) for i, j, _ in duplicates.nearest_pairs(x, 0.95)}
     assert {(i, 1980 + i) for i in range(20)} <= pairs
+
+
+def test_a_run_without_test_reports_on_valid_and_says_so(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class={"train": 6, "valid": 3})
+    code, out, err = _main(train, [data, "--save_dir", str(tmp_path / "s"), "--epochs", "1", "--no_audit"] + TINY)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[-1] == f"report: {tmp_path / 's' / 'valid_report.html'}"
+    assert any(line.startswith(f"no {os.path.join(data, 'test')}/ folder: the report is on valid/") for line in lines)
+    page = (tmp_path / "s" / "valid_report.html").read_text()
+    assert "no test/ folder, so this report is on valid/" in page
+    assert json.loads((tmp_path / "s" / "valid_report.json").read_text())["images"] == 9
+    assert (tmp_path / "s" / "valid_confusion_matrix.png").is_file()

@@ -42,6 +42,7 @@ class RunFiles:
 
     def outputs(self) -> list[str]:
         """What train.py writes: all of it describes one model, so a new run replaces all of it."""
-        return [self.checkpoint, self.last, self.history_json, self.history_csv, self.curves, self.report_json(),
-                self.confusion(), self.reliability(), self.report_html(), self.onnx,
+        reports = [name for stem in ("test", "valid") for name in (self.report_json(stem), self.confusion(stem),
+                                                                     self.reliability(stem), self.report_html(stem))]
+        return [self.checkpoint, self.last, self.history_json, self.history_csv, self.curves, *reports, self.onnx,
                 self.audit]

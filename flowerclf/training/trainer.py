@@ -209,7 +209,8 @@ def _fit(run: Run, splits: dict, names: dict, device: torch.device) -> dict:
 
     plan.trainable.load_state_dict(best["state"])
     metrics = {"valid_loss": best["loss"], "valid_acc": best["acc"]}
-    calibration = calibrate(*(t.numpy() for t in plan.valid_logits()))
+    valid = plan.valid_logits()
+    calibration = calibrate(*(t.numpy() for t in valid))
     log(f"calibration on valid: temperature {calibration['temperature']:.3f}; \"not sure\" below "
         f"{100 * calibration['threshold']:.1f}% (keeps {100 * calibration['kept']:.0f}% of its right answers)")
     test = plan.test_logits() if plan.test_logits else None
@@ -230,26 +231,31 @@ def _fit(run: Run, splits: dict, names: dict, device: torch.device) -> dict:
         if cfg.audit and plan.features is not None else None
     if audited is not None:
         written.append(write_audit(audited, files.audit))
-    page = None
-    if test is not None:
-        temperature = calibration["temperature"]
-        test_report = classification_report(test[0].numpy() / temperature, test[1].numpy(),
-                                            class_names(run.class_to_idx), names, files=splits["test"].files)
-        written += write_report(test_report, files)
-        facts = run_facts("train.py", asdict(cfg), str(device), os.path.join(cfg.data_dir, "test"),
-                          ", ".join(f"{len(s)} {n}" for n, s in splits.items()), best["epoch"])
-        facts["calibration (test)"] = report_calibration(test[0].numpy(), test[1].numpy(), temperature,
-                                                         files.reliability())
-        log(f"calibration on test: {facts['calibration (test)']}")
-        written.append(files.reliability())
-        page = write_html_report(files.folder, "test", test_report, facts, asdict(cfg), {
-            "Training curves": files.curves, "Confusion matrix": files.confusion(),
-            "Reliability diagram": files.reliability()}, audited and partial(audit_section, audited))
+    # the report is on test/, or on valid/ when there is none (and says so: valid chose the epoch and the temperature)
+    split, (logits, labels) = ("test", test) if test is not None else ("valid", valid)
+    temperature = calibration["temperature"]
+    report = classification_report(logits.numpy() / temperature, labels.numpy(), class_names(run.class_to_idx),
+                                   names, files=splits[split].files)
+    written += write_report(report, files, split)
+    facts = run_facts("train.py", asdict(cfg), str(device), os.path.join(cfg.data_dir, split),
+                      ", ".join(f"{len(s)} {n}" for n, s in splits.items()), best["epoch"])
+    if split == "valid":
+        facts["note"] = ("no test/ folder, so this report is on valid/, which also chose the best epoch and the "
+                         "temperature: its figures are optimistic; add DATA_DIR/test/ for an honest one")
+    facts[f"calibration ({split})"] = report_calibration(logits.numpy(), labels.numpy(), temperature,
+                                                         files.reliability(split))
+    log(f"calibration on {split}: {facts[f'calibration ({split})']}")
+    written.append(files.reliability(split))
+    page = write_html_report(files.folder, split, report, facts, asdict(cfg), {
+        "Training curves": files.curves, "Confusion matrix": files.confusion(split),
+        "Reliability diagram": files.reliability(split)}, audited and partial(audit_section, audited))
+    if split == "valid":
+        log(f"no {os.path.join(cfg.data_dir, 'test')}/ folder: the report is on valid/ (python evaluate.py "
+            f"{files.checkpoint} OTHER_SPLIT evaluates any other folder)")
     if cfg.export == "onnx":
         written.append(export_checkpoint(files.checkpoint))
     log("wrote " + ", ".join(os.path.basename(p) for p in written))
     if audited is not None:  # before the report's path, which stays the last line
-        log(audit_summary(audited, "report.html#audit" if page else files.audit))
-    if page:
-        log(f"report: {page}")
+        log(audit_summary(audited, f"{os.path.basename(page)}#audit"))
+    log(f"report: {page}")
     return result
