@@ -173,5 +173,5 @@ class Predictor:
                 item["predictions"] = [{"class": self.classes[i], "name": names.get(self.classes[i], self.classes[i]),
                                         "probability": float(p[i])} for i in top]
                 if self.threshold is not None:
-                    item["confident"] = bool(p[top[0]] >= self.threshold)
+                    item["confident"] = float(p[top[0]]) >= self.threshold  # as the JSON prints it
             yield item
