@@ -85,11 +85,13 @@ def build_parser() -> cli.ArgumentParser:
                    help="skip the data audit that ends a frozen run (SAVE_DIR/audit.json and report.html#audit: "
                         "photos that look mislabeled, copies across classes, test photos also in train)")
     d.add_argument("--overwrite", action="store_true",
-                   help="replace the model another run left in SAVE_DIR (its checkpoints, reports and model.onnx "
-                        "are removed first); without it train.py refuses to overwrite a checkpoint.pth")
+                   help="replace the model another run left in SAVE_DIR: its checkpoints, reports and model.onnx "
+                        "are set aside, removed once this run saved its first checkpoint, and put back if it "
+                        "fails; without it train.py refuses to overwrite a checkpoint.pth")
     d.add_argument("--resume", action="store_true",
                    help="continue from SAVE_DIR/checkpoint_last.pth (written after every epoch) with the "
-                        "same optimizer state, epoch and history; pass the same model flags")
+                        "same optimizer state, epoch and history; pass the same model and training flags "
+                        "(--epochs, paths, devices and workers may change)")
     g = p.add_argument_group("speed and fine-tuning")
     g.add_argument("--no_store", "--no-store", "--no_cache", "--no-cache", dest="store", action="store_false",
                    help="neither read nor write the per-user feature store ($FLOWERCLF_STORE/features.sqlite, "
