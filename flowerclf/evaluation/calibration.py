@@ -10,16 +10,11 @@ import math
 
 import numpy as np
 
+from flowerclf.evaluation.metrics import log_softmax, softmax
+
 KEEP_CORRECT = 0.95   # the share of validation's correct answers the "not sure" threshold keeps
 ECE_BINS = 15
 LOG_T_BOUNDS = (math.log(0.05), math.log(50.0))
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise log-probabilities, computed stably in float64."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
@@ -71,11 +66,6 @@ def confidence_threshold(probs: np.ndarray, labels: np.ndarray, keep: float = KE
         return 0.0
     ordered = np.sort(conf)[::-1]
     return float(ordered[max(0, math.ceil(keep * len(ordered)) - 1)])
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise probabilities of logits / temperature."""
-    return np.exp(log_softmax(np.asarray(logits, dtype=np.float64) / temperature))
 
 
 def calibrate(logits: np.ndarray, labels: np.ndarray, keep: float = KEEP_CORRECT) -> dict:

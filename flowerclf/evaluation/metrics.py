@@ -6,6 +6,19 @@ from __future__ import annotations
 
 import numpy as np
 
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-probabilities, computed stably in float64."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise probabilities of logits / temperature."""
+    return np.exp(log_softmax(np.asarray(logits, dtype=np.float64) / temperature))
+
+
 MATRIX_CLASSES = 300  # a confusion matrix of more classes is neither readable nor small (100,000: 75 GiB)
 
 
@@ -89,8 +102,7 @@ def classification_report(logits: np.ndarray, labels: np.ndarray, classes: list[
 def _add_mistakes(result: dict, logits: np.ndarray, labels: np.ndarray, files: list[str], label,
                   pairs: list[tuple[int, int]], n: int) -> None:
     """result["top_losses"]: the n photos of highest cross-entropy; each confused pair's highest-loss "example"."""
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    log_probs = log_softmax(logits)
     rows = np.arange(len(labels))
     loss, predicted = -log_probs[rows, labels], ranked(logits, 1)[:, 0]
     order = np.argsort(-loss, kind="stable")  # ties keep the file order

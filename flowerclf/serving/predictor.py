@@ -14,6 +14,7 @@ from flowerclf.base.errors import FlowerclfError, brief
 from flowerclf.data.folders import class_names, is_image_file, list_images
 from flowerclf.data.images import load_rgb
 from flowerclf.data.transforms import Preprocess, decode_size, preprocess_image
+from flowerclf.evaluation.metrics import softmax
 from flowerclf.models.onnx import model_metadata, open_session
 
 
@@ -26,12 +27,6 @@ def checked_logits(logits: np.ndarray, images: int, classes: int, path: str) -> 
         raise FlowerclfError(f"{path} gives NaN or infinite scores (its weights hold NaN or overflow); retrain it, "
                              f"or export it again from a checkpoint that predicts")
     return logits
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Each row's scores as probabilities."""
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
 
 
 @dataclass
