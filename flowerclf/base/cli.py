@@ -157,6 +157,12 @@ def run_main(parser: argparse.ArgumentParser, argv: list[str] | None, work: Call
         return work(args) or 0
     except FlowerclfError as e:
         print(error_line(str(e)), file=sys.stderr)
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            # a torchrun rank that failed: its line is out; leave now, so the process group torn down at
+            # interpreter exit, with a peer still inside a collective, cannot abort the process (SIGABRT)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.exit_code)
         return e.exit_code
     except BrokenPipeError:
         # the reader went away: point stdout at nothing so the interpreter's final flush cannot fail again
