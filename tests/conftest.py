@@ -6,6 +6,10 @@ import io
 import os
 import sys
 
+# One intra-op thread for every test and every process a test starts (read when numpy and torch load): the tiny
+# models gain nothing from more, and extra threads waiting on each other tripled the suite's CPU time.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
 from PIL import Image
