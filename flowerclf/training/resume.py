@@ -39,16 +39,18 @@ class ResumeState:
     # the random state of the CUDA device this process trains on (its current one), when CUDA was in use;
     # under torchrun every rank's stream is rank 0's (one seed, the same ops), as with `rng`
     cuda_rng: torch.Tensor | None = None
+    split: dict | None = None  # a split carved from train/ or DATA_DIR (data.layout.split_record): the same on resume
 
     @classmethod
     def capture(cls, trained_state: dict, stateful: dict, generator: torch.Generator, spec: ModelSpec,
-                class_to_idx: dict, epoch: int, history: list, best: dict, args: dict) -> "ResumeState":
+                class_to_idx: dict, epoch: int, history: list, best: dict, args: dict,
+                split: dict | None = None) -> "ResumeState":
         """The state of the run now, at the end of `epoch`."""
         return cls(spec.to_dict(), dict(class_to_idx), args["unfreeze"], epoch, history,
                    {k: best[k] for k in ("epoch", "acc", "loss")}, best["state"], trained_state,
                    {name: obj.state_dict() for name, obj in stateful.items()}, generator.get_state(),
                    torch.get_rng_state(), args,
-                   torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None)
+                   torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None, split)
 
     def to_dict(self) -> dict:
         """What torch.save writes: the format's name and version, then every field."""
