@@ -87,6 +87,9 @@ def test_val_and_validation_folders_train_and_the_first_line_names_them(tmp_path
     # no test/: the report is on the validation folder, under its own name
     assert json.loads((tmp_path / "s" / f"{name}_report.json").read_text())["images"] == 9
     assert out.splitlines()[-1] == f"report: {tmp_path / 's' / f'{name}_report.html'}"
+    code, _, err = _main(evaluate, [str(tmp_path / "s" / "checkpoint.pth"), os.path.join(root, name)])
+    assert code == 0, err
+    assert json.loads((tmp_path / "s" / f"eval_{name}_report.json").read_text())["images"] == 9
 
 
 def test_two_validation_folders_are_one_error_line_naming_both(tmp_path):
