@@ -353,3 +353,17 @@ def test_balance_weights_the_loss_by_inverse_class_frequency(tmp_path, monkeypat
             assert "--balance on: the loss weighs class c by N / (C * n_c), from 0.75 to 3.00" in out.splitlines()
         losses[" ".join(flags)] = next(line for line in out.splitlines() if line.startswith("epoch 1/1"))[:30]
     assert losses["--balance on"] != losses["--balance off"]  # the same seed and photos, another loss
+
+
+def test_a_resume_state_from_before_carved_splits_still_resumes(image_folder, tmp_path):
+    argv = [image_folder, "--save_dir", str(tmp_path), "--no_audit"] + TINY
+    assert _main(train, argv + ["--epochs", "1"])[0] == 0
+    state = torch.load(tmp_path / "checkpoint_last.pth", weights_only=True)
+    state["args"]["valid_split"] = 0.0  # what --valid_split's old default wrote; no 'balance', no 'split'
+    del state["args"]["balance"], state["split"]
+    torch.save(state, tmp_path / "checkpoint_last.pth")
+    code, out, err = _main(train, argv + ["--epochs", "2", "--resume"])
+    assert code == 0 and "resuming after epoch 1" in out, err
+    state["args"]["valid_split"] = 0.3
+    torch.save(state, tmp_path / "checkpoint_last.pth")
+    assert "--valid_split 0.3 (now None)" in one_error_line(*_main(train, argv + ["--epochs", "3", "--resume"])[::2])

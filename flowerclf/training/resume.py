@@ -94,8 +94,11 @@ class ResumeState:
         if not isinstance(self.args, dict):
             raise FlowerclfError(f"--resume: {path}: field 'args' is missing or not dict; the file is damaged; "
                                  f"train again with --overwrite")
+        # --valid_split 0 and unset mean the same wherever a run resumes (a validation folder, or the split the
+        # state records); states from before the carved split said 0
         changed = [f"--{k} {self.args[k]!r:.40} (now {v!r:.40})" for k, v in args.items()
-                   if k not in RESUMABLE_FLAGS and k in self.args and self.args[k] != v]
+                   if k not in RESUMABLE_FLAGS and k in self.args and self.args[k] != v
+                   and not (k == "valid_split" and not self.args[k] and not v)]
         if changed:
             raise FlowerclfError(f"--resume: {path} was trained with {', '.join(changed)}; a resumed run keeps its "
                                  f"settings, so pass the same flags, or train anew with --overwrite")
