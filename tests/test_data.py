@@ -500,8 +500,8 @@ def test_a_class_too_small_to_split_and_a_skewed_set_get_a_line_each(tmp_path):
         os.unlink(os.path.join(root, "train", "2", name))  # class 2: one photo, nothing to spare
     code, out, err = _main(train, [root, "--check"])
     assert code == 0, err
-    assert ("too few photos to split: 1 class(es) ('2', 1 photo(s) in '2') keep theirs in train, so valid has none "
-            "of them; add photos to them") in out.splitlines()
+    assert ("too few photos to split, so valid has no photo of: '2' (1) (photos per class; all of them stay in "
+            "train); add photos to these classes") in out.splitlines()
     assert "skewed classes: '1' has 8 training photos, '2' 1 (8.0x)" in out.splitlines()
     assert "warning" not in out  # said once, by the line above
     balanced = make_image_folder(tmp_path / "b", per_class={"train": 3, "valid": 1})

@@ -32,7 +32,7 @@ class ImageSet:
     files: list[str] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     class_to_idx: dict[str, int] = field(default_factory=dict)
-    name: str = ""              # the folder's own name (val, validation...)
+    name: str = ""              # the folder's own name (val, validation...); "" for carve()'s parts
     carved: dict | None = None  # carve()'s: {"source": the folder it came from, "fraction", "seed"}
 
     def __len__(self) -> int:
@@ -192,8 +192,8 @@ def carve(images: ImageSet, fractions: dict[str, float], seed: int, source: str)
             parts[name] += idx[taken:taken + k]
             taken += k
         parts["train"] += idx[taken:]
-    share = {"train": 1 - sum(fractions.values()), **fractions}
-    return {name: _part(images, sorted(p), {"source": source, "fraction": round(share[name], 6), "seed": seed})
+    share, unnamed = {"train": 1 - sum(fractions.values()), **fractions}, replace(images, name="")  # no folder's
+    return {name: _part(unnamed, sorted(p), {"source": source, "fraction": round(share[name], 6), "seed": seed})
             for name, p in parts.items()}
 
 

@@ -90,11 +90,11 @@ def describe(splits: dict[str, ImageSet]) -> list[str]:
                      f"nothing copied")
     counts = class_counts(train) + sum(class_counts(s) for s in held.values())
     for n, s in held.items():
-        short = [names[i] for i in np.flatnonzero(class_counts(s) == 0)]
-        if short:
-            lines.append(f"too few photos to split: {len(short)} class(es) ({', '.join(map(repr, short[:10]))}"
-                         f"{' ...' if len(short) > 10 else ''}, {counts[names.index(short[0])]} photo(s) in "
-                         f"{short[0]!r}) keep theirs in train, so {n} has none of them; add photos to them")
+        short = np.flatnonzero(class_counts(s) == 0)
+        if len(short):
+            shown = ", ".join(f"{names[i]!r} ({counts[i]})" for i in short[:10]) + (" ..." if len(short) > 10 else "")
+            lines.append(f"too few photos to split, so {n} has no photo of: {shown} (photos per class; all of them "
+                         f"stay in train); add photos to these classes")
     counts = class_counts(train)
     big, small = int(counts.argmax()), int(counts.argmin())
     if counts[big] > SKEW * counts[small]:
