@@ -9,6 +9,7 @@ from flowerclf.data.folders import (
     IMAGE_EXTENSIONS,
     SPLITS,
     ImageSet,
+    carve,
     check_splits,
     class_names,
     is_image_file,
@@ -16,7 +17,6 @@ from flowerclf.data.folders import (
     load_category_names,
     scan_data_dir,
     scan_split,
-    split_off,
 )
 from flowerclf.data.images import check_image, load_rgb, to_rgb
 from flowerclf.data.transforms import (
@@ -28,8 +28,8 @@ from flowerclf.data.transforms import (
     resize_center_crop,
 )
 
-__all__ = ["IMAGE_EXTENSIONS", "SPLITS", "ImageSet", "check_splits", "class_names", "is_image_file", "list_images",
-           "load_category_names", "scan_data_dir", "scan_split", "split_off", "check_image", "load_rgb", "to_rgb",
+__all__ = ["IMAGE_EXTENSIONS", "SPLITS", "ImageSet", "carve", "check_splits", "class_names", "is_image_file",
+           "list_images", "load_category_names", "scan_data_dir", "scan_split", "check_image", "load_rgb", "to_rgb",
            "EvalTransform", "Preprocess", "create_transform", "normalize", "preprocess_image", "resize_center_crop"]
 
 if __name__ == "__main__":

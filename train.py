@@ -19,7 +19,10 @@ EXAMPLES = """examples:
   python train.py --list_stages --arch efficientnet_lite0                 # what --unfreeze N would train
   torchrun --nproc_per_node=4 train.py flowers --arch resnet50 --unfreeze 2 --amp   # 4 GPUs, one node
 
-DATA_DIR holds train/ and valid/ (and optionally test/), each with one folder per class.
+DATA_DIR holds train/ and a validation folder (valid/, val/ or validation/; without one, --valid_split of
+train/ validates), and optionally test/, each with one folder per class; or only class folders
+(DATA_DIR/roses/*.jpg), split 70/15/15 into train, valid and test. Nothing is copied; a split made here is
+seeded, stratified, the same on a rerun, and recorded in the checkpoint.
 """
 
 
@@ -39,7 +42,8 @@ def build_parser() -> cli.ArgumentParser:
     """The command-line interface of train.py."""
     p = cli.ArgumentParser("train.py", __doc__, EXAMPLES)
     p.add_argument("data_dir", metavar="DATA_DIR", nargs="?",
-                   help="folder with train/, valid/ and optionally test/ (not needed with --list_stages)")
+                   help="folder with train/, valid/ (or val/, validation/) and optionally test/, or only class "
+                        "folders (not needed with --list_stages)")
     p.add_argument("--save_dir", "--save-dir", default=".",
                    help="where checkpoint.pth is written (default: current directory)")
     p.add_argument("--list_archs", "--list-archs", action=ListArchs,
@@ -79,8 +83,14 @@ def build_parser() -> cli.ArgumentParser:
     d.add_argument("--skip_bad_images", "--skip-bad-images", action="store_true",
                    help="decode every image first; report unreadable, empty, truncated or oversized ones and "
                         "leave them out instead of stopping")
-    d.add_argument("--valid_split", "--valid-split", type=float, default=0.0, metavar="FRACTION",
-                   help="no valid/ folder? set aside this fraction of train/ (stratified, seeded), e.g. 0.2")
+    d.add_argument("--valid_split", "--valid-split", type=float, metavar="FRACTION",
+                   help="no validation folder: validate on this fraction of each class of train/ (seeded by --seed, "
+                        "nothing copied); 0 refuses to train without a validation folder (default: 0.2; 0.15 "
+                        "for a DATA_DIR of class folders)")
+    d.add_argument("--balance", choices=("off", "on", "auto"), default="auto",
+                   help="weight the training loss by inverse class frequency, weight_c = N / (C * n_c) (N training "
+                        "photos, C classes, n_c of class c), in the frozen and the fine-tuning plans alike; auto: on "
+                        "when the largest class has more than 3x the photos of the smallest (default: %(default)s)")
     d.add_argument("--no_audit", "--no-audit", dest="audit", action="store_false",
                    help="skip the data audit that ends a frozen run (SAVE_DIR/audit.json and report.html#audit: "
                         "photos that look mislabeled, copies across classes, test photos also in train)")

@@ -138,9 +138,12 @@ assert code == 2 and not heavy, (code, heavy[:5])
     (["{tmp}/data", "--arch", "efficientnet_lit0"], "did you mean efficientnet_lite0"),
     (["{tmp}/data", "--save_dir", "{tmp}/data/train/runs"], "is inside"),
     (["{tmp}/data", "--category_names", "{tmp}/nowhere.json"], "--category_names {tmp}/nowhere.json cannot be read"),
+    (["{tmp}/two"], "{tmp}/two/ has both valid/ and val/"),
+    (["{tmp}/two/train", "--save_dir", "{tmp}/two/train/1/runs"], "is inside {tmp}/two/train/"),  # class folders
 ])
 def test_path_and_name_errors_come_before_importing_torch(tmp_path, argv, said):
     make_image_folder(tmp_path / "data")
+    make_image_folder(tmp_path / "two", per_class={"train": 2, "val": 1, "valid": 1})
     argv = [a.format(tmp=tmp_path) for a in argv]
     proc = subprocess.run([sys.executable, "-c", _NO_TORCH, ROOT, *argv], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

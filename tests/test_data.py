@@ -65,12 +65,37 @@ def test_valid_class_missing_from_train_is_named(tmp_path):
         scan_data_dir(root)
 
 
-@pytest.mark.parametrize("missing", ["train", "valid"])
-def test_missing_split_is_an_error(tmp_path, missing):
-    root = make_image_folder(tmp_path, per_class={"train": 1, "valid": 1})
-    os.rename(os.path.join(root, missing), os.path.join(root, "elsewhere"))
-    with pytest.raises(FlowerclfError, match=f"no {missing}/ folder"):
+def test_missing_train_is_an_error_and_valid_split_0_refuses_to_carve(tmp_path):
+    root = make_image_folder(tmp_path, per_class={"train": 2, "valid": 1})
+    os.rename(os.path.join(root, "train"), os.path.join(root, "elsewhere"))
+    with pytest.raises(FlowerclfError, match="no train/ folder"):
         scan_data_dir(root)
+    os.rename(os.path.join(root, "elsewhere"), os.path.join(root, "train"))
+    os.rename(os.path.join(root, "valid"), os.path.join(root, "elsewhere"))
+    with pytest.raises(FlowerclfError, match=r"no validation folder \(valid/, val/ or validation/\) and "
+                                             r"--valid_split is 0"):
+        scan_data_dir(root, valid_split=0)
+    assert len(scan_data_dir(root)["valid"]) == 3  # by default 20% of train/: one photo of each class
+
+
+@pytest.mark.parametrize("name", ["val", "validation"])
+def test_val_and_validation_folders_train_and_the_first_line_names_them(tmp_path, name):
+    root = make_image_folder(tmp_path / "d", per_class={"train": 6, name: 3})
+    code, out, err = _main(train, [root, "--save_dir", str(tmp_path / "s"), "--epochs", "1", "--no_audit"] + TINY)
+    assert code == 0, err
+    assert out.splitlines()[0] == f"data: train/ (18 photos, 3 classes), {name}/ (9)"
+    # no test/: the report is on the validation folder, under its own name
+    assert json.loads((tmp_path / "s" / f"{name}_report.json").read_text())["images"] == 9
+    assert out.splitlines()[-1] == f"report: {tmp_path / 's' / f'{name}_report.html'}"
+    code, _, err = _main(evaluate, [str(tmp_path / "s" / "checkpoint.pth"), os.path.join(root, name)])
+    assert code == 0, err
+    assert json.loads((tmp_path / "s" / f"eval_{name}_report.json").read_text())["images"] == 9
+
+
+def test_two_validation_folders_are_one_error_line_naming_both(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class={"train": 2, "val": 1, "validation": 1})
+    line = one_error_line(*_main(train, [root] + TINY)[::2])
+    assert f"{root}/ has both val/ and validation/" in line and "keep one of them" in line
 
 
 def test_split_without_images_is_an_error(tmp_path):
@@ -363,7 +388,8 @@ def test_decompression_bomb_is_refused(image_folder, monkeypatch):
 def test_check_reports_structure_problems(tmp_path):
     root = make_image_folder(tmp_path / "d")
     code, out, _ = _main(train, [root, "--check"])
-    assert code == 0 and out.strip() == f"{root}: 18 train, 9 valid, 9 test images, 3 classes, all readable"
+    assert code == 0 and out.splitlines() == ["data: train/ (18 photos, 3 classes), valid/ (9), test/ (9)",
+                                              f"{root}: 18 train, 9 valid, 9 test images, 3 classes, all readable"]
     for f in os.listdir(os.path.join(root, "valid", "3")):
         os.remove(os.path.join(root, "valid", "3", f))
     code, out, _ = _main(train, [root, "--check"])
@@ -375,13 +401,21 @@ def test_check_reports_structure_problems(tmp_path):
 
 def test_valid_split_is_stratified_and_seeded(tmp_path):
     root = make_image_folder(tmp_path / "d", per_class={"train": 10})
-    code, _, err = _main(train, [root, "--check"])
-    assert code == 2 and "--valid_split 0.2" in err
+    code, out, _ = _main(train, [root, "--check"])
+    assert code == 0 and out.splitlines()[:2] == [
+        "data: train (24 photos, 3 classes; 80% of train/), valid (6; 20% of train/)",
+        "no validation folder (valid/, val/ or validation/): 6 photos of train/ validate (20% of each class, seed 0, "
+        "the same on a rerun), nothing copied; --valid_split sets the fraction"]
+    assert scan_data_dir(root)["valid"].files == scan_data_dir(root, valid_split=0.2)["valid"].files
     sets = scan_data_dir(root, valid_split=0.2, seed=3)
     assert sorted(sets["valid"].labels) == [0, 0, 1, 1, 2, 2]
     assert len(sets["train"]) == 24 and not set(sets["train"].files) & set(sets["valid"].files)
     assert scan_data_dir(root, valid_split=0.2, seed=3)["valid"].files == sets["valid"].files
     assert scan_data_dir(root, valid_split=0.2, seed=4)["valid"].files != sets["valid"].files
+    # a photo added to class 1 (label 0) leaves the other classes' validation photos where they were
+    Image.open(sets["train"].files[0]).save(os.path.join(root, "train", "1", "new.png"))
+    others = lambda images: [f for f, y in zip(images.files, images.labels) if y != 0]  # noqa: E731
+    assert others(scan_data_dir(root, valid_split=0.2, seed=3)["valid"]) == others(sets["valid"])
 
 
 def _odd_images(folder):
@@ -449,12 +483,27 @@ def test_category_names_json_cannot_take_is_one_line(tiny_run, tmp_path, text):
     assert "is not a JSON mapping we can read" in line
 
 
-def test_a_valid_split_that_sets_nothing_aside_or_empties_a_class_is_refused(tmp_path):
+def test_a_valid_split_that_sets_nothing_aside_is_refused_and_a_class_always_keeps_a_photo(tmp_path):
     one_each = make_image_folder(tmp_path / "one", per_class={"train": 1})  # no class has 2 images to split
     line = one_error_line(*_main(train, [one_each, "--valid_split", "0.5", "--check"])[::2])
     assert "--valid_split 0.5 set aside no image" in line
     uneven = make_image_folder(tmp_path / "uneven", per_class={"train": 8})
     for name in os.listdir(os.path.join(uneven, "train", "2"))[2:]:
-        os.unlink(os.path.join(uneven, "train", "2", name))  # class 2 keeps 2 photos: 0.9 takes both
-    line = one_error_line(*_main(train, [uneven, "--valid_split", "0.9", "--check"])[::2])
-    assert "takes every train/ image of classes ['2']" in line
+        os.unlink(os.path.join(uneven, "train", "2", name))  # class 2 keeps 2 photos: 0.9 takes one of them
+    sets = scan_data_dir(uneven, valid_split=0.9)
+    assert sorted(sets["train"].labels) == [0, 1, 2] and sorted(sets["valid"].labels) == [0] * 7 + [1] + [2] * 7
+
+
+def test_a_class_too_small_to_split_and_a_skewed_set_get_a_line_each(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class={"train": 10})
+    for name in sorted(os.listdir(os.path.join(root, "train", "2")))[1:]:
+        os.unlink(os.path.join(root, "train", "2", name))  # class 2: one photo, nothing to spare
+    code, out, err = _main(train, [root, "--check"])
+    assert code == 0, err
+    assert ("too few photos to split, so valid has no photo of: '2' (1) (photos per class; all of them stay in "
+            "train); add photos to these classes") in out.splitlines()
+    assert "skewed classes: '1' has 8 training photos, '2' 1 (8.0x)" in out.splitlines()
+    assert "warning" not in out  # said once, by the line above
+    balanced = make_image_folder(tmp_path / "b", per_class={"train": 3, "valid": 1})
+    assert not [line for line in _main(train, [balanced, "--check"])[1].splitlines() if "skew" in line]
+

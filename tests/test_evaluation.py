@@ -20,6 +20,7 @@ from flowerclf.evaluation import evaluate as library
 from flowerclf.features.passes import FeaturePass
 from flowerclf.models.checkpoints import load_model
 from flowerclf.evaluation import audit, calibration, duplicates
+from flowerclf.evaluation.html import write_html_report
 from flowerclf.evaluation.metrics import classification_report
 from flowerclf.evaluation.plots import plot_confusion_matrix
 from flowerclf.evaluation.reports import write_report
@@ -42,6 +43,22 @@ def test_report_on_a_fixed_example_matches_a_hand_count():
     assert (c["precision"], c["recall"], c["f1"]) == (0.5, 1.0, pytest.approx(2 / 3))
     assert r["most_confused"] == [{"true": "alpha", "predicted": "b", "count": 1},
                                   {"true": "b", "predicted": "c", "count": 1}]
+
+
+def test_the_report_shows_balanced_accuracy_next_to_top1_and_each_class_support(tmp_path):
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    logits = np.eye(3)[[0, 0, 1, 1, 2, 2]] * 5.0
+    r = classification_report(logits, labels, ["a", "b", "c"])
+    assert r["balanced_accuracy"] == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)  # the mean of the recalls
+    m = metrics_from_logits(torch.tensor(logits), torch.tensor(labels))
+    assert m["balanced"] == pytest.approx(r["balanced_accuracy"]) and m["acc"] == pytest.approx(4 / 6)
+    # classes the split lacks do not count: 3 of class 0, all right, and none of 1 or 2
+    assert classification_report(np.eye(3)[[0, 0, 0]], np.array([0, 0, 0]), ["a", "b", "c"])[
+        "balanced_accuracy"] == 1.0
+    page = open(write_html_report(str(tmp_path), "test", r, {}, {}, {})).read()
+    stats = page[page.index('<div class="stats">'):page.index("</header>")]
+    assert stats.index("top-1 <b>66.67%</b>") < stats.index("balanced accuracy <b>72.22%</b>") < stats.index("top-3")
+    assert '<th>support</th>' in page and '<td class="num" data-value="3">3</td>' in page
 
 
 def test_a_report_over_100000_classes_counts_only_what_the_split_holds(tmp_path):

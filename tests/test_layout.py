@@ -13,8 +13,8 @@ FACES = {"model_utils", "data_utils"}
 LAYERS = ["base", "runtime", "data", "models", "features", "evaluation", "training", "serving"]
 # what the inference-only install (no torch) imports: predict.py and serve.py with a model.onnx
 TORCH_FREE = ["flowerclf.base.cli", "flowerclf.base.errors", "flowerclf.base.files", "flowerclf.base.progress",
-              "flowerclf.base.runfiles", "flowerclf.base.schema", "flowerclf.data.folders", "flowerclf.data.images",
-              "flowerclf.data.transforms", "flowerclf.models.names", "flowerclf.models.onnx",
+              "flowerclf.base.runfiles", "flowerclf.base.schema", "flowerclf.data.folders", "flowerclf.data.layout",
+              "flowerclf.data.images", "flowerclf.data.transforms", "flowerclf.models.names", "flowerclf.models.onnx",
               "flowerclf.features.store", "flowerclf.features.upkeep",
               "flowerclf.training.config", "flowerclf.training.rundir", "flowerclf.training.preflight",
               "flowerclf.evaluation.metrics", "flowerclf.evaluation.plots", "flowerclf.serving.predictor",

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, one_error_line, tiny_config
+from conftest import TINY, make_image_folder, one_error_line, tiny_config
 from conftest import run_script as _main
 
 import train
@@ -268,3 +268,102 @@ def test_the_history_is_on_disk_after_each_epoch(image_folder, tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         trainer.train(_cfg(image_folder, tmp_path, epochs=3), log=lambda line: None)
     assert [h["epoch"] for h in json.loads((tmp_path / "history.json").read_text())] == [1]
+
+
+def _split_of(path):
+    return torch.load(path, weights_only=True)["split"]
+
+
+def test_no_validation_folder_carves_the_same_photos_on_a_rerun_and_on_resume(tmp_path):
+    data = make_image_folder(tmp_path / "d", per_class={"train": 10, "test": 2})
+    argv = [data, "--epochs", "1", "--no_audit"] + TINY
+    runs = []
+    for save in ("a", "b"):
+        code, out, err = _main(train, argv + ["--save_dir", str(tmp_path / save)])
+        assert code == 0, err
+        assert out.splitlines()[:2] == [
+            "data: train (24 photos, 3 classes; 80% of train/), valid (6; 20% of train/), test/ (6)",
+            "no validation folder (valid/, val/ or validation/): 6 photos of train/ validate (20% of each class, "
+            "seed 0, the same on a rerun), nothing copied; --valid_split sets the fraction"]
+        runs.append(_split_of(tmp_path / save / "checkpoint.pth"))
+    assert runs[0] == runs[1] and runs[0]["fractions"] == {"valid": 0.2} and runs[0]["seed"] == 0
+    assert len(runs[0]["files"]["valid"]) == 6 and all(f.endswith(".png") for f in runs[0]["files"]["valid"])
+    # photos added since: a fresh split would take 3 of class 1's 13, but the resumed run keeps its 6 photos
+    for i in range(3):
+        os.link(os.path.join(data, "test", "1", "1_0.png"), os.path.join(data, "train", "1", f"new_{i}.png"))
+    assert len(scan_data_dir(data)["valid"]) == 7
+    code, out, err = _main(train, [data, "--epochs", "2", "--no_audit", "--resume", "--save_dir",
+                                   str(tmp_path / "a")] + TINY)
+    assert code == 0, err
+    assert out.splitlines()[0] == "data: train (27 photos, 3 classes; 80% of train/), valid (6; 20% of train/), " \
+                                  "test/ (6)"
+    assert _split_of(tmp_path / "a" / "checkpoint_last.pth") == runs[0]
+
+
+def test_a_tree_of_class_folders_splits_70_15_15_the_same_on_a_rerun(tmp_path):
+    make_image_folder(tmp_path / "m", per_class={"train": 10})
+    photos = str(tmp_path / "photos")
+    os.rename(tmp_path / "m" / "train", photos)  # photos/1/*.png, photos/2/*.png, photos/3/*.png
+    runs = []
+    for save in ("a", "b"):
+        code, out, err = _main(train, [photos, "--epochs", "1", "--no_audit", "--save_dir", str(tmp_path / save)]
+                               + TINY)
+        assert code == 0, err
+        assert out.splitlines()[:2] == [
+            f"data: train (18 photos, 3 classes; 70% of {photos}/), valid (6; 15% of {photos}/), "
+            f"test (6; 15% of {photos}/)",
+            f"no train/ folder: the class folders of {photos}/ are split 70/15/15 into train, valid, test per class "
+            f"(seed 0, the same on a rerun), nothing copied"]
+        assert "test accuracy: top-1" in out and (tmp_path / save / "report.html").is_file()
+        runs.append(_split_of(tmp_path / save / "checkpoint.pth"))
+    assert runs[0] == runs[1] and set(runs[0]["files"]) == {"valid", "test"}
+    assert not set(runs[0]["files"]["valid"]) & set(runs[0]["files"]["test"])
+    assert sorted(os.listdir(photos)) == ["1", "2", "3"]  # nothing copied, nothing written there
+
+
+def test_balance_weights_the_loss_by_inverse_class_frequency(tmp_path, monkeypatch):
+    data = make_image_folder(tmp_path / "d", per_class={"train": 8, "valid": 2})
+    for name in sorted(os.listdir(os.path.join(data, "train", "3")))[2:]:
+        os.unlink(os.path.join(data, "train", "3", name))  # 8, 8 and 2 photos: N = 18, C = 3
+    splits = scan_data_dir(data)
+    expected = [18 / (3 * 8), 18 / (3 * 8), 18 / (3 * 2)]  # weight_c = N / (C * n_c): 0.75, 0.75, 3.0
+    assert plans.balance_weights("on", splits, print).tolist() == pytest.approx(expected)
+    assert plans.balance_weights("auto", splits, print).tolist() == pytest.approx(expected)  # 4x > 3x
+    assert plans.balance_weights("off", splits, print) is None
+    even = scan_data_dir(make_image_folder(tmp_path / "e", per_class={"train": 4, "valid": 1}))
+    assert plans.balance_weights("auto", even, print) is None
+    assert plans.balance_weights("on", even, print).tolist() == [1.0, 1.0, 1.0]
+
+    made = []
+
+    class Spy(torch.nn.CrossEntropyLoss):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+    monkeypatch.setattr(plans.nn, "CrossEntropyLoss", Spy)
+    losses = {}
+    for flags in (["--balance", "on"], ["--balance", "off"], ["--balance", "on", "--unfreeze", "1"]):
+        code, out, err = _main(train, [data, "--epochs", "1", "--no_audit", "--overwrite", "--save_dir",
+                                       str(tmp_path / "s")] + TINY + flags)
+        assert code == 0, err
+        weight = made[-1].weight
+        assert (weight is None) == (flags[1] == "off")
+        if weight is not None:  # the frozen and the fine-tuning plan alike
+            assert weight.tolist() == pytest.approx(expected)
+            assert "--balance on: the loss weighs class c by N / (C * n_c), from 0.75 to 3.00" in out.splitlines()
+        losses[" ".join(flags)] = next(line for line in out.splitlines() if line.startswith("epoch 1/1"))[:30]
+    assert losses["--balance on"] != losses["--balance off"]  # the same seed and photos, another loss
+
+
+def test_a_resume_state_from_before_carved_splits_still_resumes(image_folder, tmp_path):
+    argv = [image_folder, "--save_dir", str(tmp_path), "--no_audit"] + TINY
+    assert _main(train, argv + ["--epochs", "1"])[0] == 0
+    state = torch.load(tmp_path / "checkpoint_last.pth", weights_only=True)
+    state["args"]["valid_split"] = 0.0  # what --valid_split's old default wrote; no 'balance', no 'split'
+    del state["args"]["balance"], state["split"]
+    torch.save(state, tmp_path / "checkpoint_last.pth")
+    code, out, err = _main(train, argv + ["--epochs", "2", "--resume"])
+    assert code == 0 and "resuming after epoch 1" in out, err
+    state["args"]["valid_split"] = 0.3
+    torch.save(state, tmp_path / "checkpoint_last.pth")
+    assert "--valid_split 0.3 (now None)" in one_error_line(*_main(train, argv + ["--epochs", "3", "--resume"])[::2])

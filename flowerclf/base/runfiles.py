@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+VALIDATION_FOLDERS = ("valid", "val", "validation")  # the names a validation split's folder goes by
+
 
 class RunFiles:
     """The files of one save directory. A split's report files take its folder name (`stem`); test/ gets the
@@ -42,7 +44,8 @@ class RunFiles:
 
     def outputs(self) -> list[str]:
         """What train.py writes: all of it describes one model, so a new run replaces all of it."""
-        reports = [name for stem in ("test", "valid") for name in (self.report_json(stem), self.confusion(stem),
-                                                                     self.reliability(stem), self.report_html(stem))]
+        reports = [name for stem in ("test", *VALIDATION_FOLDERS)
+                   for name in (self.report_json(stem), self.confusion(stem), self.reliability(stem),
+                                self.report_html(stem))]
         return [self.checkpoint, self.last, self.history_json, self.history_csv, self.curves, *reports, self.onnx,
                 self.audit]

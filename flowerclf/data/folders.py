@@ -1,23 +1,27 @@
-"""ImageFolder trees: scanning splits, checking them, listing images, and the category-name mapping.
+"""ImageFolder trees: scanning DATA_DIR's splits (carved where it has none), checking them, listing images, names.
 
 Torch-free: scanning a folder needs no torch.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from flowerclf.base.errors import FlowerclfError, brief
+from flowerclf.base.runfiles import VALIDATION_FOLDERS
 from flowerclf.data.images import check_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
-SPLITS = ("train", "valid", "test")
+SPLITS = ("train", *VALIDATION_FOLDERS, "test")  # the folders DATA_DIR may hold
+DEFAULT_VALID_SPLIT = 0.2             # no validation folder: this fraction of train/ per class (Ultralytics' 80/20)
+FLAT_SPLIT = {"valid": 0.15, "test": 0.15}  # class folders and no train/: 70/15/15
 
 
 @dataclass
@@ -28,6 +32,8 @@ class ImageSet:
     files: list[str] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     class_to_idx: dict[str, int] = field(default_factory=dict)
+    name: str = ""              # the folder's own name (val, validation...); "" for carve()'s parts
+    carved: dict | None = None  # carve()'s: {"source": the folder it came from, "fraction", "seed"}
 
     def __len__(self) -> int:
         return len(self.files)
@@ -80,7 +86,7 @@ def scan_split(root: str | os.PathLike, class_to_idx: dict[str, int] | None = No
         if extra:
             raise FlowerclfError(
                 f"{root.name}/ has classes {extra} that train/ lacks; add them to train/ or remove them")
-    images = ImageSet(str(root), class_to_idx=dict(class_to_idx))
+    images = ImageSet(str(root), class_to_idx=dict(class_to_idx), name=root.name)
     for cls in classes:
         for dirpath, dirnames, filenames in os.walk(root / cls):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -93,63 +99,107 @@ def scan_split(root: str | os.PathLike, class_to_idx: dict[str, int] | None = No
     return images
 
 
-def scan_data_dir(data_dir: str | os.PathLike, valid_split: float = 0.0, seed: int = 0) -> dict[str, ImageSet]:
-    """Scan DATA_DIR/train, DATA_DIR/valid (or carve it from train/) and, when present, DATA_DIR/test."""
+def validation_folder(data_dir: Path) -> str | None:
+    """The one of valid/, val/ and validation/ that DATA_DIR holds, or None; two at once is an error."""
+    found = [name for name in VALIDATION_FOLDERS if (data_dir / name).is_dir()]
+    if len(found) > 1:
+        raise FlowerclfError(f"{data_dir}/ has both {found[0]}/ and {found[1]}/, and either could be the validation "
+                             f"split; keep one of them (merge or rename the other)")
+    return found[0] if found else None
+
+
+def scan_data_dir(data_dir: str | os.PathLike, valid_split: float | None = None,
+                  seed: int = 0) -> dict[str, ImageSet]:
+    """Scan DATA_DIR: train/, its validation folder (valid/, val/ or validation/; else `valid_split` of train/,
+    0.2 by default) and test/ when present; with no train/, its class folders split 70/15/15."""
     data_dir = Path(data_dir)
     if data_dir.exists() and not data_dir.is_dir():
         raise FlowerclfError(f"data directory {data_dir} is a file; give the folder that holds train/ and valid/")
     if not data_dir.is_dir():
         raise FlowerclfError(f"data directory {data_dir} does not exist")
+    valid = validation_folder(data_dir)
     if not (data_dir / "train").is_dir():
-        raise FlowerclfError(f"{data_dir}/ has no train/ folder; expected {data_dir}/train/CLASS/*.jpg "
-                             f"and {data_dir}/valid/CLASS/*.jpg")
-    has_valid = (data_dir / "valid").is_dir()
-    if has_valid and valid_split:
-        raise FlowerclfError(f"{data_dir}/valid/ exists, so --valid_split is not needed; drop one of them")
-    if not has_valid and not valid_split:
-        raise FlowerclfError(f"{data_dir}/ has no valid/ folder; add {data_dir}/valid/CLASS/*.jpg, or pass "
-                             f"--valid_split 0.2 to set aside part of train/")
-    sets = {"train": scan_split(data_dir / "train")}
-    present = set(sets["train"].labels)
-    empty = [c for c, i in sets["train"].class_to_idx.items() if i not in present]
-    if empty:
-        raise FlowerclfError(f"train/ class folders {empty} have no images; add images or remove the folders")
-    if valid_split:
-        sets["train"], sets["valid"] = split_off(sets["train"], valid_split, seed)
-        _check_split_off(sets["train"], sets["valid"], valid_split)
-    for split in ("valid", "test"):
-        if (data_dir / split).is_dir():
-            sets[split] = scan_split(data_dir / split, sets["train"].class_to_idx)
+        return _split_class_folders(data_dir, valid, valid_split, seed)
+    if valid and valid_split:
+        raise FlowerclfError(f"{data_dir}/{valid}/ exists, so --valid_split is not needed; drop one of them")
+    if not valid and valid_split == 0:
+        raise FlowerclfError(f"{data_dir}/ has no validation folder (valid/, val/ or validation/) and --valid_split "
+                             f"is 0; add {data_dir}/val/CLASS/*.jpg, or drop --valid_split 0 to set aside "
+                             f"{DEFAULT_VALID_SPLIT:.0%} of train/")
+    train = scan_split(data_dir / "train")
+    _check_no_empty_class(train)
+    if valid:
+        sets = {"train": train, "valid": scan_split(data_dir / valid, train.class_to_idx)}
+    else:
+        sets = carve(train, {"valid": valid_split or DEFAULT_VALID_SPLIT}, seed, "train")
+        if not sets["valid"].files:
+            raise FlowerclfError(f"--valid_split {valid_split or DEFAULT_VALID_SPLIT} set aside no image: only "
+                                 f"classes with 2 or more images in train/ give some; add images, or a val/ folder")
+    if (data_dir / "test").is_dir():
+        sets["test"] = scan_split(data_dir / "test", train.class_to_idx)
     return sets
 
 
-def split_off(images: ImageSet, fraction: float, seed: int = 0) -> tuple[ImageSet, ImageSet]:
-    """A stratified, seeded (rest, held-out) split: each class with 2+ images gives about `fraction`."""
-    if not 0 < fraction < 1:
-        raise FlowerclfError(f"--valid_split {fraction} must be between 0 and 1")
-    rng = np.random.default_rng(seed)
+def _split_class_folders(data_dir: Path, valid: str | None, valid_split: float | None,
+                         seed: int) -> dict[str, ImageSet]:
+    """DATA_DIR/CLASS/*.jpg and no train/: seeded, stratified train/valid/test parts, 70/15/15 by default."""
+    split = [name for name in (valid, "test") if name and (data_dir / name).is_dir()]
+    if split or not _class_dirs(data_dir):
+        raise FlowerclfError(f"{data_dir}/ has no train/ folder; expected {data_dir}/train/CLASS/*.jpg (and "
+                             f"val/CLASS/*.jpg, or a part of train/ is set aside), or only class folders "
+                             f"{data_dir}/CLASS/*.jpg to split 70/15/15")
+    if valid_split == 0:
+        raise FlowerclfError(f"{data_dir}/ holds class folders and no train/, so it is split into train, valid and "
+                             f"test; --valid_split 0 would leave no validation split: drop it")
+    images = scan_split(data_dir)
+    _check_no_empty_class(images)
+    sets = carve(images, {**FLAT_SPLIT, **({"valid": valid_split} if valid_split else {})}, seed, ".")
+    if not sets["valid"].files:
+        raise FlowerclfError(f"{data_dir}/ cannot be split: no class folder has 2 or more photos; add photos")
+    return sets
+
+
+def _check_no_empty_class(images: ImageSet) -> None:
+    present = set(images.labels)
+    empty = [c for c, i in images.class_to_idx.items() if i not in present]
+    if empty:
+        raise FlowerclfError(f"{images.root}/ class folders {empty} have no images; add images or remove the folders")
+
+
+def _order(images: ImageSet, idx: list[int], seed: int) -> list[int]:
+    """`idx` ordered by a seeded hash of each path under the split: the same order on every machine and run, and
+    a photo added to a class changes no other class's part."""
+    def key(i: int) -> bytes:
+        rel = os.path.relpath(images.files[i], images.root)
+        return hashlib.blake2b(f"{seed}/{rel}".encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return sorted(idx, key=key)
+
+
+def carve(images: ImageSet, fractions: dict[str, float], seed: int, source: str) -> dict[str, ImageSet]:
+    """Stratified, seeded parts: each class gives every part of `fractions` about its share (at least one photo
+    while one stays in "train"), the rest is "train". Nothing is copied; `source` ("train", or "." for DATA_DIR
+    itself) is recorded on each part."""
+    if not all(0 < f < 1 for f in fractions.values()) or sum(fractions.values()) >= 1:
+        raise FlowerclfError(f"--valid_split {fractions['valid']} must be between 0 and "
+                             f"{1 - sum(fractions.values()) + fractions['valid']:g}")
     labels = np.asarray(images.labels)
-    held = set()
+    parts: dict[str, list[int]] = {"train": [], **{name: [] for name in fractions}}
     for label in np.unique(labels):
-        idx = np.flatnonzero(labels == label)
-        if len(idx) >= 2:
-            held.update(rng.choice(idx, size=max(1, int(round(len(idx) * fraction))), replace=False).tolist())
-    parts = ([i for i in range(len(labels)) if i not in held], sorted(held))
-    return tuple(ImageSet(images.root, [images.files[i] for i in p], [images.labels[i] for i in p],
-                          dict(images.class_to_idx)) for p in parts)
+        idx = _order(images, np.flatnonzero(labels == label).tolist(), seed)
+        taken = 0
+        for name, fraction in fractions.items():
+            k = min(max(1, round(len(idx) * fraction)), len(idx) - 1 - taken)
+            parts[name] += idx[taken:taken + k]
+            taken += k
+        parts["train"] += idx[taken:]
+    share, unnamed = {"train": 1 - sum(fractions.values()), **fractions}, replace(images, name="")  # no folder's
+    return {name: _part(unnamed, sorted(p), {"source": source, "fraction": round(share[name], 6), "seed": seed})
+            for name, p in parts.items()}
 
 
-def _check_split_off(train: ImageSet, valid: ImageSet, fraction: float) -> None:
-    """--valid_split must leave a validation image, and every class a training image."""
-    if not valid.files:
-        raise FlowerclfError(f"--valid_split {fraction} set aside no image: only classes with 2 or more images in "
-                             f"train/ give some; add images, or a valid/ folder")
-    kept = set(train.labels)
-    emptied = [c for c, i in train.class_to_idx.items() if i not in kept]
-    if emptied:
-        raise FlowerclfError(f"--valid_split {fraction} takes every train/ image of classes {emptied[:10]}"
-                             f"{' ...' if len(emptied) > 10 else ''}, leaving none to train on; pass a smaller "
-                             f"--valid_split or add images")
+def _part(images: ImageSet, idx: list[int], carved: dict | None) -> ImageSet:
+    return replace(images, files=[images.files[i] for i in idx], labels=[images.labels[i] for i in idx],
+                   class_to_idx=dict(images.class_to_idx), carved=carved)
 
 
 def check_splits(splits: dict[str, ImageSet], full: bool = False, skip_bad: bool = False
@@ -161,7 +211,7 @@ def check_splits(splits: dict[str, ImageSet], full: bool = False, skip_bad: bool
     warnings_, problems = [], []
     train_classes = set(splits["train"].class_to_idx)
     for name, images in splits.items():
-        if name != "train":
+        if name != "train" and not images.carved:  # a carved part's missing classes: describe() says why
             present = set(images.labels)
             missing = sorted(train_classes - {c for c, i in images.class_to_idx.items() if i in present})
             if missing:
@@ -175,8 +225,7 @@ def check_splits(splits: dict[str, ImageSet], full: bool = False, skip_bad: bool
             else:
                 keep.append(i)
         if skip_bad and len(keep) < len(images.files):
-            splits[name] = ImageSet(images.root, [images.files[i] for i in keep], [images.labels[i] for i in keep],
-                                    images.class_to_idx)
+            splits[name] = _part(images, keep, images.carved)
             if not keep:
                 raise FlowerclfError(f"{name}/ has no readable images left")
     if problems and not skip_bad:

@@ -171,6 +171,7 @@ def write_html_report(out_dir: str, stem: str, result: dict, facts: dict[str, st
     page_dir = os.path.dirname(os.path.abspath(path))
     stats = "".join(f"<span>{label} <b>{value}</b></span>" for label, value in (
         ("top-1", f"{100 * result['top1']:.2f}%"),
+        ("balanced accuracy", f"{100 * result['balanced_accuracy']:.2f}%"),  # the mean per-class recall
         (f"top-{result.get('top_k', 5)}", f"{100 * result['top5']:.2f}%"),
         ("images", result["images"]), ("classes", len(result["per_class"]))))
     run_rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in facts.items())

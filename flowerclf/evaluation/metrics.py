@@ -50,13 +50,23 @@ def accuracies(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     return float((topk[:, 0] == labels).mean()), float((topk == labels[:, None]).any(axis=1).mean())
 
 
+def balanced_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The mean of the per-class recalls over the classes the split holds: each class counts once, however many
+    photos it has (top-1 lets the big classes drown a small one)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    support = np.bincount(labels)  # counted over the photos in two bincounts, no loop over the classes
+    right = np.bincount(labels[ranked(logits, 1)[:, 0] == labels], minlength=len(support))
+    present = support > 0
+    return float((right[present] / support[present]).mean()) if present.any() else 0.0
+
+
 TOP_LOSSES = 24  # photos in report.html's top-loss grid
 
 
 def classification_report(logits: np.ndarray, labels: np.ndarray, classes: list[str],
                           names: dict[str, str] | None = None, most_confused: int = 10,
                           files: list[str] | None = None, top_losses: int = TOP_LOSSES) -> dict:
-    """Top-1/top-k accuracy (k = min(5, classes), in "top5" and named by "top_k"), per-class
+    """Top-1/top-k accuracy (k = min(5, classes), in "top5" and named by "top_k"), balanced accuracy, per-class
     precision/recall/F1/support, the most confused pairs.
 
     With the `files` of the rows, also the `top_losses` highest-loss photos and an example photo per pair.
@@ -88,6 +98,7 @@ def classification_report(logits: np.ndarray, labels: np.ndarray, classes: list[
         "top1": top1,
         "top5": top5,
         "top_k": min(5, len(classes)),
+        "balanced_accuracy": balanced_accuracy(logits, labels),
         "per_class": [{"class": c, "name": label(i), "precision": float(precision[i]), "recall": float(recall[i]),
                        "f1": float(f1[i]), "support": int(support[i])} for i, c in enumerate(classes)],
         "most_confused": [{"true": label(i), "predicted": label(j), "count": n} for n, i, j in pairs[:most_confused]],

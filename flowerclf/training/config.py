@@ -39,7 +39,8 @@ class TrainConfig:
     category_names: str | None = None
     engine: str = "auto"
     export: str | None = None
-    valid_split: float = 0.0
+    valid_split: float | None = None  # None: 0.2 of train/ when DATA_DIR has no validation folder
+    balance: str = "auto"  # weight the loss by inverse class frequency: off, on, or auto (on past SKEW)
     skip_bad_images: bool = False
     resume: bool = False
     overwrite: bool = False
@@ -50,7 +51,7 @@ class TrainConfig:
         """Every caller (train.py, tests, benchmarks) gets the same checks, before any work."""
         self.hidden_units = [h for h in self.hidden_units if h != 0]  # "0" means no hidden layer
         finite = all(math.isfinite(v) for v in (self.dropout, self.learning_rate, self.backbone_lr_ratio,
-                                                  self.warmup_epochs, self.label_smoothing, self.valid_split))
+                                                  self.warmup_epochs, self.label_smoothing, self.valid_split or 0))
         problems = [
             (finite, "--dropout, --learning_rate, --backbone_lr_ratio, --warmup_epochs, --label_smoothing and "
                      "--valid_split must be finite numbers"),
@@ -61,7 +62,8 @@ class TrainConfig:
             (self.backbone_lr_ratio > 0, "--backbone_lr_ratio must be positive"),
             (0 <= self.warmup_epochs <= self.epochs, f"--warmup_epochs must be from 0 to --epochs ({self.epochs})"),
             (0 <= self.label_smoothing < 1, "--label_smoothing must be in [0, 1)"),
-            (0 <= self.valid_split < 1, "--valid_split must be in [0, 1)"),
+            (self.valid_split is None or 0 <= self.valid_split < 1, "--valid_split must be in [0, 1)"),
+            (self.balance in ("off", "on", "auto"), "--balance must be off, on or auto"),
             (all(0 < h <= MAX_HIDDEN_UNITS for h in self.hidden_units),
              f"--hidden_units must be whole numbers from 0 to {MAX_HIDDEN_UNITS}"),
             (0 <= self.seed <= MAX_SEED, f"--seed must be a whole number from 0 to {MAX_SEED}"),

@@ -11,7 +11,7 @@ from flowerclf.base.errors import FlowerclfError
 from flowerclf.base.progress import progress
 from flowerclf.data.folders import ImageSet
 from flowerclf.data.transforms import Preprocess, create_transform
-from flowerclf.evaluation.metrics import accuracies
+from flowerclf.evaluation.metrics import accuracies, balanced_accuracy
 from flowerclf.features.engines import torch_forward
 from flowerclf.data.loaders import input_batches
 from flowerclf.features.passes import extract_features, head_logits, shard_of
@@ -68,6 +68,12 @@ def train_head_epoch(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor,
     return {"loss": ddp.all_sum(total.item(), device) / len(order)}
 
 
+def class_weights(labels: list[int], n_classes: int) -> torch.Tensor:
+    """Inverse class frequency, weight_c = N / (C * n_c): each class weighs in the loss as if all were n_c = N / C."""
+    counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=n_classes).double()
+    return (counts.sum() / (n_classes * counts.clamp(min=1))).float()
+
+
 def set_train_mode(model: nn.Sequential) -> None:
     """Train mode for what trains; frozen modules stay in eval so their BatchNorm statistics hold."""
     model.train()
@@ -120,9 +126,10 @@ def split_logits(model: nn.Sequential, images: ImageSet, preprocess: Preprocess,
 
 
 def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Mean cross-entropy, top-1 and top-k (k = min(5, classes)) accuracy."""
+    """Mean cross-entropy, top-1 and top-k (k = min(5, classes)) accuracy, balanced accuracy."""
     top1, top5 = accuracies(logits.numpy(), labels.numpy())
-    return {"loss": nn.functional.cross_entropy(logits, labels).item(), "acc": top1, "top5": top5}
+    return {"loss": nn.functional.cross_entropy(logits, labels).item(), "acc": top1, "top5": top5,
+            "balanced": balanced_accuracy(logits.numpy(), labels.numpy())}
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:

@@ -14,14 +14,15 @@ from typing import Callable
 import torch
 from torch import nn
 
+from flowerclf.data.layout import SKEW, class_counts
 from flowerclf.data.loaders import make_loader
 from flowerclf.data.transforms import create_transform
 from flowerclf.features.passes import FeaturePass, head_logits
 from flowerclf.models.stages import unfreeze_last
 from flowerclf.runtime import ddp
 from flowerclf.runtime.devices import amp_dtype, to_channels_last
-from flowerclf.training.loops import (finetune_epoch, metrics_from_logits, split_logits, train_head_epoch,
-                                      warmup_cosine, wrap_ddp)
+from flowerclf.training.loops import (class_weights, finetune_epoch, metrics_from_logits, split_logits,
+                                      train_head_epoch, warmup_cosine, wrap_ddp)
 
 
 @dataclass
@@ -37,6 +38,17 @@ class Plan:
     engine: str
     valid_logits: Callable[[], tuple] | None = None  # (logits, labels) of the valid split: calibration's input
     features: dict | None = None                     # the frozen plan's (features, labels) per split: the audit's
+
+
+def balance_weights(balance: str, splits: dict, log) -> torch.Tensor | None:
+    """--balance: the loss's class weights (class_weights), or None; auto turns them on past SKEW."""
+    counts = class_counts(splits["train"])
+    if balance == "off" or (balance == "auto" and counts.max() <= SKEW * counts.min()):
+        return None
+    weights = class_weights(splits["train"].labels, len(counts))
+    log(f"--balance {balance}: the loss weighs class c by N / (C * n_c), from {weights.min():.2f} to "
+        f"{weights.max():.2f}")
+    return weights
 
 
 def stored_features(model, spec, preprocess, splits, cfg, device, log) -> tuple[dict, str]:
@@ -68,7 +80,8 @@ def frozen_plan(model, spec, preprocess, splits, cfg, device, log) -> Plan:
     head = model.head.to(device)
     runner = wrap_ddp(head, device)
     optimizer = torch.optim.Adam(head.parameters(), lr=cfg.learning_rate)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
+    loss_fn = nn.CrossEntropyLoss(balance_weights(cfg.balance, splits, log), label_smoothing=cfg.label_smoothing,
+                                  reduction="sum").to(device)
     generator = torch.Generator().manual_seed(cfg.seed)
     return Plan(
         head,
@@ -102,7 +115,8 @@ def finetune_plan(model, preprocess, splits, cfg, device, log) -> Plan:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(steps, min(steps, max(1, round(cfg.warmup_epochs * len(train_loader))))))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and amp_dtype(device) == torch.float16)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    loss_fn = nn.CrossEntropyLoss(balance_weights(cfg.balance, splits, log),
+                                  label_smoothing=cfg.label_smoothing).to(device)
     runner = wrap_ddp(model, device)
     runner = torch.compile(runner) if cfg.compile else runner
 

@@ -10,6 +10,7 @@ from flowerclf.data.folders import (
     load_category_names,
     scan_data_dir,
 )
+from flowerclf.data.layout import describe
 from flowerclf.features.store import store_dir
 from flowerclf.models.names import check_arch
 from flowerclf.training.config import TrainConfig
@@ -29,7 +30,8 @@ def preflight(cfg: TrainConfig) -> dict[str, ImageSet]:
 def check_data(cfg: TrainConfig) -> str:
     """train.py --check: scan DATA_DIR, decode every image; a report, or an error listing each bad file."""
     splits = scan_data_dir(cfg.data_dir, cfg.valid_split, cfg.seed)
+    said = describe(splits)
     splits, warnings_ = check_splits(splits, full=True, skip_bad=cfg.skip_bad_images)
     summary = (f"{cfg.data_dir}: " + ", ".join(f"{len(s)} {n}" for n, s in splits.items())
                + f" images, {len(splits['train'].class_to_idx)} classes, all readable")
-    return "\n".join(warnings_ + [summary])
+    return "\n".join(said + warnings_ + [summary])

@@ -39,16 +39,18 @@ class ResumeState:
     # the random state of the CUDA device this process trains on (its current one), when CUDA was in use;
     # under torchrun every rank's stream is rank 0's (one seed, the same ops), as with `rng`
     cuda_rng: torch.Tensor | None = None
+    split: dict | None = None  # a split carved from train/ or DATA_DIR (data.layout.split_record): the same on resume
 
     @classmethod
     def capture(cls, trained_state: dict, stateful: dict, generator: torch.Generator, spec: ModelSpec,
-                class_to_idx: dict, epoch: int, history: list, best: dict, args: dict) -> "ResumeState":
+                class_to_idx: dict, epoch: int, history: list, best: dict, args: dict,
+                split: dict | None = None) -> "ResumeState":
         """The state of the run now, at the end of `epoch`."""
         return cls(spec.to_dict(), dict(class_to_idx), args["unfreeze"], epoch, history,
                    {k: best[k] for k in ("epoch", "acc", "loss")}, best["state"], trained_state,
                    {name: obj.state_dict() for name, obj in stateful.items()}, generator.get_state(),
                    torch.get_rng_state(), args,
-                   torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None)
+                   torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None, split)
 
     def to_dict(self) -> dict:
         """What torch.save writes: the format's name and version, then every field."""
@@ -92,8 +94,11 @@ class ResumeState:
         if not isinstance(self.args, dict):
             raise FlowerclfError(f"--resume: {path}: field 'args' is missing or not dict; the file is damaged; "
                                  f"train again with --overwrite")
+        # --valid_split 0 and unset mean the same wherever a run resumes (a validation folder, or the split the
+        # state records); states from before the carved split said 0
         changed = [f"--{k} {self.args[k]!r:.40} (now {v!r:.40})" for k, v in args.items()
-                   if k not in RESUMABLE_FLAGS and k in self.args and self.args[k] != v]
+                   if k not in RESUMABLE_FLAGS and k in self.args and self.args[k] != v
+                   and not (k == "valid_split" and not self.args[k] and not v)]
         if changed:
             raise FlowerclfError(f"--resume: {path} was trained with {', '.join(changed)}; a resumed run keeps its "
                                  f"settings, so pass the same flags, or train anew with --overwrite")

@@ -15,7 +15,8 @@ from flowerclf.data.folders import SPLITS, is_inside
 
 def check_not_in_data(save_dir: str, data_dir: str, what: str = "--save_dir") -> None:
     """Outputs written into a split would be read back as images of a class (or a new class)."""
-    for split in SPLITS:
+    # with no train/, DATA_DIR's own folders are the classes (data.folders.scan_data_dir splits them)
+    for split in SPLITS if os.path.isdir(os.path.join(data_dir, "train")) else ("",):
         if is_inside(save_dir, os.path.join(data_dir, split)):
             raise FlowerclfError(f"{what} {save_dir} is inside {os.path.join(data_dir, split)}, so the files written "
                                  f"there would become training images; pick a folder outside DATA_DIR's splits")

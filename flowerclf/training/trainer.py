@@ -23,6 +23,7 @@ from flowerclf.data.folders import (
     class_names,
     load_category_names,
 )
+from flowerclf.data.layout import apply_record, describe, split_label, split_record
 from flowerclf.data.transforms import Preprocess
 from flowerclf.evaluation.audit import audit_features, write_audit
 from flowerclf.evaluation.audit import section as audit_section
@@ -88,6 +89,7 @@ class Run:
     log: Callable[[str], None]
     resume: ResumeState | None = None   # --resume: checkpoint_last.pth, read and checked before any work
     claimed: rundir.Claim | None = None  # rank 0's hold on the save directory
+    split: dict | None = None            # the split carved where DATA_DIR had none (data.layout.split_record)
 
     @property
     def files(self) -> RunFiles:
@@ -97,7 +99,8 @@ class Run:
         """checkpoint.pth (rank 0 only)."""
         if ddp.is_main():
             atomic_save(make_checkpoint(self.model, self.spec, self.preprocess, self.class_to_idx, epoch=epoch,
-                                        history=history, args=asdict(self.cfg), **extra), self.files.checkpoint)
+                                        history=history, args=asdict(self.cfg), split=self.split, **extra),
+                        self.files.checkpoint)
             if self.claimed is not None:
                 self.claimed.saved()  # --overwrite: the previous run's outputs can go now
 
@@ -135,7 +138,8 @@ def run_epochs(plan: Plan, run: Run) -> tuple[list, dict]:
             # one, so only a power cut can lose the epochs since the last, at most LAST_SYNC_S of them
             durable = stop or epoch == cfg.epochs or time.monotonic() - synced >= LAST_SYNC_S
             atomic_save(ResumeState.capture(_cpu_state(plan.trainable.state_dict()), plan.stateful, plan.generator,
-                                            run.spec, run.class_to_idx, epoch, history, best, asdict(cfg)).to_dict(),
+                                            run.spec, run.class_to_idx, epoch, history, best, asdict(cfg),
+                                            run.split).to_dict(),
                         last, durable)
             synced = time.monotonic() if durable else synced
             # the history as it grows, to watch a run; the curves at most every CURVES_EVERY_S (a frozen epoch is
@@ -175,9 +179,6 @@ def _train(cfg: TrainConfig, device: torch.device, log: Callable[[str], None], s
     cfg = replace(cfg, feature_batch_size=resolve_feature_batch_size(cfg.feature_batch_size, device),
                   num_workers=resolve_num_workers(cfg.num_workers, device))
     splits = splits or preflight(cfg)
-    splits, warnings_ = check_splits(splits, full=cfg.skip_bad_images, skip_bad=cfg.skip_bad_images)
-    for line in warnings_ if main else []:  # the same on every rank: said once
-        log(line)
     names = load_category_names(cfg.category_names)  # fail before training, not after
     class_to_idx = splits["train"].class_to_idx
     spec = ModelSpec(cfg.arch, resolve_weights(cfg.arch, cfg.weights).spec, list(cfg.hidden_units),
@@ -186,6 +187,12 @@ def _train(cfg: TrainConfig, device: torch.device, log: Callable[[str], None], s
     resume = ResumeState.read(last, spec, class_to_idx, cfg.unfreeze) if cfg.resume else None
     if resume is not None:  # other classes, model or flags are refused before any work
         resume.check_args(asdict(cfg), last)
+        if resume.split is not None:  # the photos it validated on, even where photos were added since
+            splits = apply_record(splits, resume.split, last)
+    split = split_record(splits)
+    splits, warnings_ = check_splits(splits, full=cfg.skip_bad_images, skip_bad=cfg.skip_bad_images)
+    for line in describe(splits) + warnings_ if main else []:  # the same on every rank: said once
+        log(line)
     model, preprocess = build_model(spec)
     freeze(model.backbone)
     model.to(device)
@@ -194,7 +201,7 @@ def _train(cfg: TrainConfig, device: torch.device, log: Callable[[str], None], s
     claim = rundir.claim(RunFiles(cfg.save_dir), cfg.data_dir, cfg.overwrite, cfg.resume, log) if main \
         else nullcontext()
     with claim as held:  # before the feature pass: a locked, unwritable or occupied save dir fails now
-        return _fit(Run(model, spec, preprocess, class_to_idx, cfg, log, resume, held), splits, names, device)
+        return _fit(Run(model, spec, preprocess, class_to_idx, cfg, log, resume, held, split), splits, names, device)
 
 
 def _fit(run: Run, splits: dict, names: dict, device: torch.device) -> dict:
@@ -216,9 +223,10 @@ def _fit(run: Run, splits: dict, names: dict, device: torch.device) -> dict:
     test = plan.test_logits() if plan.test_logits else None
     if test is not None:
         m = metrics_from_logits(*test)
-        metrics.update(test_loss=m["loss"], test_acc=m["acc"], test_top5=m["top5"])
+        metrics.update(test_loss=m["loss"], test_acc=m["acc"], test_top5=m["top5"], test_balanced=m["balanced"])
         k = min(5, len(run.class_to_idx))
-        log(f"test accuracy: top-1 {100 * m['acc']:.2f}%  top-{k} {100 * m['top5']:.2f}%  (best epoch {best['epoch']})")
+        log(f"test accuracy: top-1 {100 * m['acc']:.2f}%  top-{k} {100 * m['top5']:.2f}%  balanced "
+            f"{100 * m['balanced']:.2f}%  (best epoch {best['epoch']})")
     run.save(best["epoch"], history, metrics=metrics, calibration=calibration)
     files = run.files
     result = {"checkpoint": files.checkpoint, "metrics": metrics, "history": history, "epoch": best["epoch"]}
@@ -233,24 +241,27 @@ def _fit(run: Run, splits: dict, names: dict, device: torch.device) -> dict:
         written.append(write_audit(audited, files.audit))
     # the report is on test/, or on valid/ when there is none (and says so: valid chose the epoch and the temperature)
     split, (logits, labels) = ("test", test) if test is not None else ("valid", valid)
+    # the report files take the folder's own name (val_report.html), or the split's when carved
+    stem, label = (split if splits[split].carved else splits[split].name), split_label(split, splits[split])
     temperature = calibration["temperature"]
     report = classification_report(logits.numpy() / temperature, labels.numpy(), class_names(run.class_to_idx),
                                    names, files=splits[split].files)
-    written += write_report(report, files, split)
-    facts = run_facts("train.py", asdict(cfg), str(device), os.path.join(cfg.data_dir, split),
-                      ", ".join(f"{len(s)} {n}" for n, s in splits.items()), best["epoch"])
+    written += write_report(report, files, stem)
+    facts = run_facts("train.py", asdict(cfg), str(device), label if splits[split].carved
+                      else os.path.join(cfg.data_dir, stem), ", ".join(f"{len(s)} {n}" for n, s in splits.items()),
+                      best["epoch"])
     if split == "valid":
-        facts["note"] = ("no test/ folder, so this report is on valid/, which also chose the best epoch and the "
-                         "temperature: its figures are optimistic; add DATA_DIR/test/ for an honest one")
-    facts[f"calibration ({split})"] = report_calibration(logits.numpy(), labels.numpy(), temperature,
-                                                         files.reliability(split))
-    log(f"calibration on {split}: {facts[f'calibration ({split})']}")
-    written.append(files.reliability(split))
-    page = write_html_report(files.folder, split, report, facts, asdict(cfg), {
-        "Training curves": files.curves, "Confusion matrix": files.confusion(split),
-        "Reliability diagram": files.reliability(split)}, audited and partial(audit_section, audited))
+        facts["note"] = (f"no test/ folder, so this report is on {label}, which also chose the best epoch and the "
+                         f"temperature: its figures are optimistic; add DATA_DIR/test/ for an honest one")
+    facts[f"calibration ({stem})"] = report_calibration(logits.numpy(), labels.numpy(), temperature,
+                                                        files.reliability(stem))
+    log(f"calibration on {stem}: {facts[f'calibration ({stem})']}")
+    written.append(files.reliability(stem))
+    page = write_html_report(files.folder, stem, report, facts, asdict(cfg), {
+        "Training curves": files.curves, "Confusion matrix": files.confusion(stem),
+        "Reliability diagram": files.reliability(stem)}, audited and partial(audit_section, audited))
     if split == "valid":
-        log(f"no {os.path.join(cfg.data_dir, 'test')}/ folder: the report is on valid/ (python evaluate.py "
+        log(f"no {os.path.join(cfg.data_dir, 'test')}/ folder: the report is on {label} (python evaluate.py "
             f"{files.checkpoint} OTHER_SPLIT evaluates any other folder)")
     if cfg.export == "onnx":
         written.append(export_checkpoint(files.checkpoint))
