@@ -100,7 +100,7 @@ def write_csv(items: Iterable[dict], path: str, k: int) -> Iterable[dict]:
 
 
 def check_csv_target(path: str, inputs: list[str], checkpoint: str) -> None:
-    """--csv must name a new or CSV file, never a folder, the checkpoint or an input."""
+    """--csv names a file to write: never a folder, the checkpoint or one of the inputs."""
     if os.path.isdir(path):
         raise FlowerclfError(f"--csv {path} is a folder; give a file name such as {os.path.join(path, 'preds.csv')}")
     for other in (checkpoint, *inputs):
@@ -109,7 +109,8 @@ def check_csv_target(path: str, inputs: list[str], checkpoint: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Predict every input; print text or JSON (and draw --plot); return 0, or 1 when some inputs failed."""
+    """Predict every input; print text or JSON, or write --csv (and draw --plot); return 0, or 1 when some inputs
+    failed."""
     if len(args.paths) < 2:
         raise FlowerclfError("give at least one IMAGE and then the CHECKPOINT (see predict.py --help)")
     *inputs, checkpoint = args.paths
