@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     print(f"(this script's own peak RSS, a floor under its children's figures: {own:.0f} MiB)")
     small, large = figures[args.small], figures[args.large]
     ratio = large / small
-    print(f"peak RSS {args.large} / {args.small} photos: {ratio:.3f}x (+{large - small:.0f} MiB); "
+    print(f"peak RSS {args.large} / {args.small} photos: {ratio:.3f}x ({large - small:+.0f} MiB); "
           f"{'within' if ratio <= 1.25 else 'OVER'} 1.25x")
     return 0 if ratio <= 1.25 else 1
 
