@@ -1,5 +1,6 @@
 """predict.py end to end through the same main() users run: JSON, text, folders, --plot, bad input."""
 import contextlib
+import csv
 import importlib.util
 import io
 import json
@@ -10,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, an_image, make_image_folder, one_error_line
+from conftest import ROOT, an_image, make_image_folder, one_error_line, truncated_jpeg
 from conftest import run_script as _main
 from PIL import Image
 
@@ -88,7 +89,9 @@ def test_predict_bad_inputs(trained, tmp_path, capsys):
     bad.write_bytes(b"\xff\xd8\xff garbage")
     assert predict.main([good, str(bad), str(tmp_path / "missing.jpg"), ckpt, "--json"]) == 1
     captured = capsys.readouterr()
-    assert [r["image"] for r in json.loads(captured.out)] == [good]  # the good one is still predicted
+    good_item, bad_item = json.loads(captured.out)  # the good one is still predicted; the bad one says why
+    assert good_item["image"] == good and "predictions" in good_item and "error" not in good_item
+    assert bad_item == {"image": str(bad), "error": bad_item["error"]} and "broken.jpg" in bad_item["error"]
     assert "broken.jpg" in captured.err and "missing.jpg does not exist" in captured.err
     assert predict.main([good, str(tmp_path / "nope.pth")]) == 2
     assert capsys.readouterr().err.strip() == f"error: checkpoint {tmp_path / 'nope.pth'} does not exist"
@@ -363,3 +366,125 @@ def test_predict_decodes_as_the_checkpoint_was_trained(tiny_run, tmp_path):
             np.testing.assert_array_equal(batch[0], expected)
         answers.append({p["class"]: p["probability"] for p in results[0]["predictions"]})
     assert answers[0] == pytest.approx(answers[1], abs=0.05)  # and the answers barely move
+
+
+def _csv_rows(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.reader(f))
+
+
+def _photo_folder(data, folder, names):
+    """`folder` holding a copy of one test photo under each of `names`; returns the folder."""
+    os.makedirs(folder, exist_ok=True)
+    photo = open(an_image(data), "rb").read()
+    for name in names:
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(photo)
+    return str(folder)
+
+
+def test_csv_rows_match_json_exactly(tiny_run, tmp_path):
+    data, save = tiny_run
+    ckpt = str(save / "checkpoint.pth")
+    folder = os.path.join(data, "valid")
+    broken = tmp_path / "broken.jpg"
+    truncated_jpeg(broken)
+    items = json.loads(_main(predict, [folder, str(broken), ckpt, "--top_k", "2", "--json"])[1])
+    code, out, err = _main(predict, [folder, str(broken), ckpt, "--top_k", "2", "--csv", str(tmp_path / "p.csv")])
+    assert code == 1 and out == "" and err.strip() == f"wrote {tmp_path / 'p.csv'}: 9 photos predicted, 1 unreadable " \
+                                                      f"(their rows say why)"
+    header, *rows = _csv_rows(tmp_path / "p.csv")
+    assert header == ["image", "confident", "class_1", "name_1", "probability_1", "class_2", "name_2",
+                      "probability_2", "error"]
+    assert len(rows) == len(items) == 10 and not os.path.exists(tmp_path / "p.csv.partial")
+    for row, item in zip(rows, items):  # same order, same values: JSON's text of each probability
+        cells = dict(zip(header, row))
+        assert cells["image"] == item["image"] and cells["error"] == item.get("error", "")
+        assert cells["confident"] == json.dumps(item["confident"]) if "confident" in item else cells["confident"] == ""
+        preds = item.get("predictions", [])
+        assert [cells[f"{c}_{n}"] for n in (1, 2) for c in ("class", "name")] == \
+            ([v for p in preds for v in (p["class"], p["name"])] or [""] * 4)
+        assert [cells[f"probability_{n}"] for n in (1, 2)] == ([json.dumps(p["probability"]) for p in preds] or
+                                                               ["", ""])
+    assert rows[-1][0] == str(broken) and "broken.jpg" in rows[-1][-1] and rows[-1][1:-1] == [""] * 7
+
+
+def test_csv_of_a_folder_writes_rows_before_the_last_photo_is_read(tiny_run, tmp_path, monkeypatch):
+    from flowerclf.serving import predictor as predictor_module
+    data, save = tiny_run
+    folder = _photo_folder(data, tmp_path / "photos", [f"{i:02d}.png" for i in range(40)])  # > one batch of 32
+    last, seen = os.path.join(folder, "39.png"), {}
+    real = predictor_module.load_rgb
+
+    def reader(path, *args, **kwargs):
+        if path == last:  # the rows of the first batch must be on disk already
+            seen["rows"] = len(_csv_rows(tmp_path / "p.csv.partial")) - 1
+            seen["final"] = os.path.exists(tmp_path / "p.csv")
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(predictor_module, "load_rgb", reader)
+    code, _, err = _main(predict, [str(folder), str(save / "checkpoint.pth"), "--csv", str(tmp_path / "p.csv")])
+    assert code == 0, err
+    assert seen == {"rows": 32, "final": False}  # streamed into p.csv.partial, p.csv only once whole
+    assert len(_csv_rows(tmp_path / "p.csv")) == 41 and not os.path.exists(tmp_path / "p.csv.partial")
+
+
+def test_a_stopped_csv_leaves_its_rows_in_the_partial_file_and_no_half_file(tiny_run, tmp_path, monkeypatch):
+    from flowerclf.serving import predictor as predictor_module
+    data, save = tiny_run
+    folder = _photo_folder(data, tmp_path / "photos", [f"{i:02d}.png" for i in range(40)])
+    (tmp_path / "p.csv").write_text("the previous answers\n")
+    real = predictor_module.load_rgb
+
+    def interrupted(path, *args, **kwargs):
+        if path.endswith("39.png"):
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(predictor_module, "load_rgb", interrupted)
+    code, _, err = _main(predict, [str(folder), str(save / "checkpoint.pth"), "--csv", str(tmp_path / "p.csv")])
+    assert code == 130 and err.strip() == f"interrupted: the rows so far are in {tmp_path / 'p.csv'}.partial"
+    assert (tmp_path / "p.csv").read_text() == "the previous answers\n"
+    assert len(_csv_rows(tmp_path / "p.csv.partial")) == 1 + 32
+
+
+def test_an_unreadable_photo_is_a_csv_row_with_its_error(tiny_run, tmp_path):
+    data, save = tiny_run
+    folder = _photo_folder(data, tmp_path / "photos", ["a.png", "c.png"])
+    truncated_jpeg(os.path.join(folder, "b.jpg"))
+    code, _, err = _main(predict, [folder, str(save / "checkpoint.pth"), "--csv", str(tmp_path / "p.csv")])
+    assert code == 1 and "2 photos predicted, 1 unreadable" in err
+    rows = _csv_rows(tmp_path / "p.csv")[1:]
+    assert [os.path.basename(r[0]) for r in rows] == ["a.png", "b.jpg", "c.png"]
+    assert rows[0][-1] == rows[2][-1] == "" and rows[0][2] and rows[1][-1].startswith(os.path.join(folder, "b.jpg"))
+    _photo_folder(data, tmp_path / "bad", [])
+    truncated_jpeg(tmp_path / "bad" / "x.jpg")  # nothing predicted: exit 2, the file still says why
+    code, _, _ = _main(predict, [str(tmp_path / "bad"), str(save / "checkpoint.pth"), "--csv", str(tmp_path / "q.csv")])
+    assert code == 2 and len(_csv_rows(tmp_path / "q.csv")) == 2
+
+
+def test_csv_cells_keep_hostile_text_and_never_start_a_formula(tiny_run, tmp_path, monkeypatch):
+    data, save = tiny_run
+    hostile = ['=HYPERLINK("x","y").png', '+1,2.png', '-3.png', '@SUM(A1).png', '\tx.png',
+               'a "quoted",\nnew line\r\x1b[2J\x07.png', 'plain.png']
+    _photo_folder(data, tmp_path / "photos", hostile)
+    os.mkdir(tmp_path / "photos" / "odd")
+    with open(os.path.join(os.fsencode(tmp_path / "photos" / "odd"), b"\xff\xfe.png"), "wb") as f:
+        f.write(open(an_image(data), "rb").read())  # a name that is not UTF-8
+    (tmp_path / "names.json").write_text(json.dumps({"1": "=cmd|' /C calc'!A0", "2": "-2", "3": "x\ny"}))
+    monkeypatch.chdir(tmp_path / "photos")  # relative paths: the path cell itself can start with =
+    code, _, err = _main(predict, ["--top_k", "3", "--category_names", str(tmp_path / "names.json"), "--csv", "p.csv",
+                                   "--", *hostile, "odd", str(save / "checkpoint.pth")])
+    assert code == 0, err
+    rows = _csv_rows("p.csv")[1:]
+    assert [r[0] for r in rows] == [("'" + h if h[0] in "=+-@\t" else h) for h in hostile] + ["odd/\\udcff\\udcfe.png"]
+    names = {r[i] for r in rows for i in (3, 6, 9)}
+    assert names == {"'=cmd|' /C calc'!A0", "'-2", "x\ny"}
+    assert all(not cell.startswith(("=", "+", "-", "@", "\t", "\r")) for r in rows for cell in r)
+
+
+def test_csv_refuses_a_folder_the_checkpoint_or_json_too(tiny_run, tmp_path):
+    data, save = tiny_run
+    ckpt = str(save / "checkpoint.pth")
+    assert "is a folder" in one_error_line(*_main(predict, [an_image(data), ckpt, "--csv", str(tmp_path)])[::2])
+    line = one_error_line(*_main(predict, [an_image(data), ckpt, "--csv", ckpt])[::2])
+    assert line == f"error: --csv {ckpt} is {ckpt}, one of the inputs; give another file name"
+    assert "not allowed with argument" in _main(predict, [an_image(data), ckpt, "--csv", "x.csv", "--json"])[2]

@@ -66,18 +66,24 @@ def _bad_image(monkeypatch, data):
     return []
 
 
+def _snapshot(save):
+    """Every output file of a save directory (tensorboard/'s included) and its bytes."""
+    return {os.path.relpath(os.path.join(d, f), save): open(os.path.join(d, f), "rb").read()
+            for d, _, fs in os.walk(save) if ".flowerclf-previous" not in d for f in fs if not f.startswith(".")}
+
+
 @pytest.mark.parametrize("fail", [_fail_in_the_feature_pass, _fail_at_epoch_1, _bad_image],
                          ids=["ctrl-c-in-feature-pass", "nan-at-epoch-1", "bad-data"])
 def test_a_failing_overwrite_run_puts_the_old_model_back(image_folder, tmp_path, monkeypatch, fail):
     save = tmp_path / "s"
     assert _main(train, [image_folder, "--save_dir", str(save), "--epochs", "1"] + TINY)[0] == 0
-    before = {name: (save / name).read_bytes() for name in os.listdir(save) if not name.startswith(".")}
+    before = _snapshot(save)
     assert "checkpoint.pth" in before and "history.json" in before
     extra = fail(monkeypatch, image_folder)
     code, out, err = _main(train, [image_folder, "--save_dir", str(save), "--epochs", "1", "--overwrite"] + TINY
                            + extra)
     assert code != 0 and "put back the previous run's" in out and "Traceback" not in err
-    assert {name: (save / name).read_bytes() for name in os.listdir(save) if not name.startswith(".")} == before
+    assert _snapshot(save) == before
     assert not (save / ".flowerclf-previous").exists()
     load_model(str(save / "checkpoint.pth"))
 

@@ -367,3 +367,51 @@ def test_a_resume_state_from_before_carved_splits_still_resumes(image_folder, tm
     state["args"]["valid_split"] = 0.3
     torch.save(state, tmp_path / "checkpoint_last.pth")
     assert "--valid_split 0.3 (now None)" in one_error_line(*_main(train, argv + ["--epochs", "3", "--resume"])[::2])
+
+
+def _events(folder):
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+    events = EventAccumulator(str(folder), size_guidance={IMAGES: 0})  # 0: keep every image
+    events.Reload()
+    return events
+
+
+def test_the_run_writes_tensorboard_scalars_and_the_report_figures(image_folder, tmp_path):
+    import io
+
+    from PIL import Image
+
+    from flowerclf.training.tensorboard import COLUMNS, TILE_PX
+    lines = []
+    result = trainer.train(_cfg(image_folder, tmp_path, epochs=3), log=lines.append)
+    events = _events(tmp_path / "tensorboard")
+    history = result["history"]
+    for tag, key in (("loss/train", "train_loss"), ("loss/valid", "valid_loss"), ("accuracy/valid", "valid_acc"),
+                     ("learning_rate", "lr")):
+        scalars = events.Scalars(tag)
+        assert [s.step for s in scalars] == [1, 2, 3]
+        assert [s.value for s in scalars] == pytest.approx([h[key] for h in history], rel=1e-6)
+    images = {tag: events.Images(tag) for tag in events.Tags()["images"]}
+    assert sorted(images) == ["test/confusion_matrix", "test/top_losses"]
+    assert [i.step for i in images["test/confusion_matrix"]] == [3]
+    assert images["test/confusion_matrix"][0].encoded_image_string == (tmp_path / "confusion_matrix.png").read_bytes()
+    grid = Image.open(io.BytesIO(images["test/top_losses"][0].encoded_image_string))
+    shown = len(json.loads((tmp_path / "test_report.json").read_text())["top_losses"])  # 9 test photos
+    assert grid.size == (COLUMNS * TILE_PX, -(-shown // COLUMNS) * (TILE_PX + 40)) and shown == 9
+    assert "tensorboard" in next(line for line in lines if line.startswith("wrote ")).split(", ")
+
+
+def test_a_resumed_run_continues_the_tensorboard_curves_without_repeats(image_folder, tmp_path, monkeypatch):
+    real = trainer.format_epoch
+
+    def crash_after_2(epoch, *a):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return real(epoch, *a)
+    monkeypatch.setattr(trainer, "format_epoch", crash_after_2)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(_cfg(image_folder, tmp_path, epochs=4), log=lambda line: None)
+    assert [s.step for s in _events(tmp_path / "tensorboard").Scalars("loss/train")] == [1, 2]  # kept on failure
+    monkeypatch.setattr(trainer, "format_epoch", real)
+    trainer.train(tiny_config(image_folder, tmp_path, epochs=4, resume=True), log=lambda line: None)
+    assert [s.step for s in _events(tmp_path / "tensorboard").Scalars("loss/train")] == [1, 2, 3, 4]

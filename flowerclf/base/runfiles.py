@@ -19,6 +19,7 @@ class RunFiles:
         self.curves = self._path("training_curves.png")
         self.onnx = self._path("model.onnx")
         self.audit = self._path("audit.json")               # the frozen run's data audit
+        self.tensorboard = self._path("tensorboard")        # a folder: the run's TensorBoard event files
         self.lock = self._path(".flowerclf.lock")           # held (flock) by the run writing here
         self.previous = self._path(".flowerclf-previous")   # --overwrite: the old outputs, until a new checkpoint
 
@@ -48,4 +49,4 @@ class RunFiles:
                    for name in (self.report_json(stem), self.confusion(stem), self.reliability(stem),
                                 self.report_html(stem))]
         return [self.checkpoint, self.last, self.history_json, self.history_csv, self.curves, *reports, self.onnx,
-                self.audit]
+                self.audit, self.tensorboard]

@@ -29,6 +29,17 @@ def checked_logits(logits: np.ndarray, images: int, classes: int, path: str) -> 
     return logits
 
 
+def list_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
+    """The image files under `inputs` (images or folders), in order; and the errors of inputs that list none."""
+    files, errors = [], []
+    for p in inputs:
+        try:
+            files.extend(list_images([p]))
+        except FlowerclfError as e:
+            errors.append(str(e))
+    return files, errors
+
+
 @dataclass
 class Predictor:
     """A model backend (batch of CHW arrays -> class probabilities) plus what it needs around it."""
@@ -105,28 +116,27 @@ class Predictor:
     def predict_paths(self, inputs: list[str], top_k: int, names: dict[str, str] | None = None
                       ) -> tuple[list[dict], list[str]]:
         """Top-k predictions for every image under `inputs`; also the errors of unreadable ones."""
-        files, errors = [], []
-        for p in inputs:
-            try:
-                files.extend(list_images([p]))
-            except FlowerclfError as e:
-                errors.append(str(e))
-        draft = decode_size(self.preprocess)  # the decode the model was trained with (full for older files)
-        results, unreadable = self._predict(((f, partial(load_rgb, f, draft=draft)) for f in files), top_k, names)
+        files, errors = list_inputs(inputs)
+        results, unreadable = self._collect(self.iter_files(files, top_k, names))
         return results, errors + unreadable
+
+    def iter_files(self, files: Iterable[str], top_k: int, names: dict[str, str] | None = None) -> Iterator[dict]:
+        """iter_predict over image files, each decoded as the model was trained; `files` is read lazily."""
+        draft = decode_size(self.preprocess)  # the decode the model was trained with (full for older files)
+        return self.iter_predict(((f, partial(load_rgb, f, draft=draft)) for f in files), top_k, names)
 
     def predict_bytes(self, uploads: list[tuple[str, bytes]], top_k: int, names: dict[str, str] | None = None
                       ) -> tuple[list[dict], list[str]]:
         """Top-k predictions for in-memory image files given as (name, content); also the errors."""
         draft = decode_size(self.preprocess)
-        return self._predict(((name, partial(load_rgb, io.BytesIO(data), name, draft)) for name, data in uploads),
-                             top_k, names)
+        return self._collect(self.iter_predict(((name, partial(load_rgb, io.BytesIO(data), name, draft))
+                                                for name, data in uploads), top_k, names))
 
-    def _predict(self, sources: Iterable[tuple[str, Callable[[], object]]], top_k: int,
-                 names: dict[str, str] | None) -> tuple[list[dict], list[str]]:
-        """iter_predict collected: the results, plus the decoding errors."""
+    @staticmethod
+    def _collect(items: Iterable[dict]) -> tuple[list[dict], list[str]]:
+        """iter_predict's items collected: the results, plus the decoding errors."""
         results, errors = [], []
-        for item in self.iter_predict(sources, top_k, names):
+        for item in items:
             if "error" in item:
                 errors.append(item["error"])
             else:

@@ -51,6 +51,7 @@ from flowerclf.training.loops import (
 from flowerclf.training.plans import Plan, finetune_plan, frozen_plan
 from flowerclf.training.preflight import preflight
 from flowerclf.training.resume import ResumeState
+from flowerclf.training.tensorboard import Board
 
 DIST_TIMEOUT_S = 300  # a collective waiting longer than this means a rank died or hung: end the job
 LAST_SYNC_S = 10.0    # checkpoint_last.pth is fsynced at least this often, and after the last epoch
@@ -90,6 +91,7 @@ class Run:
     resume: ResumeState | None = None   # --resume: checkpoint_last.pth, read and checked before any work
     claimed: rundir.Claim | None = None  # rank 0's hold on the save directory
     split: dict | None = None            # the split carved where DATA_DIR had none (data.layout.split_record)
+    board: Board | None = None           # rank 0's TensorBoard event files
 
     @property
     def files(self) -> RunFiles:
@@ -147,6 +149,7 @@ def run_epochs(plan: Plan, run: Run) -> tuple[list, dict]:
             draw = time.monotonic() - drawn >= CURVES_EVERY_S
             write_history(history, run.files, curves=draw)
             drawn = time.monotonic() if draw else drawn
+            run.board.epoch(history[-1])
         if stop:
             run.log(f"stopped early: no better validation accuracy for {cfg.patience} epochs "
                     f"(checkpoint.pth keeps epoch {best['epoch']})")
@@ -200,8 +203,10 @@ def _train(cfg: TrainConfig, device: torch.device, log: Callable[[str], None], s
         + ", ".join(f"{len(s)} {n}" for n, s in splits.items()) + f" images, {len(class_to_idx)} classes")
     claim = rundir.claim(RunFiles(cfg.save_dir), cfg.data_dir, cfg.overwrite, cfg.resume, log) if main \
         else nullcontext()
-    with claim as held:  # before the feature pass: a locked, unwritable or occupied save dir fails now
-        return _fit(Run(model, spec, preprocess, class_to_idx, cfg, log, resume, held, split), splits, names, device)
+    board = Board(RunFiles(cfg.save_dir).tensorboard) if main else nullcontext()
+    with claim as held, board as events:  # before the feature pass: a locked, unwritable or occupied save dir fails now
+        return _fit(Run(model, spec, preprocess, class_to_idx, cfg, log, resume, held, split, events), splits, names,
+                    device)
 
 
 def _fit(run: Run, splits: dict, names: dict, device: torch.device) -> dict:
@@ -247,6 +252,8 @@ def _fit(run: Run, splits: dict, names: dict, device: torch.device) -> dict:
     report = classification_report(logits.numpy() / temperature, labels.numpy(), class_names(run.class_to_idx),
                                    names, files=splits[split].files)
     written += write_report(report, files, stem)
+    if run.board.finish(report, stem, files.confusion(stem), history[-1]["epoch"]):
+        written.append(files.tensorboard)
     facts = run_facts("train.py", asdict(cfg), str(device), label if splits[split].carved
                       else os.path.join(cfg.data_dir, stem), ", ".join(f"{len(s)} {n}" for n, s in splits.items()),
                       best["epoch"])
