@@ -570,6 +570,7 @@ def test_fine_tuning_keeps_working_copies_that_cache_counts_and_clears(tmp_path,
     assert count == 2 and size > 0  # the two large photos; the 16-px ones need none
     names = {name for _, _, files in os.walk(os.path.join(_cache, "copies", "915")) for name in files}
     assert names == {store.file_digest(os.path.join(data, "train", c, "large.jpg")).hex() + ".jpg" for c in "12"}
+    (_cache / "copies" / "915" / ".flowerclf-tmp-1-x.jpg").write_bytes(b"a killed writer's")
     code, out = _cache_cli("info")
     assert code == 0 and f"2 working copies of large photos, {size / 2 ** 20:,.1f} MiB on disk" in out
     assert "working copies" not in _cache_cli("clear", "--arch", "mobilenet_v3_small")[1]

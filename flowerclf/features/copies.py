@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 from PIL import Image
 
 from flowerclf.base.files import atomic_write
-from flowerclf.data.images import load_rgb
+from flowerclf.data.images import load_rgb, size_problem
 from flowerclf.data.transforms import Preprocess, decode_size
 from flowerclf.features.store import file_digest, open_store, store_dir
 
@@ -67,7 +67,7 @@ class WorkingCopies:
             return None
         try:  # written by us, but a cache file can be anything by now: any failure means "make it again"
             with Image.open(io.BytesIO(data), formats=("JPEG",)) as img:
-                if img.mode != "RGB" or min(img.size) != self.short:
+                if img.mode != "RGB" or min(img.size) != self.short or size_problem(*img.size):
                     return None
                 img.load()  # a truncated file raises here
                 return img.copy()

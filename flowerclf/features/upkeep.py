@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 
+from flowerclf.base.files import TEMP_PREFIX
 from flowerclf.features.copies import copies_dir
 from flowerclf.features.store import FeatureStore
 
@@ -42,7 +43,7 @@ def copies_summary() -> tuple[int, int]:
     count = size = 0
     for root, _, names in os.walk(copies_dir()):
         for name in names:
-            if name.endswith(".jpg"):
+            if name.endswith(".jpg") and not name.startswith(TEMP_PREFIX):  # not a killed writer's temp file
                 try:
                     size += os.path.getsize(os.path.join(root, name))
                     count += 1
