@@ -1,5 +1,4 @@
-"""Show or clear the feature store: the backbone features that train.py and evaluate.py keep for you, and the
-working-size copies of large photos that fine-tuning reads.
+"""Show or clear what runs keep for you: the feature store (backbone features) and fine-tuning's photo copies.
 
 usage: python cache.py info | clear [--arch ARCH]
 """
