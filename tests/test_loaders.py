@@ -305,6 +305,7 @@ def test_fine_tuning_reads_a_large_photo_from_its_working_copy_after_the_first_e
     work, decoded = _copies_of(tmp_path, monkeypatch)
     big, small = work.files
     assert work.short == decode_size(PP, augment=True)
+    assert copies.working_copies(work.files, dataclasses.replace(PP, decode="full"), True, print) is None  # old rule
     images = ImageSet(str(tmp_path), work.files, [0, 1])
     batches = make_loader(images, create_transform(PP, augment=True), 2, 0, CPU, copies=work)
     x, _ = next(iter(batches))  # epoch 1: both photos decoded, the large one's copy written
