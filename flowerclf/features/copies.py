@@ -10,8 +10,11 @@ replaced from the photo. The copies feed only the fine-tuning augmentation, whic
 feeds no stored vector; the feature passes, validation, evaluate.py and predict.py decode the photos
 themselves (their eval decode is already the DCT's 1/8 scale), so no stored feature changes.
 
-The format was chosen by measurement (benchmarks/bench_photos.py, 1220x915 copies of phone photos):
-JPEG q95 decodes in about 3.5 ms where raw uint8 reads in 1 ms, at 1/28 of raw's 3.3 MB.
+The format was chosen by measurement (benchmarks/bench_photos.py, 1220x915 copies of its phone-size photos,
+on the loaded 2-core CPU): JPEG q95 takes 113 KiB and 10-15 ms to decode, raw uint8 (Ultralytics' cache=disk
+.npy, FFCV's raw mode) 3,271 KiB and 2-3 ms to read. A fine-tuning step costs ~200 ms an image there, so
+raw would save a few percent of an epoch for 29x the disk (330 GB per 100,000 photos). (Those photos are
+upscaled thumbnails, smoother than a camera's: real ones make larger JPEG copies, never larger raw ones.)
 Torch-free to import: cache.py counts and clears the copies (features/upkeep.py) without torch.
 """
 from __future__ import annotations
