@@ -1,4 +1,4 @@
-"""Show or clear the feature store: the backbone features that train.py and evaluate.py keep for you.
+"""Show or clear what runs keep for you: the feature store (backbone features) and fine-tuning's photo copies.
 
 usage: python cache.py info | clear [--arch ARCH]
 """
@@ -14,10 +14,10 @@ from flowerclf.base import cli
 EXAMPLES = """examples:
   python cache.py info                          # entries and size per backbone, and where the store is
   python cache.py clear --arch densenet121      # forget densenet121's features only
-  python cache.py clear                         # forget every feature and remembered file hash
+  python cache.py clear                         # forget every feature, remembered file hash and copy
 
-The store is FLOWERCLF_STORE/features.sqlite (default ~/.cache/flowerclf/features.sqlite).
-A cleared feature is computed again the next time a run needs it.
+The store is FLOWERCLF_STORE/features.sqlite (default ~/.cache/flowerclf/features.sqlite), the copies are
+in FLOWERCLF_STORE/copies/. A cleared feature or copy is made again the next time a run needs it.
 """
 
 
@@ -25,7 +25,8 @@ def build_parser() -> cli.ArgumentParser:
     """The command-line interface of cache.py."""
     p = cli.ArgumentParser("cache.py", __doc__, EXAMPLES)
     p.add_argument("command", choices=("info", "clear"),
-                   help="info: entries and size per backbone; clear: delete entries and shrink the file")
+                   help="info: entries and size per backbone, and the working copies; clear: delete entries "
+                        "and shrink the file, and (without --arch) delete the copies")
     p.add_argument("--arch", help="only this backbone's entries, e.g. efficientnet_lite0 (default: all)")
     return p
 
@@ -38,6 +39,12 @@ def run(args: argparse.Namespace) -> None:
     from flowerclf.features import store, upkeep
 
     path = store.default_path()
+    copies, size = upkeep.copies_summary()
+    if args.command == "clear" and not args.arch and copies:
+        print(f"deleted {upkeep.clear_copies():,} working copies of large photos ({size / 2 ** 20:,.1f} MiB)")
+    elif args.command == "info" and copies:
+        print(f"{upkeep.copies_dir()}: {copies:,} working copies of large photos, {size / 2 ** 20:,.1f} MiB on disk "
+              f"({size / copies / 2 ** 10:,.0f} KiB each)")
     if not os.path.exists(path):
         print(f"no feature store yet at {path}")
         return

@@ -106,7 +106,10 @@ def build_parser() -> cli.ArgumentParser:
     g.add_argument("--no_store", "--no-store", "--no_cache", "--no-cache", dest="store", action="store_false",
                    help="neither read nor write the per-user feature store ($FLOWERCLF_STORE/features.sqlite, "
                         "see python cache.py info): every image goes through the backbone once in this run; by "
-                        "default only images the store lacks do (--no_cache is the old name)")
+                        "default only images the store lacks do (--no_cache is the old name); with --unfreeze, "
+                        "no working copies either: by default the first epoch keeps each photo larger than the "
+                        "augmentation needs (915 px a side for a 224 crop) as a smaller JPEG beside the store "
+                        "($FLOWERCLF_STORE/copies/), which later epochs and runs read instead")
     g.add_argument("--augment_views", "--augment-views", type=cli.whole_number, default=0, metavar="K",
                    help="store K random-crop+flip views of each training image and train on all of them; "
                         "each view costs one backbone pass over train/ (default: 0, center crop only)")

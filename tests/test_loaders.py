@@ -1,5 +1,6 @@
 """The tensor (decode_jpeg) input path against the PIL path, its fallbacks, and the choice between them."""
 import dataclasses
+import io
 import os
 
 import numpy as np
@@ -19,7 +20,7 @@ from flowerclf.data.loaders import (
     jpeg_orientation,
     make_loader,
 )
-from flowerclf.data.transforms import Preprocess, create_transform, preprocess_image
+from flowerclf.data.transforms import Preprocess, create_transform, decode_size, preprocess_image
 from flowerclf.features.engines import torch_forward
 from flowerclf.models.registry import (
     build_imagenet_model,
@@ -282,3 +283,63 @@ def test_large_jpegs_take_the_draft_path_in_the_worker(tmp_path, monkeypatch):
     assert (x[1] - pil_path(ImageSet(str(tmp_path), [small], [1]))[0]).abs().mean() < 0.03  # nvjpeg's
     full = dataclasses.replace(PP, decode="full")
     assert all(item[1] is not None for item in (loaders.JpegBytes(images, full)[i] for i in range(3)))
+
+
+def _copies_of(tmp_path, monkeypatch):
+    """A large JPEG (short side over PP's working size, 392) and a small one; their WorkingCopies; decodes counted."""
+    from flowerclf.features import copies, store
+
+    rng = np.random.default_rng(4)
+    big = _write(tmp_path / "big.jpg", Image.fromarray(photo(rng, 420, 560)), quality=90)
+    small = _write(tmp_path / "small.jpg", Image.fromarray(photo(rng, 300, 390)), quality=90)
+    decoded, real = [], copies.load_rgb
+    monkeypatch.setattr(copies, "load_rgb", lambda path, **kw: decoded.append(os.path.basename(path))
+                        or real(path, **kw))
+    files = [big, small]
+    return copies.WorkingCopies(files, [store.file_digest(f) for f in files], 392, copies.copies_dir()), decoded
+
+
+def test_fine_tuning_reads_a_large_photo_from_its_working_copy_after_the_first_epoch(tmp_path, monkeypatch):
+    from flowerclf.features import copies, store
+
+    work, decoded = _copies_of(tmp_path, monkeypatch)
+    big, small = work.files
+    assert work.short == decode_size(PP, augment=True)
+    assert copies.working_copies(work.files, dataclasses.replace(PP, decode="full"), True, print) is None  # old rule
+    images = ImageSet(str(tmp_path), work.files, [0, 1])
+    batches = make_loader(images, create_transform(PP, augment=True), 2, 0, CPU, copies=work)
+    x, _ = next(iter(batches))  # epoch 1: both photos decoded, the large one's copy written
+    assert x.shape == (2, 3, 96, 96) and decoded == ["big.jpg", "small.jpg"]
+    copy = os.path.join(copies.copies_dir(), "392", store.file_digest(big).hex()[:2], store.file_digest(big).hex()
+                        + ".jpg")
+    assert work.path(0) == copy and os.listdir(os.path.dirname(copy)) == [os.path.basename(copy)]
+    with Image.open(copy) as img:
+        assert img.size == (523, 392)  # the draft's 1/1 decode of 560x420, scaled to the working size
+    assert not os.path.exists(work.path(1))  # 390 px a side: at or below the working size, no copy
+    next(iter(batches))  # epoch 2: the large photo comes from its copy, only the small one is decoded
+    assert decoded == ["big.jpg", "small.jpg", "small.jpg"]
+    assert work.load(0).size == (523, 392)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "other size"])
+def test_a_damaged_working_copy_falls_back_to_the_photo_and_is_rewritten(tmp_path, monkeypatch, damage):
+    work, decoded = _copies_of(tmp_path, monkeypatch)
+    good = np.asarray(work.load(0))
+    with open(work.path(0), "rb") as f:
+        whole = f.read()
+    if damage == "truncated":
+        data = whole[: len(whole) // 2]
+    elif damage == "garbage":
+        data = b"\xff\xd8" + bytes(range(256)) * 4
+    else:  # a whole JPEG, but not at the working size
+        buf = io.BytesIO()
+        Image.fromarray(good[:300]).save(buf, "JPEG")
+        data = buf.getvalue()
+    with open(work.path(0), "wb") as f:
+        f.write(data)
+    np.testing.assert_array_equal(np.asarray(work.load(0)), good)  # decoded from the photo again
+    assert decoded == ["big.jpg", "big.jpg"]
+    with open(work.path(0), "rb") as f:
+        assert f.read() == whole  # rewritten whole
+    work.load(0)
+    assert decoded == ["big.jpg", "big.jpg"]

@@ -553,3 +553,28 @@ def test_a_cold_pass_peak_memory_does_not_grow_with_the_photos(tmp_path, engine)
     # 60 batches of 8 more: a list of per-batch features grew the peak by ~5 MB a batch (torch), ~2 (ORT)
     small, large = peak_mib(8), peak_mib(168)
     assert large - small < 40, (small, large)
+
+
+def test_fine_tuning_keeps_working_copies_that_cache_counts_and_clears(tmp_path, _cache):
+    from flowerclf.features import upkeep
+
+    data = make_image_folder(tmp_path / "data", classes=("1", "2"), per_class={"train": 1, "valid": 1})
+    rng = np.random.default_rng(0)
+    for cls in ("1", "2"):  # one photo over the working size (915 px for a 224 crop) per class
+        Image.fromarray(rng.integers(0, 256, (930, 1000, 3), dtype=np.uint8)).save(
+            os.path.join(data, "train", cls, "large.jpg"), quality=90)
+    train(tiny_config(data, tmp_path / "off", unfreeze=1, epochs=1, engine="torch", store=False), log=print)
+    assert upkeep.copies_summary() == (0, 0)  # --no_store: no copies either
+    train(tiny_config(data, tmp_path / "run", unfreeze=1, epochs=1, engine="torch"), log=print)
+    count, size = upkeep.copies_summary()
+    assert count == 2 and size > 0  # the two large photos; the 16-px ones need none
+    names = {name for _, _, files in os.walk(os.path.join(_cache, "copies", "915")) for name in files}
+    assert names == {store.file_digest(os.path.join(data, "train", c, "large.jpg")).hex() + ".jpg" for c in "12"}
+    (_cache / "copies" / "915" / ".flowerclf-tmp-1-x.jpg").write_bytes(b"a killed writer's")
+    code, out = _cache_cli("info")
+    assert code == 0 and f"2 working copies of large photos, {size / 2 ** 20:,.1f} MiB on disk" in out
+    assert "working copies" not in _cache_cli("clear", "--arch", "mobilenet_v3_small")[1]
+    assert upkeep.copies_summary()[0] == 2  # one backbone's features cleared: the copies stay
+    code, out = _cache_cli("clear")
+    assert code == 0 and out.startswith("deleted 2 working copies of large photos")
+    assert upkeep.copies_summary() == (0, 0) and not os.path.exists(os.path.join(_cache, "copies"))

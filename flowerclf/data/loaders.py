@@ -31,17 +31,22 @@ from flowerclf.runtime.devices import out_of_memory
 class ImageDataset:
     """Map-style dataset of (CHW float32 array, label); works with torch's DataLoader.
 
-    Each file is decoded at the transform's `draft_size` (create_transform's transforms all have one).
+    Each file is decoded at the transform's `draft_size` (create_transform's transforms all have one), or
+    read through `copies` (features.copies.WorkingCopies: `load(i)`, the image at its working size).
     """
 
-    def __init__(self, files: list[str], labels: list[int], transform):
-        self.files, self.labels, self.transform = files, labels, transform
+    def __init__(self, files: list[str], labels: list[int], transform, copies=None):
+        self.files, self.labels, self.transform, self.copies = files, labels, transform, copies
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int):
-        return self.transform(load_rgb(self.files[i], draft=self.transform.draft_size)), self.labels[i]
+        if self.copies is not None:
+            img = self.copies.load(i)
+        else:
+            img = load_rgb(self.files[i], draft=self.transform.draft_size)
+        return self.transform(img), self.labels[i]
 
 
 def loader(dataset, batch_size: int, num_workers: int, device: torch.device, collate_fn=default_collate,
@@ -54,9 +59,10 @@ def loader(dataset, batch_size: int, num_workers: int, device: torch.device, col
 
 def make_loader(images: ImageSet, transform, batch_size: int, num_workers: int, device: torch.device,
                 shuffle: bool = False, generator: torch.Generator | None = None, sampler=None,
-                drop_last: bool = False) -> DataLoader:
-    """The PIL path: batches of `images` through `transform` (PIL RGB -> CHW float32 array), in workers."""
-    return loader(ImageDataset(images.files, images.labels, transform), batch_size, num_workers, device,
+                drop_last: bool = False, copies=None) -> DataLoader:
+    """The PIL path: batches of `images` through `transform` (PIL RGB -> CHW float32 array), in workers;
+    with `copies` (fine-tuning's augmentation), each image comes from its working-size copy."""
+    return loader(ImageDataset(images.files, images.labels, transform, copies), batch_size, num_workers, device,
                   shuffle=shuffle, generator=generator, sampler=sampler, drop_last=drop_last)
 
 

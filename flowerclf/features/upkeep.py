@@ -1,8 +1,11 @@
-"""The store's upkeep for cache.py: what it holds per backbone, its size on disk, and clearing it."""
+"""The store's upkeep for cache.py: what it and the working copies beside it hold, their size on disk, clearing."""
 from __future__ import annotations
 
 import os
+import shutil
 
+from flowerclf.base.files import TEMP_PREFIX
+from flowerclf.features.copies import copies_dir
 from flowerclf.features.store import FeatureStore
 
 
@@ -34,3 +37,22 @@ def clear(store: FeatureStore, arch: str | None = None) -> int:
 def disk_bytes(store: FeatureStore) -> int:
     """The store's size on disk, write-ahead log included."""
     return sum(os.path.getsize(store.path + s) for s in ("", "-wal") if os.path.exists(store.path + s))
+
+def copies_summary() -> tuple[int, int]:
+    """(working copies, their bytes on disk) beside the store."""
+    count = size = 0
+    for root, _, names in os.walk(copies_dir()):
+        for name in names:
+            if name.endswith(".jpg") and not name.startswith(TEMP_PREFIX):  # not a killed writer's temp file
+                try:
+                    size += os.path.getsize(os.path.join(root, name))
+                    count += 1
+                except OSError:  # removed meanwhile
+                    pass
+    return count, size
+
+def clear_copies() -> int:
+    """Remove every working copy (fine-tuning makes them again as it needs them); returns how many there were."""
+    count = copies_summary()[0]
+    shutil.rmtree(copies_dir(), ignore_errors=True)
+    return count

@@ -17,6 +17,7 @@ from torch import nn
 from flowerclf.data.layout import SKEW, class_counts
 from flowerclf.data.loaders import make_loader
 from flowerclf.data.transforms import create_transform
+from flowerclf.features.copies import working_copies
 from flowerclf.features.passes import FeaturePass, head_logits
 from flowerclf.models.stages import unfreeze_last
 from flowerclf.runtime import ddp
@@ -106,7 +107,8 @@ def finetune_plan(model, preprocess, splits, cfg, device, log) -> Plan:
     train_loader = make_loader(splits["train"], create_transform(preprocess, augment=True),
                                max(1, cfg.batch_size // ddp.world()), cfg.num_workers, device,
                                shuffle=sampler is None, generator=generator, sampler=sampler,
-                               drop_last=device.type == "cuda" and len(splits["train"]) >= cfg.batch_size)
+                               drop_last=device.type == "cuda" and len(splits["train"]) >= cfg.batch_size,
+                               copies=working_copies(splits["train"].files, preprocess, cfg.store, log))
     backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([
         {"params": model.head.parameters(), "lr": cfg.learning_rate},
