@@ -12,6 +12,7 @@ from conftest import TINY, make_image_folder, one_error_line
 from conftest import run_script as _main
 from PIL import Image
 
+import audit as audit_script
 import evaluate
 import train
 from flowerclf.base.runfiles import RunFiles
@@ -232,12 +233,83 @@ def _planted(seed=0, classes=5, per_class=60, flipped=15):
 
 def test_the_audit_finds_planted_label_errors():
     x, given, moved = _planted()
-    probs = audit.out_of_fold_probabilities(x, given, 5)
+    probs, _, _ = audit.chosen_probabilities(x, given, 5)
     suspects = audit.label_suspects(probs, given)
     top = set(suspects[:2 * len(moved)])
     assert len(top & moved) >= 0.8 * len(moved)  # nearly all, within the top 2x planted
     assert len(set(suspects) & moved) >= 0.8 * len(suspects)  # and few others
     assert audit.label_suspects(probs, np.zeros(len(given), int)) == []  # one class: nothing to say
+
+
+def test_the_heads_weight_decay_is_the_one_with_the_least_out_of_fold_log_loss():
+    raw, given, _ = _planted()
+    probs, wd, loss = audit.chosen_probabilities(raw, given, 5, weight_decays=(100.0, 0.1))
+    assert wd == 0.1  # 100 flattens every head towards 1/5 on each class, a log loss near log 5
+    x = audit.head_inputs(raw)  # what the heads see: the signed square roots
+    np.testing.assert_allclose(x ** 2 * np.sign(x), raw)
+    np.testing.assert_allclose(probs, audit.out_of_fold_probabilities(x, given, 5, weight_decay=0.1))
+    flat = audit.out_of_fold_probabilities(x, given, 5, weight_decay=100.0)
+    assert loss == audit.log_loss(probs, given) < audit.log_loss(flat, given) < np.log(5) + 1e-6
+    entries = [{"path": f"p{i}.png", "split": "train", "class": str(c)} for i, c in enumerate(given)]
+    result = audit.audit(entries, raw, given, [str(c) for c in range(5)], store=_FakeStore())
+    assert result["weight_decay"] in audit.WEIGHT_DECAYS and result["log_loss"] == pytest.approx(
+        min(audit.log_loss(audit.out_of_fold_probabilities(x, given, 5, weight_decay=w), given)
+            for w in audit.WEIGHT_DECAYS), abs=1e-4)
+
+
+class _FakeStore:
+    """A store whose every photo has its own content hash."""
+
+    def digests(self, paths):
+        return [p.encode() for p in paths]
+
+
+def test_audit_py_audits_a_folder_alone_and_its_bad_flags_are_one_line(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class={"train": 10, "valid": 4, "test": 3})
+    moved = os.path.join(data, "train", "2", "1_moved.png")  # a photo of class 1 filed under 2
+    shutil.move(os.path.join(data, "train", "1", "1_9.png"), moved)
+    shutil.copy(os.path.join(data, "train", "2", "2_0.png"), os.path.join(data, "test", "2", "2_leak.png"))
+    save = tmp_path / "out"
+    lite0 = ["--arch", "efficientnet_lite0"]  # offline pretrained: features worth auditing
+    code, out, err = _main(audit_script, [data, "--save_dir", str(save)] + lite0)
+    assert code == 0, err
+    result = json.loads((save / "audit.json").read_text())
+    suspects = [os.path.basename(s["path"]) for s in result["suspects"]]
+    assert "1_moved.png" in suspects[:4] and result["audited"] == 42
+    assert result["duplicates"]["counts"]["test_in_train"] == 1
+    lines = out.strip().splitlines()
+    assert "features train: 0 cached, 30 computed" in lines
+    assert lines[-1] == (f"audit: {len(suspects)} train/valid photos look mislabeled, "
+                         f"{result['duplicates']['counts']['across_classes']} duplicates across classes, 1 test "
+                         f"photos also in train; see {save / 'audit.json'}")
+    code, out, err = _main(audit_script, [data, "--save_dir", str(save)] + lite0)  # the store has them all now
+    assert code == 0 and "features train: 30 cached, 0 computed" in out.splitlines(), err
+    assert json.loads((save / "audit.json").read_text())["suspects"] == result["suspects"]
+
+    for argv, says in [([data, "--arch", "resnet5"], "unknown --arch 'resnet5'"),
+                       ([str(tmp_path / "none")], "does not exist"),
+                       ([data, "--save_dir", os.path.join(data, "train", "x")], "is inside"),
+                       ([data, "--valid_split", "2"], "--valid_split must be in [0, 1)"),
+                       ([data, "--num_workers", "many"], "--num_workers")]:
+        code, out, err = _main(audit_script, argv)
+        assert says in one_error_line(code, err), argv
+    assert not (tmp_path / "data" / "train" / "x").exists()
+
+
+@pytest.mark.slow
+def test_predict_never_imports_the_audit(tiny_run):
+    import subprocess
+    import sys
+
+    data, save = tiny_run
+    argv = [os.path.join(data, "test", "1", "1_0.png"), str(save / "checkpoint.pth")]
+    code = (f"import sys, predict\nassert predict.main({argv!r}) == 0\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('cleanlab', 'faiss', 'sklearn')\n"
+            "             or m in ('flowerclf.evaluation.audit', 'flowerclf.evaluation.duplicates'))\n"
+            "assert not bad, bad\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def _photo(path, pixels):
