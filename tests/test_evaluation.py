@@ -356,6 +356,21 @@ def test_exact_copies_across_classes_and_splits_and_a_resized_reencoded_copy_are
     assert len(duplicates.duplicates_report(entries, digests, vectors)["near"]) == 1
 
 
+def test_a_mirrored_copy_is_a_near_duplicate_and_a_different_picture_is_not(tmp_path):
+    rng = np.random.default_rng(1)
+    scene = np.clip(np.linspace(0, 255, 48)[None, :, None] + rng.normal(0, 30, (48, 48, 3)), 0, 255)
+    original = _photo(tmp_path / "train" / "1" / "scene.png", scene)
+    mirrored = _photo(tmp_path / "test" / "1" / "scene_mirrored.png", scene[:, ::-1])
+    other = _photo(tmp_path / "train" / "2" / "other.png", rng.integers(0, 256, (48, 48, 3)))
+    entries = [{"path": p, "split": p.split(os.sep)[-3], "class": p.split(os.sep)[-2]}
+               for p in (original, mirrored, other)]
+    vectors = np.array([[1.0, 0.0], [0.99, 0.1], [0.98, -0.1]])  # all three near in features: thumbnails decide
+    groups = duplicates.near_groups(entries, vectors, [b"a", b"b", b"c"])
+    assert [sorted(os.path.basename(p["path"]) for p in g["photos"]) for g in groups] == \
+        [["scene.png", "scene_mirrored.png"]]
+    assert groups[0]["kind"] == "leak" and groups[0]["thumbnail"] >= duplicates.SAME_PICTURE
+
+
 def test_nearest_pairs_on_inverted_lists_find_planted_copies(monkeypatch):
     monkeypatch.setattr(duplicates, "EXACT_UP_TO", 200)  # the index 100,000 photos get, on 2,000
     rng = np.random.default_rng(0)
