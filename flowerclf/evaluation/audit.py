@@ -1,4 +1,4 @@
-"""The data audit of a frozen run: likely mislabeled photos (cleanlab on out-of-fold heads), duplicates and leaks.
+"""The data audit, after a frozen run or alone (audit.py): likely mislabeled photos (cleanlab), duplicates, leaks.
 
 Out-of-fold probabilities come from FOLDS linear heads trained on the frozen features training
 already has (their signed square roots; full-batch L-BFGS, seconds on a CPU), their L2 penalty the one of
