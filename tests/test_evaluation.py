@@ -241,10 +241,16 @@ def test_the_audit_finds_planted_label_errors():
     assert audit.label_suspects(probs, np.zeros(len(given), int)) == []  # one class: nothing to say
 
 
-def test_the_heads_weight_decay_is_the_one_with_the_least_out_of_fold_log_loss():
+def test_the_heads_weight_decay_is_the_one_with_the_least_out_of_fold_log_loss(monkeypatch):
     raw, given, _ = _planted()
     probs, wd, loss = audit.chosen_probabilities(raw, given, 5, weight_decays=(100.0, 0.1))
     assert wd == 0.1  # 100 flattens every head towards 1/5 on each class, a log loss near log 5
+    tried, fit = [], audit.out_of_fold_probabilities
+    monkeypatch.setattr(audit, "out_of_fold_probabilities",
+                        lambda *a, **k: tried.append(k["weight_decay"]) or fit(*a, **k))
+    assert audit.chosen_probabilities(raw, given, 5, weight_decays=(0.1, 100.0, 0.3))[1] == 0.1
+    assert tried == [0.1, 100.0]  # the loss rose: stronger ones are not tried
+    monkeypatch.undo()
     x = audit.head_inputs(raw)  # what the heads see: the signed square roots
     np.testing.assert_allclose(x ** 2 * np.sign(x), raw)
     np.testing.assert_allclose(probs, audit.out_of_fold_probabilities(x, given, 5, weight_decay=0.1))
