@@ -241,26 +241,24 @@ def test_the_audit_finds_planted_label_errors():
     assert audit.label_suspects(probs, np.zeros(len(given), int)) == []  # one class: nothing to say
 
 
-def test_the_heads_weight_decay_is_the_one_with_the_least_out_of_fold_log_loss(monkeypatch):
+def test_the_heads_weight_decay_is_the_one_with_the_least_held_out_log_loss(monkeypatch):
     raw, given, _ = _planted()
     probs, wd, loss = audit.chosen_probabilities(raw, given, 5, weight_decays=(100.0, 0.1))
     assert wd == 0.1  # 100 flattens every head towards 1/5 on each class, a log loss near log 5
-    tried, fit = [], audit.out_of_fold_probabilities
-    monkeypatch.setattr(audit, "out_of_fold_probabilities",
-                        lambda *a, **k: tried.append(k["weight_decay"]) or fit(*a, **k))
-    assert audit.chosen_probabilities(raw, given, 5, weight_decays=(0.1, 100.0, 0.3))[1] == 0.1
-    assert tried == [0.1, 100.0]  # the loss rose: stronger ones are not tried
-    monkeypatch.undo()
     x = audit.head_inputs(raw)  # what the heads see: the signed square roots
     np.testing.assert_allclose(x ** 2 * np.sign(x), raw)
     np.testing.assert_allclose(probs, audit.out_of_fold_probabilities(x, given, 5, weight_decay=0.1))
     flat = audit.out_of_fold_probabilities(x, given, 5, weight_decay=100.0)
     assert loss == audit.log_loss(probs, given) < audit.log_loss(flat, given) < np.log(5) + 1e-6
+    tried, fit = [], audit.held_out_probabilities
+    monkeypatch.setattr(audit, "held_out_probabilities", lambda *a: tried.append(a[-1]) or fit(*a))
+    assert audit.chosen_probabilities(raw, given, 5, weight_decays=(0.1, 100.0, 0.3))[1] == 0.1
+    assert tried == [0.1, 100.0] + [0.1] * 4  # the first fold chooses, and stops where the loss rose
+    monkeypatch.undo()
     entries = [{"path": f"p{i}.png", "split": "train", "class": str(c)} for i, c in enumerate(given)]
     result = audit.audit(entries, raw, given, [str(c) for c in range(5)], store=_FakeStore())
-    assert result["weight_decay"] in audit.WEIGHT_DECAYS and result["log_loss"] == pytest.approx(
-        min(audit.log_loss(audit.out_of_fold_probabilities(x, given, 5, weight_decay=w), given)
-            for w in audit.WEIGHT_DECAYS), abs=1e-4)
+    assert result["weight_decay"] in audit.WEIGHT_DECAYS and result["log_loss"] == pytest.approx(audit.log_loss(
+        audit.out_of_fold_probabilities(x, given, 5, weight_decay=result["weight_decay"]), given), abs=1e-4)
 
 
 class _FakeStore:
