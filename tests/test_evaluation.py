@@ -12,6 +12,7 @@ from conftest import TINY, make_image_folder, one_error_line
 from conftest import run_script as _main
 from PIL import Image
 
+import audit as audit_script
 import evaluate
 import train
 from flowerclf.base.runfiles import RunFiles
@@ -249,12 +250,87 @@ def _planted(seed=0, classes=5, per_class=60, flipped=15):
 
 def test_the_audit_finds_planted_label_errors():
     x, given, moved = _planted()
-    probs = audit.out_of_fold_probabilities(x, given, 5)
+    probs, _, _ = audit.chosen_probabilities(x, given, 5)
     suspects = audit.label_suspects(probs, given)
     top = set(suspects[:2 * len(moved)])
     assert len(top & moved) >= 0.8 * len(moved)  # nearly all, within the top 2x planted
     assert len(set(suspects) & moved) >= 0.8 * len(suspects)  # and few others
     assert audit.label_suspects(probs, np.zeros(len(given), int)) == []  # one class: nothing to say
+
+
+def test_the_heads_weight_decay_is_the_one_with_the_least_held_out_log_loss(monkeypatch):
+    raw, given, _ = _planted()
+    probs, wd, loss = audit.chosen_probabilities(raw, given, 5, weight_decays=(100.0, 0.1))
+    assert wd == 0.1  # 100 flattens every head towards 1/5 on each class, a log loss near log 5
+    x = audit.head_inputs(raw)  # what the heads see: the signed square roots
+    np.testing.assert_allclose(x ** 2 * np.sign(x), raw)
+    np.testing.assert_allclose(probs, audit.out_of_fold_probabilities(x, given, 5, weight_decay=0.1))
+    flat = audit.out_of_fold_probabilities(x, given, 5, weight_decay=100.0)
+    assert loss == audit.log_loss(probs, given) < audit.log_loss(flat, given) < np.log(5) + 1e-6
+    tried, fit = [], audit.held_out_probabilities
+    monkeypatch.setattr(audit, "held_out_probabilities", lambda *a: tried.append(a[-1]) or fit(*a))
+    assert audit.chosen_probabilities(raw, given, 5, weight_decays=(0.1, 100.0, 0.3))[1] == 0.1
+    assert tried == [0.1, 100.0] + [0.1] * 4  # the first fold chooses, and stops where the loss rose
+    monkeypatch.undo()
+    entries = [{"path": f"p{i}.png", "split": "train", "class": str(c)} for i, c in enumerate(given)]
+    result = audit.audit(entries, raw, given, [str(c) for c in range(5)], store=_FakeStore())
+    assert result["weight_decay"] in audit.WEIGHT_DECAYS and result["log_loss"] == pytest.approx(audit.log_loss(
+        audit.out_of_fold_probabilities(x, given, 5, weight_decay=result["weight_decay"]), given), abs=1e-4)
+
+
+class _FakeStore:
+    """A store whose every photo has its own content hash."""
+
+    def digests(self, paths):
+        return [p.encode() for p in paths]
+
+
+def test_audit_py_audits_a_folder_alone_and_its_bad_flags_are_one_line(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class={"train": 10, "valid": 4, "test": 3})
+    moved = os.path.join(data, "train", "2", "1_moved.png")  # a photo of class 1 filed under 2
+    shutil.move(os.path.join(data, "train", "1", "1_9.png"), moved)
+    shutil.copy(os.path.join(data, "train", "2", "2_0.png"), os.path.join(data, "test", "2", "2_leak.png"))
+    save = tmp_path / "out"
+    lite0 = ["--arch", "efficientnet_lite0"]  # offline pretrained: features worth auditing
+    code, out, err = _main(audit_script, [data, "--save_dir", str(save)] + lite0)
+    assert code == 0, err
+    result = json.loads((save / "audit.json").read_text())
+    suspects = [os.path.basename(s["path"]) for s in result["suspects"]]
+    assert "1_moved.png" in suspects[:4] and result["audited"] == 42
+    assert result["duplicates"]["counts"]["test_in_train"] == 1
+    lines = out.strip().splitlines()
+    assert "features train: 0 cached, 30 computed" in lines
+    assert lines[-1] == (f"audit: {len(suspects)} train/valid photos look mislabeled, "
+                         f"{result['duplicates']['counts']['across_classes']} duplicates across classes, 1 test "
+                         f"photos also in train; see {save / 'audit.json'}")
+    code, out, err = _main(audit_script, [data, "--save_dir", str(save)] + lite0)  # the store has them all now
+    assert code == 0 and "features train: 30 cached, 0 computed" in out.splitlines(), err
+    assert json.loads((save / "audit.json").read_text())["suspects"] == result["suspects"]
+
+    for argv, says in [([data, "--arch", "resnet5"], "unknown --arch 'resnet5'"),
+                       ([str(tmp_path / "none")], "does not exist"),
+                       ([data, "--save_dir", os.path.join(data, "train", "x")], "is inside"),
+                       ([data, "--valid_split", "2"], "--valid_split must be in [0, 1)"),
+                       ([data, "--num_workers", "many"], "--num_workers")]:
+        code, out, err = _main(audit_script, argv)
+        assert says in one_error_line(code, err), argv
+    assert not (tmp_path / "data" / "train" / "x").exists()
+
+
+@pytest.mark.slow
+def test_predict_never_imports_the_audit(tiny_run):
+    import subprocess
+    import sys
+
+    data, save = tiny_run
+    argv = [os.path.join(data, "test", "1", "1_0.png"), str(save / "checkpoint.pth")]
+    code = (f"import sys, predict\nassert predict.main({argv!r}) == 0\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('cleanlab', 'faiss', 'sklearn')\n"
+            "             or m in ('flowerclf.evaluation.audit', 'flowerclf.evaluation.duplicates'))\n"
+            "assert not bad, bad\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def _photo(path, pixels):
@@ -299,6 +375,21 @@ def test_exact_copies_across_classes_and_splits_and_a_resized_reencoded_copy_are
     # a distinct picture near in features is not a copy: its thumbnail tells them apart
     vectors[2] = vectors[0] + 0.01
     assert len(duplicates.duplicates_report(entries, digests, vectors)["near"]) == 1
+
+
+def test_a_mirrored_copy_is_a_near_duplicate_and_a_different_picture_is_not(tmp_path):
+    rng = np.random.default_rng(1)
+    scene = np.clip(np.linspace(0, 255, 48)[None, :, None] + rng.normal(0, 30, (48, 48, 3)), 0, 255)
+    original = _photo(tmp_path / "train" / "1" / "scene.png", scene)
+    mirrored = _photo(tmp_path / "test" / "1" / "scene_mirrored.png", scene[:, ::-1])
+    other = _photo(tmp_path / "train" / "2" / "other.png", rng.integers(0, 256, (48, 48, 3)))
+    entries = [{"path": p, "split": p.split(os.sep)[-3], "class": p.split(os.sep)[-2]}
+               for p in (original, mirrored, other)]
+    vectors = np.array([[1.0, 0.0], [0.99, 0.1], [0.98, -0.1]])  # all three near in features: thumbnails decide
+    groups = duplicates.near_groups(entries, vectors, [b"a", b"b", b"c"])
+    assert [sorted(os.path.basename(p["path"]) for p in g["photos"]) for g in groups] == \
+        [["scene.png", "scene_mirrored.png"]]
+    assert groups[0]["kind"] == "leak" and groups[0]["thumbnail"] >= duplicates.SAME_PICTURE
 
 
 def test_nearest_pairs_on_inverted_lists_find_planted_copies(monkeypatch):

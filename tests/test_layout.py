@@ -7,7 +7,7 @@ import sys
 
 from conftest import ROOT
 
-SCRIPTS = {"train", "predict", "evaluate", "export", "gpumemcheck", "serve", "cache"}
+SCRIPTS = {"train", "predict", "evaluate", "export", "gpumemcheck", "serve", "cache", "audit"}
 FACES = {"model_utils", "data_utils"}
 # each layer imports only itself and the layers before it
 LAYERS = ["base", "runtime", "data", "models", "features", "evaluation", "training", "serving"]
