@@ -35,6 +35,7 @@ from flowerclf.data.folders import (
     scan_data_dir,
     scan_split,
 )
+from flowerclf.data.layout import apply_record
 from flowerclf.data.images import IMAGE_FORMATS, MAX_ASPECT_RATIO, check_image, load_rgb
 from flowerclf.data.transforms import Preprocess, preprocess_image
 from flowerclf.data.transforms import (
@@ -500,10 +501,43 @@ def test_a_class_too_small_to_split_and_a_skewed_set_get_a_line_each(tmp_path):
         os.unlink(os.path.join(root, "train", "2", name))  # class 2: one photo, nothing to spare
     code, out, err = _main(train, [root, "--check"])
     assert code == 0, err
-    assert ("too few photos to split, so valid has no photo of: '2' (1) (photos per class; all of them stay in "
+    assert ("too few photos to split, so valid has no photo of: '2' (1) (photos per class; the rest stay in "
             "train); add photos to these classes") in out.splitlines()
     assert "skewed classes: '1' has 8 training photos, '2' 1 (8.0x)" in out.splitlines()
     assert "warning" not in out  # said once, by the line above
     balanced = make_image_folder(tmp_path / "b", per_class={"train": 3, "valid": 1})
     assert not [line for line in _main(train, [balanced, "--check"])[1].splitlines() if "skew" in line]
 
+
+
+def test_class_folders_too_small_for_a_test_part_are_refused_in_one_line(tmp_path):
+    make_image_folder(tmp_path / "m", per_class={"train": 2})
+    photos = str(tmp_path / "photos")
+    os.rename(tmp_path / "m" / "train", photos)  # 2 photos a class: one to train, one to valid, none to test
+    line = one_error_line(*_main(train, [photos, "--check"])[::2])
+    assert "cannot be split into train, valid and test" in line and "3 or more" in line
+    with pytest.raises(FlowerclfError, match="or a smaller --valid_split"):
+        scan_data_dir(make_image_folder(tmp_path / "six", per_class={"train": 6}) + "/train", valid_split=0.84)
+
+
+@pytest.mark.parametrize("record", [
+    {"source": "train", "files": {1: ["1/1_0.png"]}}, {"source": "train", "files": {None: []}},
+    {"source": "train", "files": {}}, {"source": "train", "files": "1/1_0.png"}, ["valid"], None])
+def test_a_damaged_split_record_is_refused_on_resume(tmp_path, record):
+    splits = scan_data_dir(make_image_folder(tmp_path / "d", per_class={"train": 5}))
+    with pytest.raises(FlowerclfError, match="field 'split' is damaged"):
+        apply_record(splits, record, "last.pth")
+
+
+def test_a_split_record_never_empties_a_part_or_names_files_outside_data_dir(tmp_path):
+    splits = scan_data_dir(make_image_folder(tmp_path / "d", per_class={"train": 5}))
+    everything = [f"{c}/{c}_{i}.png" for c in "123" for i in range(5)]
+    for files, problem in (({"train": everything}, "laid out otherwise"),  # only held-out parts are recorded
+                           ({"valid": everything}, "leaves train no photo"),
+                           ({"valid": ["/etc/passwd", "../../d/train/1/1_0.png"]}, "leaves valid no photo"),
+                           ({"valid": ["1/1_0.png"], "test": ["1/1_1.png"]}, "laid out otherwise")):
+        with pytest.raises(FlowerclfError, match=problem):
+            apply_record(splits, {"source": "train", "files": files}, "last.pth")
+    kept = apply_record(splits, {"source": "train", "files": {"valid": ["2/2_3.png", "2/2_3.png", "/x.png"]}}, "p")
+    assert [os.path.relpath(f, kept["valid"].root) for f in kept["valid"].files] == ["2/2_3.png"]
+    assert len(kept["train"]) == 14

@@ -156,6 +156,10 @@ def _split_class_folders(data_dir: Path, valid: str | None, valid_split: float |
     sets = carve(images, {**FLAT_SPLIT, **({"valid": valid_split} if valid_split else {})}, seed, ".")
     if not sets["valid"].files:
         raise FlowerclfError(f"{data_dir}/ cannot be split: no class folder has 2 or more photos; add photos")
+    if not sets["test"].files:  # every class too small for three parts: an empty test split would stop the run
+        raise FlowerclfError(f"{data_dir}/ cannot be split into train, valid and test: no class folder has enough "
+                             f"photos for all three (3 or more{', or a smaller --valid_split' if valid_split else ''})"
+                             f"; add photos")
     return sets
 
 
