@@ -100,12 +100,32 @@ def write_csv(items: Iterable[dict], path: str, k: int) -> Iterable[dict]:
 
 
 def check_csv_target(path: str, inputs: list[str], checkpoint: str) -> None:
-    """--csv names a file to write: never a folder, the checkpoint or one of the inputs."""
+    """--csv names a file to write: never a folder, a device, the checkpoint or one of the inputs; and its
+    FILE.partial, when one is there, must be a stopped --csv's rows (we never overwrite a file we did not write)."""
+    if path == "-":
+        raise FlowerclfError("--csv - would write a file named '-'; without --csv the answers go to stdout "
+                             "(--json for JSON)")
     if os.path.isdir(path):
         raise FlowerclfError(f"--csv {path} is a folder; give a file name such as {os.path.join(path, 'preds.csv')}")
+    if os.path.exists(path) and not os.path.isfile(path):  # /dev/stdout, a pipe: the rename would replace it
+        raise FlowerclfError(f"--csv {path} is not a regular file (a device or a pipe?); --csv writes a file and "
+                             f"renames it into place, so give a file name (without --csv the answers go to stdout)")
+    partial = path + ".partial"
+    if os.path.lexists(partial) and not _our_partial(partial):
+        raise FlowerclfError(f"--csv {path}: {partial} exists and is not the rows of a stopped predict.py --csv, "
+                             f"and --csv would overwrite it; move it away, or give another --csv")
     for other in (checkpoint, *inputs):
         if os.path.exists(path) and os.path.exists(other) and os.path.samefile(path, other):
             raise FlowerclfError(f"--csv {path} is {other}, one of the inputs; give another file name")
+
+
+def _our_partial(path: str) -> bool:
+    """True for a regular file (not a link) that starts as write_csv's rows do."""
+    if os.path.islink(path) or not os.path.isfile(path):
+        return False
+    start = (",".join(csv_header(1)[:-1]) + ",").encode()  # the header's columns before class_2 (or error)
+    with open(path, "rb") as f:
+        return f.read(len(start)) == start
 
 
 def run(args: argparse.Namespace) -> int:
