@@ -26,6 +26,9 @@ class Board:
         self.folder, self.writer = folder, None
 
     def __enter__(self) -> "Board":
+        if os.path.lexists(self.folder) and not os.path.isdir(self.folder):  # else it fails after the first epoch
+            raise FlowerclfError(f"{self.folder} is a file, where the run's TensorBoard event files go (a folder); "
+                                 f"move it away, or pass --overwrite to set it aside with the other outputs")
         return self
 
     def __exit__(self, *exc) -> None:
