@@ -30,12 +30,13 @@ import predict
 import train
 from flowerclf.base.errors import FlowerclfError
 from flowerclf.data.folders import (
+    check_splits,
     list_images,
     load_category_names,
     scan_data_dir,
     scan_split,
 )
-from flowerclf.data.layout import apply_record
+from flowerclf.data.layout import apply_record, describe
 from flowerclf.data.images import IMAGE_FORMATS, MAX_ASPECT_RATIO, check_image, load_rgb
 from flowerclf.data.transforms import Preprocess, preprocess_image
 from flowerclf.data.transforms import (
@@ -541,3 +542,15 @@ def test_a_split_record_never_empties_a_part_or_names_files_outside_data_dir(tmp
     kept = apply_record(splits, {"source": "train", "files": {"valid": ["2/2_3.png", "2/2_3.png", "/x.png"]}}, "p")
     assert [os.path.relpath(f, kept["valid"].root) for f in kept["valid"].files] == ["2/2_3.png"]
     assert len(kept["train"]) == 14
+
+
+def test_a_class_left_with_no_training_photo_is_said_not_divided_by(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class={"train": 4, "valid": 2})
+    for name in os.listdir(os.path.join(root, "train", "3")):
+        truncated_jpeg(os.path.join(root, "train", "3", name))  # every photo of class 3 unreadable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "divide by zero" RuntimeWarning on stderr
+        splits, _ = check_splits(scan_data_dir(root), full=True, skip_bad=True)
+        lines = describe(splits)
+    assert lines[-1] == "no training photo of: '3'; the model cannot learn these classes: add photos"
+    assert not [line for line in lines if "skewed" in line or "inf" in line]

@@ -98,7 +98,11 @@ def describe(splits: dict[str, ImageSet]) -> list[str]:
                          f"stay in train); add photos to these classes")
     counts = class_counts(train)
     big, small = int(counts.argmax()), int(counts.argmin())
-    if counts[big] > SKEW * counts[small]:
+    none = np.flatnonzero(counts == 0)  # every photo of a class left out as unreadable (--skip_bad_images)
+    if len(none):
+        lines.append(f"no training photo of: {', '.join(repr(names[i]) for i in none[:10])}"
+                     f"{' ...' if len(none) > 10 else ''}; the model cannot learn these classes: add photos")
+    elif counts[big] > SKEW * counts[small]:
         lines.append(f"skewed classes: {names[big]!r} has {counts[big]:,} training photos, {names[small]!r} "
                      f"{counts[small]:,} ({counts[big] / counts[small]:.1f}x)")
     return lines
