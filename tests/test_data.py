@@ -554,3 +554,13 @@ def test_a_class_left_with_no_training_photo_is_said_not_divided_by(tmp_path):
         lines = describe(splits)
     assert lines[-1] == "no training photo of: '3'; the model cannot learn these classes: add photos"
     assert not [line for line in lines if "skewed" in line or "inf" in line]
+
+
+def test_check_prints_no_raw_control_character_of_a_folder_name(tmp_path):
+    make_image_folder(tmp_path / "m", per_class={"train": 4})
+    photos = str(tmp_path / "photos\x1b[2J")
+    os.rename(tmp_path / "m" / "train", photos)
+    code, out, err = _main(train, [photos, "--check"])
+    assert code == 0, err
+    assert "\x1b" not in out and out.splitlines()[0].startswith("data: train (6 photos, 3 classes; 70% of ")
+    assert f"{tmp_path}/photos\\x1b[2J/" in out.splitlines()[0]
