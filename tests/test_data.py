@@ -564,3 +564,11 @@ def test_check_prints_no_raw_control_character_of_a_folder_name(tmp_path):
     assert code == 0, err
     assert "\x1b" not in out and out.splitlines()[0].startswith("data: train (6 photos, 3 classes; 70% of ")
     assert f"{tmp_path}/photos\\x1b[2J/" in out.splitlines()[0]
+
+
+@pytest.mark.parametrize("name", ["test", "val", "validation"])
+def test_a_class_folder_named_like_a_split_is_told_to_be_renamed(tmp_path, name):
+    make_image_folder(tmp_path / "m", per_class={"train": 4})
+    os.rename(tmp_path / "m" / "train" / "3", tmp_path / "m" / "train" / name)
+    with pytest.raises(FlowerclfError, match=f"has no train/ folder.*a class named {name}\\? its name is a split's"):
+        scan_data_dir(tmp_path / "m" / "train")

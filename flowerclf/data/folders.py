@@ -145,9 +145,10 @@ def _split_class_folders(data_dir: Path, valid: str | None, valid_split: float |
     """DATA_DIR/CLASS/*.jpg and no train/: seeded, stratified train/valid/test parts, 70/15/15 by default."""
     split = [name for name in (valid, "test") if name and (data_dir / name).is_dir()]
     if split or not _class_dirs(data_dir):
+        named = f" (a class named {split[0]}? its name is a split's: rename it)" if split else ""
         raise FlowerclfError(f"{data_dir}/ has no train/ folder; expected {data_dir}/train/CLASS/*.jpg (and "
                              f"val/CLASS/*.jpg, or a part of train/ is set aside), or only class folders "
-                             f"{data_dir}/CLASS/*.jpg to split 70/15/15")
+                             f"{data_dir}/CLASS/*.jpg to split 70/15/15{named}")
     if valid_split == 0:
         raise FlowerclfError(f"{data_dir}/ holds class folders and no train/, so it is split into train, valid and "
                              f"test; --valid_split 0 would leave no validation split: drop it")
