@@ -572,3 +572,10 @@ def test_a_class_folder_named_like_a_split_is_told_to_be_renamed(tmp_path, name)
     os.rename(tmp_path / "m" / "train" / "3", tmp_path / "m" / "train" / name)
     with pytest.raises(FlowerclfError, match=f"has no train/ folder.*a class named {name}\\? its name is a split's"):
         scan_data_dir(tmp_path / "m" / "train")
+
+
+def test_a_valid_split_that_leaves_no_room_for_test_names_the_bound_it_must_stay_below(tmp_path):
+    make_image_folder(tmp_path / "m", per_class={"train": 10})
+    with pytest.raises(FlowerclfError, match=r"--valid_split 0.85 must be above 0 and below 0.85$"):
+        scan_data_dir(tmp_path / "m" / "train", valid_split=0.85)  # class folders: test/ keeps its 15%
+    assert len(scan_data_dir(tmp_path / "m", valid_split=0.9)["valid"]) == 27  # train/: up to 1

@@ -185,7 +185,7 @@ def carve(images: ImageSet, fractions: dict[str, float], seed: int, source: str)
     while one stays in "train"), the rest is "train". Nothing is copied; `source` ("train", or "." for DATA_DIR
     itself) is recorded on each part."""
     if not all(0 < f < 1 for f in fractions.values()) or sum(fractions.values()) >= 1:
-        raise FlowerclfError(f"--valid_split {fractions['valid']} must be between 0 and "
+        raise FlowerclfError(f"--valid_split {fractions['valid']} must be above 0 and below "
                              f"{1 - sum(fractions.values()) + fractions['valid']:g}")
     labels = np.asarray(images.labels)
     parts: dict[str, list[int]] = {"train": [], **{name: [] for name in fractions}}
