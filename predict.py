@@ -186,7 +186,8 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, predict, print; return the exit code."""
     return cli.run_main(build_parser(), argv, run,
-                        lambda args: f"the rows so far are in {cli.printable(args.csv)}.partial" if args.csv else "")
+                        lambda args: f"the rows so far are in {cli.printable(args.csv)}.partial"
+                        if args.csv and os.path.isfile(args.csv + ".partial") else "")  # none before the first
 
 
 if __name__ == "__main__":

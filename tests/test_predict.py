@@ -513,3 +513,14 @@ def test_csv_never_replaces_a_device_or_a_partial_file_it_did_not_write(tiny_run
     assert code == 0, err
     assert len(_csv_rows(out)) == 2 and not os.path.exists(tmp_path / "p.csv.partial")
     assert (tmp_path / "mine.txt").read_text() == "someone's notes\n"
+
+
+def test_csv_stopped_before_its_first_row_points_at_no_partial_file(tiny_run, tmp_path, monkeypatch):
+    from flowerclf.serving.predictor import Predictor
+    data, save = tiny_run
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the model loads
+    monkeypatch.setattr(Predictor, "load", stopped)
+    code, _, err = _main(predict, [an_image(data), str(save / "checkpoint.pth"), "--csv", str(tmp_path / "p.csv")])
+    assert code == 130 and err.strip() == "interrupted" and not os.listdir(tmp_path)
