@@ -426,3 +426,12 @@ def test_a_file_where_the_tensorboard_folder_goes_is_one_line_before_any_epoch(i
     assert (tmp_path / "tensorboard").read_text() == "not a folder\n"
     trainer.train(_cfg(image_folder, tmp_path, epochs=1), log=lambda line: None)  # --overwrite sets it aside
     assert (tmp_path / "tensorboard").is_dir()
+
+
+def test_a_missing_tensorboard_package_is_one_line_before_any_epoch(image_folder, tmp_path, monkeypatch):
+    from flowerclf.training import tensorboard
+    monkeypatch.setattr(tensorboard, "find_spec", lambda name: None)
+    lines = []
+    with pytest.raises(FlowerclfError, match="the tensorboard package is not installed; pip install"):
+        trainer.train(_cfg(image_folder, tmp_path, epochs=1), log=lines.append)
+    assert not [line for line in lines if line.startswith(("features", "epoch"))]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+from importlib.util import find_spec
 
 from PIL import Image, ImageDraw
 
@@ -29,6 +30,9 @@ class Board:
         if os.path.lexists(self.folder) and not os.path.isdir(self.folder):  # else it fails after the first epoch
             raise FlowerclfError(f"{self.folder} is a file, where the run's TensorBoard event files go (a folder); "
                                  f"move it away, or pass --overwrite to set it aside with the other outputs")
+        if find_spec("tensorboard") is None:  # imported at the first epoch: a traceback after it, not this line now
+            raise FlowerclfError("train.py writes TensorBoard event files, and the tensorboard package is not "
+                                 "installed; pip install -r requirements.txt (or pip install tensorboard)")
         return self
 
     def __exit__(self, *exc) -> None:
