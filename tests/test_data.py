@@ -456,6 +456,10 @@ def test_a_class_folder_linked_to_its_parent(image_folder):
     os.symlink(os.path.join(image_folder, "train"), os.path.join(image_folder, "train", "loop"))
     with pytest.raises(FlowerclfError, match="links to .* every image would count twice"):
         scan_split(os.path.join(image_folder, "train"))
+    os.unlink(os.path.join(image_folder, "train", "loop"))
+    os.symlink("/", os.path.join(image_folder, "train", "root"))  # else the whole file system is walked
+    with pytest.raises(FlowerclfError, match="root links to /, which holds"):
+        scan_data_dir(image_folder)
 
 
 def test_non_utf8_category_names(tiny_run, tmp_path):

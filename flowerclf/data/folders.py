@@ -62,7 +62,7 @@ def _class_dirs(root: Path) -> list[str]:
     top = os.path.realpath(root)
     for name in names:
         target = os.path.realpath(root / name)
-        if top == target or top.startswith(target + os.sep):
+        if is_inside(top, target):  # a link to / too (target + os.sep is "//")
             raise FlowerclfError(f"{root / name} links to {target}, which holds {root}/ itself, so every image "
                                  f"would count twice; remove the link")
     return names
