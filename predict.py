@@ -105,7 +105,7 @@ def check_csv_target(path: str, inputs: list[str], checkpoint: str) -> None:
     if path == "-":
         raise FlowerclfError("--csv - would write a file named '-'; without --csv the answers go to stdout "
                              "(--json for JSON)")
-    if os.path.isdir(path):
+    if os.path.isdir(path) or path.endswith(os.sep):  # out/ even before it exists
         raise FlowerclfError(f"--csv {path} is a folder; give a file name such as {os.path.join(path, 'preds.csv')}")
     if os.path.exists(path) and not os.path.isfile(path):  # /dev/stdout, a pipe: the rename would replace it
         raise FlowerclfError(f"--csv {path} is not a regular file (a device or a pipe?); --csv writes a file and "

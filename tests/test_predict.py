@@ -485,6 +485,8 @@ def test_csv_refuses_a_folder_the_checkpoint_or_json_too(tiny_run, tmp_path):
     data, save = tiny_run
     ckpt = str(save / "checkpoint.pth")
     assert "is a folder" in one_error_line(*_main(predict, [an_image(data), ckpt, "--csv", str(tmp_path)])[::2])
+    line = one_error_line(*_main(predict, [an_image(data), ckpt, "--csv", f"{tmp_path}/new/"])[::2])
+    assert line == f"error: --csv {tmp_path}/new/ is a folder; give a file name such as {tmp_path}/new/preds.csv"
     line = one_error_line(*_main(predict, [an_image(data), ckpt, "--csv", ckpt])[::2])
     assert line == f"error: --csv {ckpt} is {ckpt}, one of the inputs; give another file name"
     assert "not allowed with argument" in _main(predict, [an_image(data), ckpt, "--csv", "x.csv", "--json"])[2]
