@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 from flowerclf.base.cli import printable
 from flowerclf.base.errors import FlowerclfError
-from flowerclf.data.images import load_rgb
+from flowerclf.data.images import load_rgb, open_image
 
 TILE_PX, CAPTION_PX, COLUMNS = 128, 40, 6  # the top-loss grid: thumbnails, three caption lines under each
 RIGHT, WRONG = (40, 160, 60), (210, 40, 40)
@@ -72,7 +72,7 @@ class Board:
     def _image(self, tag: str, encoded: bytes, step: int) -> None:
         """An encoded PNG or JPEG as an image event: the report's own figure, not decoded and encoded again."""
         from tensorboard.compat.proto.summary_pb2 import Summary
-        with Image.open(io.BytesIO(encoded)) as img:
+        with open_image(io.BytesIO(encoded)) as img:
             size, channels = img.size, len(img.getbands())
         image = Summary.Image(height=size[1], width=size[0], colorspace=channels, encoded_image_string=encoded)
         self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
