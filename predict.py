@@ -143,8 +143,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.plot and os.path.isdir(args.plot):
         raise FlowerclfError(f"--plot {args.plot} is a folder; give a file name such as {args.plot}/top5.png")
-    if args.csv:
-        check_csv_target(args.csv, inputs, checkpoint)
+    if args.csv:  # --category_names is read too, and --plot written after the rows
+        check_csv_target(args.csv, [*inputs, *([args.category_names] if args.category_names else [])], checkpoint)
+        if args.plot and os.path.realpath(args.plot) == os.path.realpath(args.csv):
+            raise FlowerclfError(f"--csv and --plot both name {args.csv}; give each its own file")
     names = load_category_names(args.category_names)
     predictor = Predictor.load(checkpoint, args.device, args.gpu)
     if args.min_confidence is not None:

@@ -490,6 +490,15 @@ def test_csv_refuses_a_folder_the_checkpoint_or_json_too(tiny_run, tmp_path):
     line = one_error_line(*_main(predict, [an_image(data), ckpt, "--csv", ckpt])[::2])
     assert line == f"error: --csv {ckpt} is {ckpt}, one of the inputs; give another file name"
     assert "not allowed with argument" in _main(predict, [an_image(data), ckpt, "--csv", "x.csv", "--json"])[2]
+    names = tmp_path / "names.json"
+    names.write_text('{"1": "one"}')
+    line = one_error_line(*_main(predict, [an_image(data), ckpt, "--category_names", str(names), "--csv", str(names)])
+                          [::2])
+    assert line == f"error: --csv {names} is {names}, one of the inputs; give another file name"
+    assert names.read_text() == '{"1": "one"}'
+    out = str(tmp_path / "p.png")
+    assert one_error_line(*_main(predict, [an_image(data), ckpt, "--csv", out, "--plot", out])[::2]) == \
+        f"error: --csv and --plot both name {out}; give each its own file"
 
 
 def test_csv_never_replaces_a_device_or_a_partial_file_it_did_not_write(tiny_run, tmp_path):
