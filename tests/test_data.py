@@ -583,3 +583,11 @@ def test_a_valid_split_that_leaves_no_room_for_test_names_the_bound_it_must_stay
     with pytest.raises(FlowerclfError, match=r"--valid_split 0.85 must be above 0 and below 0.85$"):
         scan_data_dir(tmp_path / "m" / "train", valid_split=0.85)  # class folders: test/ keeps its 15%
     assert len(scan_data_dir(tmp_path / "m", valid_split=0.9)["valid"]) == 27  # train/: up to 1
+
+
+@pytest.mark.parametrize("name", ["val", "test"])
+def test_a_split_linked_to_train_is_refused(tmp_path, name):
+    root = make_image_folder(tmp_path / "d", per_class={"train": 4})
+    os.symlink("train", os.path.join(root, name))
+    with pytest.raises(FlowerclfError, match=f"d/{name}/ is train/ or holds it \\(a link\\?\\)"):
+        scan_data_dir(root)

@@ -126,6 +126,12 @@ def scan_data_dir(data_dir: str | os.PathLike, valid_split: float | None = None,
         raise FlowerclfError(f"{data_dir}/ has no validation folder (valid/, val/ or validation/) and --valid_split "
                              f"is 0; add {data_dir}/val/CLASS/*.jpg, or drop --valid_split 0 to set aside "
                              f"{DEFAULT_VALID_SPLIT:.0%} of train/")
+    for name in (valid, "test"):  # `ln -s train val`: it would validate on the photos it trains on
+        if name and (data_dir / name).is_dir() and (is_inside(data_dir / name, data_dir / "train")
+                                                    or is_inside(data_dir / "train", data_dir / name)):
+            raise FlowerclfError(f"{data_dir}/{name}/ is train/ or holds it (a link?), so it would test on the "
+                                 f"photos it trains on; give it photos of its own, or remove it to set aside a part "
+                                 f"of train/")
     train = scan_split(data_dir / "train")
     _check_no_empty_class(train)
     if valid:
