@@ -100,12 +100,32 @@ def write_csv(items: Iterable[dict], path: str, k: int) -> Iterable[dict]:
 
 
 def check_csv_target(path: str, inputs: list[str], checkpoint: str) -> None:
-    """--csv names a file to write: never a folder, the checkpoint or one of the inputs."""
-    if os.path.isdir(path):
+    """--csv names a file to write: never a folder, a device, the checkpoint or one of the inputs; and its
+    FILE.partial, when one is there, must be a stopped --csv's rows (we never overwrite a file we did not write)."""
+    if path == "-":
+        raise FlowerclfError("--csv - would write a file named '-'; without --csv the answers go to stdout "
+                             "(--json for JSON)")
+    if os.path.isdir(path) or path.endswith(os.sep):  # out/ even before it exists
         raise FlowerclfError(f"--csv {path} is a folder; give a file name such as {os.path.join(path, 'preds.csv')}")
+    if os.path.exists(path) and not os.path.isfile(path):  # /dev/stdout, a pipe: the rename would replace it
+        raise FlowerclfError(f"--csv {path} is not a regular file (a device or a pipe?); --csv writes a file and "
+                             f"renames it into place, so give a file name (without --csv the answers go to stdout)")
+    partial = path + ".partial"
+    if os.path.lexists(partial) and not _our_partial(partial):
+        raise FlowerclfError(f"--csv {path}: {partial} exists and is not the rows of a stopped predict.py --csv, "
+                             f"and --csv would overwrite it; move it away, or give another --csv")
     for other in (checkpoint, *inputs):
         if os.path.exists(path) and os.path.exists(other) and os.path.samefile(path, other):
             raise FlowerclfError(f"--csv {path} is {other}, one of the inputs; give another file name")
+
+
+def _our_partial(path: str) -> bool:
+    """True for a regular file (not a link) that starts as write_csv's rows do."""
+    if os.path.islink(path) or not os.path.isfile(path):
+        return False
+    start = (",".join(csv_header(1)[:-1]) + ",").encode()  # the header's columns before class_2 (or error)
+    with open(path, "rb") as f:
+        return f.read(len(start)) == start
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,8 +143,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.plot and os.path.isdir(args.plot):
         raise FlowerclfError(f"--plot {args.plot} is a folder; give a file name such as {args.plot}/top5.png")
-    if args.csv:
-        check_csv_target(args.csv, inputs, checkpoint)
+    if args.csv:  # --category_names is read too, and --plot written after the rows
+        check_csv_target(args.csv, [*inputs, *([args.category_names] if args.category_names else [])], checkpoint)
+        if args.plot and os.path.realpath(args.plot) == os.path.realpath(args.csv):
+            raise FlowerclfError(f"--csv and --plot both name {args.csv}; give each its own file")
     names = load_category_names(args.category_names)
     predictor = Predictor.load(checkpoint, args.device, args.gpu)
     if args.min_confidence is not None:
@@ -166,7 +188,8 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, predict, print; return the exit code."""
     return cli.run_main(build_parser(), argv, run,
-                        lambda args: f"the rows so far are in {cli.printable(args.csv)}.partial" if args.csv else "")
+                        lambda args: f"the rows so far are in {cli.printable(args.csv)}.partial"
+                        if args.csv and os.path.isfile(args.csv + ".partial") else "")  # none before the first
 
 
 if __name__ == "__main__":

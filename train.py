@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> None:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     if args.check:
-        print(check_data(cfg))
+        print(cli.printable(check_data(cfg)))  # paths and file names are anyone's text
         return
     splits = preflight(cfg)  # a typo or a wrong folder fails here, before torch's seconds of imports
 

@@ -30,11 +30,13 @@ import predict
 import train
 from flowerclf.base.errors import FlowerclfError
 from flowerclf.data.folders import (
+    check_splits,
     list_images,
     load_category_names,
     scan_data_dir,
     scan_split,
 )
+from flowerclf.data.layout import apply_record, describe
 from flowerclf.data.images import IMAGE_FORMATS, MAX_ASPECT_RATIO, check_image, load_rgb
 from flowerclf.data.transforms import Preprocess, preprocess_image
 from flowerclf.data.transforms import (
@@ -454,6 +456,10 @@ def test_a_class_folder_linked_to_its_parent(image_folder):
     os.symlink(os.path.join(image_folder, "train"), os.path.join(image_folder, "train", "loop"))
     with pytest.raises(FlowerclfError, match="links to .* every image would count twice"):
         scan_split(os.path.join(image_folder, "train"))
+    os.unlink(os.path.join(image_folder, "train", "loop"))
+    os.symlink("/", os.path.join(image_folder, "train", "root"))  # else the whole file system is walked
+    with pytest.raises(FlowerclfError, match="root links to /, which holds"):
+        scan_data_dir(image_folder)
 
 
 def test_non_utf8_category_names(tiny_run, tmp_path):
@@ -500,10 +506,88 @@ def test_a_class_too_small_to_split_and_a_skewed_set_get_a_line_each(tmp_path):
         os.unlink(os.path.join(root, "train", "2", name))  # class 2: one photo, nothing to spare
     code, out, err = _main(train, [root, "--check"])
     assert code == 0, err
-    assert ("too few photos to split, so valid has no photo of: '2' (1) (photos per class; all of them stay in "
+    assert ("too few photos to split, so valid has no photo of: '2' (1) (photos per class; the rest stay in "
             "train); add photos to these classes") in out.splitlines()
     assert "skewed classes: '1' has 8 training photos, '2' 1 (8.0x)" in out.splitlines()
     assert "warning" not in out  # said once, by the line above
     balanced = make_image_folder(tmp_path / "b", per_class={"train": 3, "valid": 1})
     assert not [line for line in _main(train, [balanced, "--check"])[1].splitlines() if "skew" in line]
 
+
+
+def test_class_folders_too_small_for_a_test_part_are_refused_in_one_line(tmp_path):
+    make_image_folder(tmp_path / "m", per_class={"train": 2})
+    photos = str(tmp_path / "photos")
+    os.rename(tmp_path / "m" / "train", photos)  # 2 photos a class: one to train, one to valid, none to test
+    line = one_error_line(*_main(train, [photos, "--check"])[::2])
+    assert "cannot be split into train, valid and test" in line and "3 or more" in line
+    with pytest.raises(FlowerclfError, match="or a smaller --valid_split"):
+        scan_data_dir(make_image_folder(tmp_path / "six", per_class={"train": 6}) + "/train", valid_split=0.84)
+
+
+@pytest.mark.parametrize("record", [
+    {"source": "train", "files": {1: ["1/1_0.png"]}}, {"source": "train", "files": {None: []}},
+    {"source": "train", "files": {}}, {"source": "train", "files": "1/1_0.png"}, ["valid"], None])
+def test_a_damaged_split_record_is_refused_on_resume(tmp_path, record):
+    splits = scan_data_dir(make_image_folder(tmp_path / "d", per_class={"train": 5}))
+    with pytest.raises(FlowerclfError, match="field 'split' is damaged"):
+        apply_record(splits, record, "last.pth")
+
+
+def test_a_split_record_never_empties_a_part_or_names_files_outside_data_dir(tmp_path):
+    splits = scan_data_dir(make_image_folder(tmp_path / "d", per_class={"train": 5}))
+    everything = [f"{c}/{c}_{i}.png" for c in "123" for i in range(5)]
+    for files, problem in (({"train": everything}, "laid out otherwise"),  # only held-out parts are recorded
+                           ({"valid": everything}, "leaves train no photo"),
+                           ({"valid": ["/etc/passwd", "../../d/train/1/1_0.png"]}, "leaves valid no photo"),
+                           ({"valid": ["1/1_0.png"], "test": ["1/1_1.png"]}, "laid out otherwise")):
+        with pytest.raises(FlowerclfError, match=problem):
+            apply_record(splits, {"source": "train", "files": files}, "last.pth")
+    kept = apply_record(splits, {"source": "train", "files": {"valid": ["2/2_3.png", "2/2_3.png", "/x.png"]}}, "p")
+    assert [os.path.relpath(f, kept["valid"].root) for f in kept["valid"].files] == ["2/2_3.png"]
+    assert len(kept["train"]) == 14
+
+
+def test_a_class_left_with_no_training_photo_is_said_not_divided_by(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class={"train": 4, "valid": 2})
+    for name in os.listdir(os.path.join(root, "train", "3")):
+        truncated_jpeg(os.path.join(root, "train", "3", name))  # every photo of class 3 unreadable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "divide by zero" RuntimeWarning on stderr
+        splits, _ = check_splits(scan_data_dir(root), full=True, skip_bad=True)
+        lines = describe(splits)
+    assert lines[-1] == "no training photo of: '3'; the model cannot learn these classes: add photos"
+    assert not [line for line in lines if "skewed" in line or "inf" in line]
+
+
+def test_check_prints_no_raw_control_character_of_a_folder_name(tmp_path):
+    make_image_folder(tmp_path / "m", per_class={"train": 4})
+    photos = str(tmp_path / "photos\x1b[2J")
+    os.rename(tmp_path / "m" / "train", photos)
+    code, out, err = _main(train, [photos, "--check"])
+    assert code == 0, err
+    assert "\x1b" not in out and out.splitlines()[0].startswith("data: train (6 photos, 3 classes; 70% of ")
+    assert f"{tmp_path}/photos\\x1b[2J/" in out.splitlines()[0]
+
+
+@pytest.mark.parametrize("name", ["test", "val", "validation"])
+def test_a_class_folder_named_like_a_split_is_told_to_be_renamed(tmp_path, name):
+    make_image_folder(tmp_path / "m", per_class={"train": 4})
+    os.rename(tmp_path / "m" / "train" / "3", tmp_path / "m" / "train" / name)
+    with pytest.raises(FlowerclfError, match=f"has no train/ folder.*a class named {name}\\? its name is a split's"):
+        scan_data_dir(tmp_path / "m" / "train")
+
+
+def test_a_valid_split_that_leaves_no_room_for_test_names_the_bound_it_must_stay_below(tmp_path):
+    make_image_folder(tmp_path / "m", per_class={"train": 10})
+    with pytest.raises(FlowerclfError, match=r"--valid_split 0.85 must be above 0 and below 0.85$"):
+        scan_data_dir(tmp_path / "m" / "train", valid_split=0.85)  # class folders: test/ keeps its 15%
+    assert len(scan_data_dir(tmp_path / "m", valid_split=0.9)["valid"]) == 27  # train/: up to 1
+
+
+@pytest.mark.parametrize("name", ["val", "test"])
+def test_a_split_linked_to_train_is_refused(tmp_path, name):
+    root = make_image_folder(tmp_path / "d", per_class={"train": 4})
+    os.symlink("train", os.path.join(root, name))
+    with pytest.raises(FlowerclfError, match=f"d/{name}/ is train/ or holds it \\(a link\\?\\)"):
+        scan_data_dir(root)

@@ -485,6 +485,53 @@ def test_csv_refuses_a_folder_the_checkpoint_or_json_too(tiny_run, tmp_path):
     data, save = tiny_run
     ckpt = str(save / "checkpoint.pth")
     assert "is a folder" in one_error_line(*_main(predict, [an_image(data), ckpt, "--csv", str(tmp_path)])[::2])
+    line = one_error_line(*_main(predict, [an_image(data), ckpt, "--csv", f"{tmp_path}/new/"])[::2])
+    assert line == f"error: --csv {tmp_path}/new/ is a folder; give a file name such as {tmp_path}/new/preds.csv"
     line = one_error_line(*_main(predict, [an_image(data), ckpt, "--csv", ckpt])[::2])
     assert line == f"error: --csv {ckpt} is {ckpt}, one of the inputs; give another file name"
     assert "not allowed with argument" in _main(predict, [an_image(data), ckpt, "--csv", "x.csv", "--json"])[2]
+    names = tmp_path / "names.json"
+    names.write_text('{"1": "one"}')
+    line = one_error_line(*_main(predict, [an_image(data), ckpt, "--category_names", str(names), "--csv", str(names)])
+                          [::2])
+    assert line == f"error: --csv {names} is {names}, one of the inputs; give another file name"
+    assert names.read_text() == '{"1": "one"}'
+    out = str(tmp_path / "p.png")
+    assert one_error_line(*_main(predict, [an_image(data), ckpt, "--csv", out, "--plot", out])[::2]) == \
+        f"error: --csv and --plot both name {out}; give each its own file"
+
+
+def test_csv_never_replaces_a_device_or_a_partial_file_it_did_not_write(tiny_run, tmp_path):
+    data, save = tiny_run
+    ckpt, out = str(save / "checkpoint.pth"), str(tmp_path / "p.csv")
+    assert "would write a file named '-'" in one_error_line(*_main(predict, [an_image(data), ckpt, "--csv", "-"])[::2])
+    os.mkfifo(tmp_path / "fifo")  # what /dev/stdout is under a pipe: the rename would have replaced it
+    line = one_error_line(*_main(predict, [an_image(data), ckpt, "--csv", str(tmp_path / "fifo")])[::2])
+    assert "is not a regular file" in line and (tmp_path / "fifo").is_fifo()
+    (tmp_path / "mine.txt").write_text("someone's notes\n")
+    for foreign in ("copy", "link"):
+        if foreign == "copy":
+            (tmp_path / "p.csv.partial").write_text("someone's notes\n")
+        else:
+            os.unlink(tmp_path / "p.csv.partial")
+            os.symlink(tmp_path / "mine.txt", tmp_path / "p.csv.partial")
+        line = one_error_line(*_main(predict, [an_image(data), ckpt, "--csv", out])[::2])
+        assert "p.csv.partial exists and is not the rows of a stopped predict.py --csv" in line
+        assert (tmp_path / "p.csv.partial").read_text() == "someone's notes\n" and not os.path.exists(out)
+    os.unlink(tmp_path / "p.csv.partial")
+    (tmp_path / "p.csv.partial").write_text(",".join(predict.csv_header(5)) + "\nhalf a row")  # a stopped run's
+    code, _, err = _main(predict, [an_image(data), ckpt, "--csv", out])
+    assert code == 0, err
+    assert len(_csv_rows(out)) == 2 and not os.path.exists(tmp_path / "p.csv.partial")
+    assert (tmp_path / "mine.txt").read_text() == "someone's notes\n"
+
+
+def test_csv_stopped_before_its_first_row_points_at_no_partial_file(tiny_run, tmp_path, monkeypatch):
+    from flowerclf.serving.predictor import Predictor
+    data, save = tiny_run
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the model loads
+    monkeypatch.setattr(Predictor, "load", stopped)
+    code, _, err = _main(predict, [an_image(data), str(save / "checkpoint.pth"), "--csv", str(tmp_path / "p.csv")])
+    assert code == 130 and err.strip() == "interrupted" and not os.listdir(tmp_path)

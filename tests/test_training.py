@@ -415,3 +415,23 @@ def test_a_resumed_run_continues_the_tensorboard_curves_without_repeats(image_fo
     monkeypatch.setattr(trainer, "format_epoch", real)
     trainer.train(tiny_config(image_folder, tmp_path, epochs=4, resume=True), log=lambda line: None)
     assert [s.step for s in _events(tmp_path / "tensorboard").Scalars("loss/train")] == [1, 2, 3, 4]
+
+
+def test_a_file_where_the_tensorboard_folder_goes_is_one_line_before_any_epoch(image_folder, tmp_path):
+    (tmp_path / "tensorboard").write_text("not a folder\n")
+    lines = []
+    with pytest.raises(FlowerclfError, match="tensorboard is a file, where the run's TensorBoard event files go"):
+        trainer.train(tiny_config(image_folder, tmp_path, epochs=1), log=lines.append)
+    assert not [line for line in lines if line.startswith(("features", "epoch"))]  # refused before the work
+    assert (tmp_path / "tensorboard").read_text() == "not a folder\n"
+    trainer.train(_cfg(image_folder, tmp_path, epochs=1), log=lambda line: None)  # --overwrite sets it aside
+    assert (tmp_path / "tensorboard").is_dir()
+
+
+def test_a_missing_tensorboard_package_is_one_line_before_any_epoch(image_folder, tmp_path, monkeypatch):
+    from flowerclf.training import tensorboard
+    monkeypatch.setattr(tensorboard, "find_spec", lambda name: None)
+    lines = []
+    with pytest.raises(FlowerclfError, match="the tensorboard package is not installed; pip install"):
+        trainer.train(_cfg(image_folder, tmp_path, epochs=1), log=lines.append)
+    assert not [line for line in lines if line.startswith(("features", "epoch"))]

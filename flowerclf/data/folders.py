@@ -62,7 +62,7 @@ def _class_dirs(root: Path) -> list[str]:
     top = os.path.realpath(root)
     for name in names:
         target = os.path.realpath(root / name)
-        if top == target or top.startswith(target + os.sep):
+        if is_inside(top, target):  # a link to / too (target + os.sep is "//")
             raise FlowerclfError(f"{root / name} links to {target}, which holds {root}/ itself, so every image "
                                  f"would count twice; remove the link")
     return names
@@ -126,6 +126,12 @@ def scan_data_dir(data_dir: str | os.PathLike, valid_split: float | None = None,
         raise FlowerclfError(f"{data_dir}/ has no validation folder (valid/, val/ or validation/) and --valid_split "
                              f"is 0; add {data_dir}/val/CLASS/*.jpg, or drop --valid_split 0 to set aside "
                              f"{DEFAULT_VALID_SPLIT:.0%} of train/")
+    for name in (valid, "test"):  # `ln -s train val`: it would validate on the photos it trains on
+        if name and (data_dir / name).is_dir() and (is_inside(data_dir / name, data_dir / "train")
+                                                    or is_inside(data_dir / "train", data_dir / name)):
+            raise FlowerclfError(f"{data_dir}/{name}/ is train/ or holds it (a link?), so it would test on the "
+                                 f"photos it trains on; give it photos of its own, or remove it to set aside a part "
+                                 f"of train/")
     train = scan_split(data_dir / "train")
     _check_no_empty_class(train)
     if valid:
@@ -145,9 +151,10 @@ def _split_class_folders(data_dir: Path, valid: str | None, valid_split: float |
     """DATA_DIR/CLASS/*.jpg and no train/: seeded, stratified train/valid/test parts, 70/15/15 by default."""
     split = [name for name in (valid, "test") if name and (data_dir / name).is_dir()]
     if split or not _class_dirs(data_dir):
+        named = f" (a class named {split[0]}? its name is a split's: rename it)" if split else ""
         raise FlowerclfError(f"{data_dir}/ has no train/ folder; expected {data_dir}/train/CLASS/*.jpg (and "
                              f"val/CLASS/*.jpg, or a part of train/ is set aside), or only class folders "
-                             f"{data_dir}/CLASS/*.jpg to split 70/15/15")
+                             f"{data_dir}/CLASS/*.jpg to split 70/15/15{named}")
     if valid_split == 0:
         raise FlowerclfError(f"{data_dir}/ holds class folders and no train/, so it is split into train, valid and "
                              f"test; --valid_split 0 would leave no validation split: drop it")
@@ -156,6 +163,10 @@ def _split_class_folders(data_dir: Path, valid: str | None, valid_split: float |
     sets = carve(images, {**FLAT_SPLIT, **({"valid": valid_split} if valid_split else {})}, seed, ".")
     if not sets["valid"].files:
         raise FlowerclfError(f"{data_dir}/ cannot be split: no class folder has 2 or more photos; add photos")
+    if not sets["test"].files:  # every class too small for three parts: an empty test split would stop the run
+        raise FlowerclfError(f"{data_dir}/ cannot be split into train, valid and test: no class folder has enough "
+                             f"photos for all three (3 or more{', or a smaller --valid_split' if valid_split else ''})"
+                             f"; add photos")
     return sets
 
 
@@ -180,7 +191,7 @@ def carve(images: ImageSet, fractions: dict[str, float], seed: int, source: str)
     while one stays in "train"), the rest is "train". Nothing is copied; `source` ("train", or "." for DATA_DIR
     itself) is recorded on each part."""
     if not all(0 < f < 1 for f in fractions.values()) or sum(fractions.values()) >= 1:
-        raise FlowerclfError(f"--valid_split {fractions['valid']} must be between 0 and "
+        raise FlowerclfError(f"--valid_split {fractions['valid']} must be above 0 and below "
                              f"{1 - sum(fractions.values()) + fractions['valid']:g}")
     labels = np.asarray(images.labels)
     parts: dict[str, list[int]] = {"train": [], **{name: [] for name in fractions}}

@@ -29,14 +29,15 @@ def split_record(splits: dict[str, ImageSet]) -> dict | None:
 def apply_record(splits: dict[str, ImageSet], record, path: str) -> dict[str, ImageSet]:
     """The splits as `record` (split_record's, read from `path`) made them: a resumed run validates on the same
     photos, and photos added since go to train."""
-    ok = (isinstance(record, dict) and isinstance(record.get("files"), dict)
-          and all(isinstance(v, list) and all(isinstance(f, str) for f in v) for v in record["files"].values()))
+    ok = (isinstance(record, dict) and isinstance(record.get("files"), dict) and record["files"]
+          and all(isinstance(k, str) and isinstance(v, list) and all(isinstance(f, str) for f in v)
+                  for k, v in record["files"].items()))
     if not ok:
         raise FlowerclfError(f"--resume: {path}: field 'split' is damaged; train again with --overwrite")
     carved = {name: s for name, s in splits.items() if s.carved}
     if ("train" not in carved or carved["train"].carved["source"] != record.get("source")
-            or set(record["files"]) - set(carved)):
-        raise FlowerclfError(f"--resume: {path} set aside {', '.join(record['files'])} from "
+            or set(record["files"]) != set(carved) - {"train"}):  # the same held-out parts, none of them train
+        raise FlowerclfError(f"--resume: {path} set aside {', '.join(list(record['files'])[:3])} from "
                              f"{'DATA_DIR' if record.get('source') == '.' else 'train/'}, but DATA_DIR is laid out "
                              f"otherwise now; resume on the data it was trained on, or train anew with --overwrite")
     pool = replace(carved["train"], files=[f for s in carved.values() for f in s.files],
@@ -45,10 +46,10 @@ def apply_record(splits: dict[str, ImageSet], record, path: str) -> dict[str, Im
     parts: dict[str, list[int]] = {name: [] for name in carved}
     for i, f in enumerate(pool.files):
         parts[where.get(os.path.relpath(f, pool.root), "train")].append(i)
-    empty = [name for name in record["files"] if not parts[name]]
+    empty = [name for name in parts if not parts[name]]  # train too: a record that holds out every photo
     if empty:
-        raise FlowerclfError(f"--resume: none of the photos {path} kept for {empty[0]} is in DATA_DIR now; resume on "
-                             f"the data it was trained on, or train anew with --overwrite")
+        raise FlowerclfError(f"--resume: {path} leaves {empty[0]} no photo of DATA_DIR now; resume on the data it was "
+                             f"trained on, or train anew with --overwrite")
     return {**splits, **{name: replace(pool, files=[pool.files[i] for i in idx], labels=[pool.labels[i] for i in idx],
                                        carved=carved[name].carved) for name, idx in parts.items()}}
 
@@ -93,11 +94,15 @@ def describe(splits: dict[str, ImageSet]) -> list[str]:
         short = np.flatnonzero(class_counts(s) == 0)
         if len(short):
             shown = ", ".join(f"{names[i]!r} ({counts[i]})" for i in short[:10]) + (" ..." if len(short) > 10 else "")
-            lines.append(f"too few photos to split, so {n} has no photo of: {shown} (photos per class; all of them "
+            lines.append(f"too few photos to split, so {n} has no photo of: {shown} (photos per class; the rest "
                          f"stay in train); add photos to these classes")
     counts = class_counts(train)
     big, small = int(counts.argmax()), int(counts.argmin())
-    if counts[big] > SKEW * counts[small]:
+    none = np.flatnonzero(counts == 0)  # every photo of a class left out as unreadable (--skip_bad_images)
+    if len(none):
+        lines.append(f"no training photo of: {', '.join(repr(names[i]) for i in none[:10])}"
+                     f"{' ...' if len(none) > 10 else ''}; the model cannot learn these classes: add photos")
+    elif counts[big] > SKEW * counts[small]:
         lines.append(f"skewed classes: {names[big]!r} has {counts[big]:,} training photos, {names[small]!r} "
                      f"{counts[small]:,} ({counts[big] / counts[small]:.1f}x)")
     return lines

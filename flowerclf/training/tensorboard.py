@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import io
 import os
+from importlib.util import find_spec
 
 from PIL import Image, ImageDraw
 
 from flowerclf.base.cli import printable
 from flowerclf.base.errors import FlowerclfError
-from flowerclf.data.images import load_rgb
+from flowerclf.data.images import load_rgb, open_image
 
 TILE_PX, CAPTION_PX, COLUMNS = 128, 40, 6  # the top-loss grid: thumbnails, three caption lines under each
 RIGHT, WRONG = (40, 160, 60), (210, 40, 40)
@@ -26,6 +27,12 @@ class Board:
         self.folder, self.writer = folder, None
 
     def __enter__(self) -> "Board":
+        if os.path.lexists(self.folder) and not os.path.isdir(self.folder):  # else it fails after the first epoch
+            raise FlowerclfError(f"{self.folder} is a file, where the run's TensorBoard event files go (a folder); "
+                                 f"move it away, or pass --overwrite to set it aside with the other outputs")
+        if find_spec("tensorboard") is None:  # imported at the first epoch: a traceback after it, not this line now
+            raise FlowerclfError("train.py writes TensorBoard event files, and the tensorboard package is not "
+                                 "installed; pip install -r requirements.txt (or pip install tensorboard)")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -65,7 +72,7 @@ class Board:
     def _image(self, tag: str, encoded: bytes, step: int) -> None:
         """An encoded PNG or JPEG as an image event: the report's own figure, not decoded and encoded again."""
         from tensorboard.compat.proto.summary_pb2 import Summary
-        with Image.open(io.BytesIO(encoded)) as img:
+        with open_image(io.BytesIO(encoded)) as img:
             size, channels = img.size, len(img.getbands())
         image = Summary.Image(height=size[1], width=size[0], colorspace=channels, encoded_image_string=encoded)
         self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
