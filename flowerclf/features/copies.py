@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 from PIL import Image
 
 from flowerclf.base.files import atomic_write
-from flowerclf.data.images import load_rgb, size_problem
+from flowerclf.data.images import load_rgb, open_image, size_problem
 from flowerclf.data.transforms import Preprocess, decode_size
 from flowerclf.features.store import file_digest, open_store, store_dir
 
@@ -69,8 +69,8 @@ class WorkingCopies:
         except OSError:
             return None
         try:  # written by us, but a cache file can be anything by now: any failure means "make it again"
-            with Image.open(io.BytesIO(data), formats=("JPEG",)) as img:
-                if img.mode != "RGB" or min(img.size) != self.short or size_problem(*img.size):
+            with open_image(io.BytesIO(data)) as img:
+                if img.format != "JPEG" or img.mode != "RGB" or min(img.size) != self.short or size_problem(*img.size):
                     return None
                 img.load()  # a truncated file raises here
                 return img.copy()
