@@ -103,8 +103,13 @@ def build_parser() -> cli.ArgumentParser:
     g.add_argument("--unfreeze", type=cli.unfreeze, default=0, metavar="N|all",
                    help="also train the last N backbone stages (or all): a stage is a block of convolutions or "
                         "attention, with the lone layers beside it, so 1 is always the last block (--list_stages "
-                        "shows them); trains on images instead of stored features, so each epoch costs a full "
-                        "pass (default: 0, frozen backbone)")
+                        "shows them); the head first trains on stored features (seconds) and epoch 0 is its validation "
+                        "score, then every epoch trains on images, a full pass each (default: 0, frozen backbone)")
+    g.add_argument("--init_from", "--init-from", metavar="CHECKPOINT",
+                   help="start from the head of an earlier run's checkpoint.pth (or a classic project's checkpoint) "
+                        "made with the same --arch, --weights, --hidden_units and classes: epoch 0 is its validation "
+                        "score here, so the run keeps it unless an epoch beats it; with --unfreeze it replaces the "
+                        "head trained on stored features")
     g.add_argument("--backbone_lr_ratio", "--backbone-lr-ratio", type=float, default=0.1,
                    help="with --unfreeze: backbone learning rate = learning_rate x this (default: %(default)s)")
     g.add_argument("--warmup_epochs", "--warmup-epochs", type=float, default=1.0,
