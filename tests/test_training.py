@@ -308,15 +308,16 @@ def test_init_from_mismatches_are_one_line_before_any_work(tiny_run, tmp_path):
     data, run = tiny_run
     ckpt = str(run / "checkpoint.pth")
     other = make_image_folder(tmp_path / "other", classes=("a", "b", "c"))
-    for argv, says in [([data, "--hidden_units", "16"], "hidden units is [8], this run's [16]; pass --hidden_units 8"),
-                       ([data, "--arch", "resnet18"], "arch is mobilenet_v3_small, this run's resnet18; pass --arch"),
-                       ([data, "--weights", "DEFAULT", "--engine", "torch"], "weights is none"),
-                       ([other], "are not DATA_DIR's")]:
-        flags = TINY + argv[1:] if len(argv) > 1 else TINY
-        code, _, err = _main(train, [argv[0], "--save_dir", str(tmp_path / "s"), "--init_from", ckpt] + flags)
+    for folder, flags, says in [(data, ["--hidden_units", "16"], "hidden units is [8], this run's [16]; pass "
+                                                                   "--hidden_units 8"),
+                                (data, ["--arch", "resnet18"], "arch is mobilenet_v3_small, this run's resnet18; "
+                                                               "pass --arch mobilenet_v3_small"),
+                                (data, ["--weights", "DEFAULT"], "weights is none"),
+                                (other, [], "are not DATA_DIR's")]:
+        code, _, err = _main(train, [folder, "--save_dir", str(tmp_path / "s"), "--init_from", ckpt] + TINY + flags)
         assert says in one_error_line(code, err)
-    code, _, err = _main(train, [data, "--save_dir", str(tmp_path / "s"), "--init_from", str(run / "checkpoint_last.pth")]
-                         + TINY)
+    last = str(run / "checkpoint_last.pth")
+    code, _, err = _main(train, [data, "--save_dir", str(tmp_path / "s"), "--init_from", last] + TINY)
     assert "--init_from" in one_error_line(code, err) and "use checkpoint.pth" in err
     assert not (tmp_path / "s").exists()
 

@@ -124,8 +124,8 @@ def run_epochs(plan: Plan, run: Run) -> tuple[list, dict]:
             va = plan.validate()
             check_finite_epoch(plan.trainable, va["loss"])
         except NonFiniteModel as e:  # the run stops here; a non-finite model is never kept nor saved
-            kept = f"{run.files.checkpoint} keeps epoch {best['epoch']}, the best so far" if best["state"] \
-                else "no checkpoint was saved"
+            kept = f"{run.files.checkpoint} keeps epoch {best['epoch']}, the best so far" \
+                if best["state"] is not None else "no checkpoint was saved"
             raise FlowerclfError(f"{e} (epoch {epoch}); {kept}") from None
         seconds = time.perf_counter() - t0 + (0.0 if epoch else plan.warm["seconds"])
         history.append({"epoch": epoch, "train_loss": tr["loss"], "valid_loss": va["loss"], "valid_acc": va["acc"],
@@ -153,8 +153,8 @@ def run_epochs(plan: Plan, run: Run) -> tuple[list, dict]:
             run.log(f"stopped early: no better validation accuracy for {cfg.patience} epochs "
                     f"(checkpoint.pth keeps epoch {best['epoch']})")
             break
-    if plan.warm is not None and best["epoch"] == 0:
-        run.log(f"no epoch beat epoch 0: checkpoint.pth keeps {plan.warm['note']}"
+    if history and history[0]["epoch"] == 0 and best["epoch"] == 0:  # a resumed run has no plan.warm
+        run.log(f"no epoch beat epoch 0: checkpoint.pth keeps {(plan.warm or {}).get('note', 'the starting head')}"
                 + (" on the pretrained backbone" if cfg.unfreeze else ""))
     return history, best
 
