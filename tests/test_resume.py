@@ -32,7 +32,9 @@ def _wait_for(proc, text: bytes) -> None:
 
 
 def _train_cmd(data, save, *extra):
-    return [sys.executable, os.path.join(ROOT, "train.py"), data, "--save_dir", str(save)] + TINY + list(extra)
+    # --patience 0: these runs are killed at a given epoch, so they must not stop early by themselves
+    return [sys.executable, os.path.join(ROOT, "train.py"), data, "--save_dir", str(save), "--patience", "0"] + TINY \
+        + list(extra)
 
 
 @pytest.mark.slow
