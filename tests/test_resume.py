@@ -32,7 +32,9 @@ def _wait_for(proc, text: bytes) -> None:
 
 
 def _train_cmd(data, save, *extra):
-    return [sys.executable, os.path.join(ROOT, "train.py"), data, "--save_dir", str(save)] + TINY + list(extra)
+    # --patience 0: these runs are killed at a given epoch, so they must not stop early by themselves
+    return [sys.executable, os.path.join(ROOT, "train.py"), data, "--save_dir", str(save), "--patience", "0"] + TINY \
+        + list(extra)
 
 
 @pytest.mark.slow
@@ -93,21 +95,25 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(image_folder, tmp_path
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
 
 
-def test_finetune_resume_restores_optimizer_schedule_and_random_streams(image_folder, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cut", [1, 2])  # 1: killed right after the head phase, resumed from epoch 0
+def test_finetune_resume_restores_optimizer_schedule_and_random_streams(image_folder, tmp_path, monkeypatch, cut):
     base = tiny_config(image_folder, ".", batch_size=6, epochs=3, unfreeze=1)
     trainer.train(replace_cfg(base, save_dir=str(tmp_path / "full")), log=lambda s: None)
 
     real = format_epoch
 
-    def interrupt_at_2(epoch, *a):
-        if epoch == 2:
-            raise KeyboardInterrupt  # after epoch 2's training, before its checkpoints
+    def interrupt(epoch, *a):
+        if epoch == cut:
+            raise KeyboardInterrupt  # after epoch `cut`'s training, before its checkpoints
         return real(epoch, *a)
-    monkeypatch.setattr(trainer, "format_epoch", interrupt_at_2)
+    monkeypatch.setattr(trainer, "format_epoch", interrupt)
     with pytest.raises(KeyboardInterrupt):
         trainer.train(replace_cfg(base, save_dir=str(tmp_path / "cut")), log=lambda s: None)
     monkeypatch.setattr(trainer, "format_epoch", real)
-    trainer.train(replace_cfg(base, save_dir=str(tmp_path / "cut"), resume=True), log=lambda s: None)
+    monkeypatch.setattr(trainer, "head_first", lambda *a: pytest.fail("a resumed fine-tune trained its head again"))
+    lines = []
+    trainer.train(replace_cfg(base, save_dir=str(tmp_path / "cut"), resume=True), log=lines.append)
+    assert any(line.startswith(f"resuming after epoch {cut - 1} ") for line in lines)
     a = torch.load(tmp_path / "full" / "checkpoint.pth", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "cut" / "checkpoint.pth", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -51,8 +51,8 @@ def test_unfreeze_trains_only_the_last_stages(image_folder):
 def test_finetune_run_end_to_end(image_folder, tmp_path):
     result = trainer.train(_cfg(image_folder, tmp_path, unfreeze=1, epochs=2, label_smoothing=0.1),
                           log=lambda s: None)
-    assert len(result["history"]) == 2 and "test_acc" in result["metrics"]
-    lrs = [h["lr"] for h in result["history"]]
+    assert [h["epoch"] for h in result["history"]] == [0, 1, 2] and "test_acc" in result["metrics"]
+    lrs = [h["lr"] for h in result["history"][1:]]  # epoch 0 is the head trained on stored features
     assert lrs[0] < 0.001  # warm-up starts below the peak
     loaded, _ = load_model(result["checkpoint"])
     assert loaded.head[-1].out_features == 3
@@ -166,8 +166,8 @@ def test_finetuning_validates_through_one_loader_for_the_whole_run(image_folder,
     monkeypatch.setattr(loops, "extract_features", recording)
     trainer.train(_cfg(image_folder, tmp_path, epochs=3, unfreeze=1, batch_size=6, num_workers=1),
                   log=lambda line: None)
-    # 3 epochs, then the best epoch's logits for the temperature: one loader, so its workers persist
-    assert len(loaders["valid"]) == 4 and len({id(x) for x in loaders["valid"]}) == 1
+    # epochs 0 to 3, then the best epoch's logits for the temperature: one loader, so its workers persist
+    assert len(loaders["valid"]) == 5 and len({id(x) for x in loaders["valid"]}) == 1
     assert len(loaders["test"]) == 1
 
 
@@ -435,3 +435,79 @@ def test_a_missing_tensorboard_package_is_one_line_before_any_epoch(image_folder
     with pytest.raises(FlowerclfError, match="the tensorboard package is not installed; pip install"):
         trainer.train(_cfg(image_folder, tmp_path, epochs=1), log=lines.append)
     assert not [line for line in lines if line.startswith(("features", "epoch"))]
+
+
+def test_a_finetune_starts_from_the_frozen_head_and_never_keeps_worse(image_folder, tmp_path, monkeypatch):
+    frozen = trainer.train(_cfg(image_folder, tmp_path / "frozen", epochs=plans.HEAD_EPOCHS, learning_rate=0.01),
+                           log=lambda line: None)
+    monkeypatch.setattr(plans, "finetune_epoch", lambda *a, **k: {"loss": 1.0})  # no epoch can beat epoch 0
+    lines = []
+    tuned = trainer.train(_cfg(image_folder, tmp_path / "tuned", epochs=2, unfreeze=1, learning_rate=0.01),
+                          log=lines.append)
+    first = tuned["history"][0]  # scored on images through the whole model, as every fine-tuning epoch
+    assert first["epoch"] == 0 and first["valid_acc"] == frozen["metrics"]["valid_acc"]
+    assert first["valid_loss"] == pytest.approx(frozen["metrics"]["valid_loss"], abs=1e-4)
+    assert tuned["epoch"] == 0 and any(line.startswith("no epoch beat epoch 0: checkpoint.pth keeps the head trained "
+                                                       "on stored features") for line in lines)
+    a = torch.load(tmp_path / "frozen" / "checkpoint.pth", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "tuned" / "checkpoint.pth", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the frozen head on the backbone it was trained on
+
+
+@pytest.mark.parametrize("unfreeze", ["0", "1"])
+def test_init_from_starts_at_the_checkpoints_valid_score(tiny_run, tmp_path, unfreeze):
+    data, run = tiny_run
+    init = torch.load(run / "checkpoint.pth", weights_only=True)
+    lines = []
+    code, out, err = _main(train, [data, "--save_dir", str(tmp_path / "s"), "--epochs", "1", "--unfreeze", unfreeze,
+                                   "--init_from", str(run / "checkpoint.pth")] + TINY)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert "head on stored features" not in out  # the checkpoint's head, not one trained here
+    first = json.loads((tmp_path / "s" / "history.json").read_text())[0]
+    assert first["epoch"] == 0 and first["valid_acc"] == init["metrics"]["valid_acc"]
+    assert first["valid_loss"] == pytest.approx(init["metrics"]["valid_loss"], abs=1e-4)
+    assert any(line.startswith("epoch 0/1") and line.endswith(f"(the head of {run / 'checkpoint.pth'})")
+               for line in lines)
+
+
+def test_init_from_mismatches_are_one_line_before_any_work(tiny_run, tmp_path):
+    data, run = tiny_run
+    ckpt = str(run / "checkpoint.pth")
+    other = make_image_folder(tmp_path / "other", classes=("a", "b", "c"))
+    for folder, flags, says in [(data, ["--hidden_units", "16"], "hidden units is [8], this run's [16]; pass "
+                                                                   "--hidden_units 8"),
+                                (data, ["--arch", "resnet18"], "arch is mobilenet_v3_small, this run's resnet18; "
+                                                               "pass --arch mobilenet_v3_small"),
+                                (data, ["--weights", "DEFAULT"], "weights is none"),
+                                (other, [], "are not DATA_DIR's")]:
+        code, _, err = _main(train, [folder, "--save_dir", str(tmp_path / "s"), "--init_from", ckpt] + TINY + flags)
+        assert says in one_error_line(code, err)
+    last = str(run / "checkpoint_last.pth")
+    code, _, err = _main(train, [data, "--save_dir", str(tmp_path / "s"), "--init_from", last] + TINY)
+    assert "--init_from" in one_error_line(code, err) and "use checkpoint.pth" in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_init_from_takes_a_classic_checkpoints_head(tmp_path):
+    from collections import OrderedDict
+
+    import torchvision
+
+    from flowerclf.models.checkpoints import load_head, read_head
+    torch.manual_seed(0)
+    classic = torchvision.models.get_model("resnet18", weights=None)
+    classic.fc = torch.nn.Sequential(OrderedDict([("fc1", torch.nn.Linear(512, 32)), ("relu", torch.nn.ReLU()),
+                                                  ("drop", torch.nn.Dropout(0.2)), ("fc2", torch.nn.Linear(32, 3)),
+                                                  ("output", torch.nn.LogSoftmax(dim=1))]))
+    path = str(tmp_path / "classic.pth")
+    torch.save({"arch": "resnet18", "state_dict": classic.state_dict(), "class_to_idx": {"1": 0, "2": 1, "3": 2}},
+               path)
+    classes = {"1": 0, "2": 1, "3": 2}
+    spec = ModelSpec("resnet18", "none", [32], 0.2, 3)
+    model, _ = build_model(spec, load_pretrained=False)
+    load_head(model.head, read_head(path, spec, classes), path)
+    assert torch.equal(model.head[0].weight, classic.fc.fc1.weight) and torch.equal(model.head[3].bias,
+                                                                                     classic.fc.fc2.bias)
+    with pytest.raises(FlowerclfError, match="hidden units is \\[32\\], this run's \\[64\\]; pass --hidden_units 32"):
+        read_head(path, ModelSpec("resnet18", "none", [64], 0.2, 3), classes)

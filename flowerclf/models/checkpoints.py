@@ -26,6 +26,7 @@ from flowerclf.data.transforms import Preprocess
 from flowerclf.models.registry import (
     CLASSIFIER_ATTRS,
     ModelSpec,
+    build_head,
     build_imagenet_model,
     build_model,
     resolve_weights,
@@ -73,15 +74,20 @@ def _is_classic(ckpt) -> bool:
             and isinstance(ckpt.get("class_to_idx", ckpt.get("label_idx")), dict))
 
 
+def _classic_linears(state: dict, is_module=lambda attr: True) -> tuple[str | None, list[str]]:
+    """A classic state dict's classifier attribute and the weight keys of its Linear layers, in order."""
+    attr = next((a for a in CLASSIFIER_ATTRS if any(k.startswith(a + ".") for k in state) and is_module(a)), None)
+    return attr, [k for k in state if attr and k.startswith(attr + ".") and k.endswith(".weight")
+                  and isinstance(state[k], torch.Tensor) and state[k].dim() == 2]
+
+
 def load_classic(ckpt: dict, path: str) -> tuple[nn.Sequential, dict]:
     """Rebuild a classic checkpoint: torchvision arch whose classifier is a stack of Linear layers."""
     arch, state = ckpt["arch"], ckpt["state_dict"]
     if arch not in torchvision.models.list_models(module=torchvision.models):
         raise FlowerclfError(f"{path} is a classic checkpoint for arch {arch!r}, which torchvision does not know")
     model = build_imagenet_model(arch, resolve_weights(arch, "none"))
-    attr = next((a for a in CLASSIFIER_ATTRS if any(k.startswith(a + ".") for k in state)
-                 and isinstance(getattr(model, a, None), nn.Module)), None)
-    linear = [k for k in state if attr and k.startswith(attr + ".") and k.endswith(".weight") and state[k].dim() == 2]
+    attr, linear = _classic_linears(state, lambda a: isinstance(getattr(model, a, None), nn.Module))
     if not linear:
         raise FlowerclfError(f"{path}: cannot find the classifier's Linear layers in its state_dict")
     layers, renamed = [], {}
@@ -144,3 +150,55 @@ def load_model(path: str, device: torch.device | str = "cpu") -> tuple[nn.Sequen
         raise FlowerclfError(f"{path} does not match its own architecture {spec.arch}: {detail[:300]}") from None
     check_finite_state(model.state_dict(), path)
     return model.to(device).eval(), ckpt
+
+
+def read_head(path: str, spec: ModelSpec, class_to_idx: dict) -> dict:
+    """--init_from: the head's state dict (keys as in model.head) of checkpoint `path`, ours or a classic one.
+
+    The checkpoint must have been trained for the same arch, weights, hidden units and classes as
+    `spec` and `class_to_idx`; only its head is taken (a fine-tuned backbone of that run is not).
+    """
+    where = f"--init_from {path}"
+    try:
+        ckpt = read_checkpoint(path)
+    except FlowerclfError as e:
+        raise FlowerclfError(f"--init_from: {e}") from None
+    if _is_classic(ckpt):
+        state = ckpt["state_dict"]
+        _, linear = _classic_linears(state)
+        if not linear:
+            raise FlowerclfError(f"{where}: cannot find the classifier's Linear layers in its state_dict")
+        theirs = {"arch": ckpt["arch"], "weights": spec.weights,  # a classic checkpoint names no weights
+                  "hidden_units": [state[k].shape[0] for k in linear[:-1]]}
+        classes = {str(k): v for k, v in ckpt.get("class_to_idx", ckpt.get("label_idx")).items()}
+    else:
+        theirs, state, classes = ckpt["model"], ckpt["state_dict"], ckpt["class_to_idx"]
+        linear = [k for k in state if k.startswith("head.") and k.endswith(".weight")]
+    for key, flag in (("arch", "--arch"), ("weights", "--weights"), ("hidden_units", "--hidden_units")):
+        mine = getattr(spec, key)
+        if theirs.get(key) != mine:
+            said = " ".join(map(str, theirs.get(key) or [0])) if key == "hidden_units" else theirs.get(key)
+            raise FlowerclfError(f"{where}: that run's {key.replace('_', ' ')} is {theirs.get(key)}, this run's "
+                                 f"{mine}; pass {flag} {said}, or init from a run made with {flag} {mine}")
+    if classes != class_to_idx:
+        raise FlowerclfError(f"{where}: that run's classes {sorted(classes)[:8]} are not DATA_DIR's "
+                             f"{sorted(class_to_idx)[:8]}; init from a run on the same class folders")
+    if not linear or not isinstance(state[linear[0]], torch.Tensor) or state[linear[0]].dim() != 2:
+        raise FlowerclfError(f"{where}: its head has no Linear layer; the file is damaged")
+    # a head as `spec` builds it, for the first layer's width in the file: the layers' places, and a shape check
+    head = build_head(state[linear[0]].shape[1], spec.hidden_units, spec.dropout, spec.num_classes)
+    places = [i for i, m in enumerate(head) if isinstance(m, nn.Linear)]
+    weights = {f"{i}.{kind}": state.get(key[:-len("weight")] + kind)
+               for i, key in zip(places, linear) for kind in ("weight", "bias")}
+    load_head(head, weights, path)
+    return head.state_dict()
+
+
+def load_head(head: nn.Module, state: dict, path: str) -> None:
+    """Load read_head's state into `head`; a head of another shape is one line naming the file."""
+    try:
+        head.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError, KeyError) as e:
+        raise FlowerclfError(f"--init_from {path}: its head does not fit this model ({brief(e)}); "
+                             f"train without --init_from") from None
+    check_finite_state(head.state_dict(), f"--init_from {path}")

@@ -44,7 +44,8 @@ class TrainConfig:
     skip_bad_images: bool = False
     resume: bool = False
     overwrite: bool = False
-    patience: int = 0  # stop after this many epochs without a better validation accuracy; 0: never
+    patience: int = 5  # stop after this many epochs without a better validation accuracy; 0: never
+    init_from: str | None = None  # a checkpoint whose head this run starts from (epoch 0 is its valid score)
     audit: bool = True  # --no_audit: no data audit (mislabeled photos, duplicates, leaks) after a frozen run
 
     def __post_init__(self):

@@ -3,10 +3,13 @@
 - frozen backbone (default): features come from the per-user feature store, and only the
   images it lacks (per augmented view) go through the backbone; the head trains on them in seconds;
 - `unfreeze`: the last N backbone stages train too, on decoded images, with a lower
-  learning rate for the backbone, warm-up + cosine schedule and optional AMP.
+  learning rate for the backbone, warm-up + cosine schedule and optional AMP. It starts where
+  the frozen plan ends (fastai's fine_tune): the head first trains on stored features
+  (head_first), and epoch 0 is that head's validation score.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -14,6 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from flowerclf.base.errors import FlowerclfError
 from flowerclf.data.layout import SKEW, class_counts
 from flowerclf.data.loaders import make_loader
 from flowerclf.data.transforms import create_transform
@@ -24,6 +28,10 @@ from flowerclf.runtime import ddp
 from flowerclf.runtime.devices import amp_dtype, to_channels_last
 from flowerclf.training.loops import (class_weights, finetune_epoch, metrics_from_logits, split_logits,
                                       train_head_epoch, warmup_cosine, wrap_ddp)
+
+# The head's epochs on stored features before a fine-tune, the best on valid kept: three 30-epoch frozen lite0
+# runs on flowers5-dev peaked at epochs 8, 11 and 13 (docs/finetune.md); each costs a fraction of a second.
+HEAD_EPOCHS = 15
 
 
 @dataclass
@@ -39,6 +47,9 @@ class Plan:
     engine: str
     valid_logits: Callable[[], tuple] | None = None  # (logits, labels) of the valid split: calibration's input
     features: dict | None = None                     # the frozen plan's (features, labels) per split: the audit's
+    # epoch 0, when the run starts from a trained head (a fine-tune's head_first, or --init_from): its train
+    # loss on the stored features, learning rate, seconds spent before validation, and what it is
+    warm: dict | None = None
 
 
 def balance_weights(balance: str, splits: dict, log) -> torch.Tensor | None:
@@ -84,6 +95,8 @@ def frozen_plan(model, spec, preprocess, splits, cfg, device, log) -> Plan:
     loss_fn = nn.CrossEntropyLoss(balance_weights(cfg.balance, splits, log), label_smoothing=cfg.label_smoothing,
                                   reduction="sum").to(device)
     generator = torch.Generator().manual_seed(cfg.seed)
+    warm = {"loss": train_loss(head, feats, device), "lr": cfg.learning_rate, "seconds": 0.0,
+            "note": f"the head of {cfg.init_from}"} if cfg.init_from else None
     return Plan(
         head,
         lambda epoch: train_head_epoch(runner, *feats["train"], optimizer, cfg.batch_size, generator, device,
@@ -91,11 +104,41 @@ def frozen_plan(model, spec, preprocess, splits, cfg, device, log) -> Plan:
         lambda: metrics_from_logits(head_logits(head, feats["valid"][0], device), feats["valid"][1]),
         (lambda: (head_logits(head, feats["test"][0], device), feats["test"][1])) if "test" in feats else None,
         {"optimizer": optimizer}, generator, engine,
-        lambda: (head_logits(head, feats["valid"][0], device), feats["valid"][1]), feats)
+        lambda: (head_logits(head, feats["valid"][0], device), feats["valid"][1]), feats, warm)
 
 
-def finetune_plan(model, preprocess, splits, cfg, device, log) -> Plan:
-    """The last stages of the backbone train with the head, on augmented images."""
+def train_loss(head: nn.Module, feats: dict, device: torch.device) -> float:
+    """The head's loss on the stored train features, in eval mode: epoch 0's train loss."""
+    return metrics_from_logits(head_logits(head, feats["train"][0], device), feats["train"][1])["loss"]
+
+
+def head_first(model, spec, preprocess, splits, cfg, device, log) -> dict:
+    """A fine-tune's start: the head trains on stored features (the best valid of HEAD_EPOCHS kept in model.head),
+    or is --init_from's as loaded; returns the Plan's `warm` record for epoch 0."""
+    started = time.perf_counter()
+    plan = frozen_plan(model, spec, preprocess, {s: splits[s] for s in ("train", "valid")}, cfg, device, log)
+    if cfg.init_from:
+        warm = plan.warm
+    else:
+        best = (-1.0, 0, None)
+        for epoch in range(1, HEAD_EPOCHS + 1):
+            plan.train_epoch(epoch)
+            va = plan.validate()
+            if math.isfinite(va["loss"]) and va["acc"] > best[0]:
+                best = (va["acc"], epoch, {k: v.detach().clone() for k, v in model.head.state_dict().items()})
+        if best[2] is None:
+            raise FlowerclfError("the head's validation loss was never finite on stored features; lower "
+                                 "--learning_rate")
+        model.head.load_state_dict(best[2])
+        log(f"head on stored features: best valid acc {100 * best[0]:.2f}% at epoch {best[1]} of {HEAD_EPOCHS}; "
+            f"fine-tuning starts from it")
+        warm = {"loss": train_loss(model.head, plan.features, device), "lr": cfg.learning_rate,
+                "note": f"the head trained on stored features, epoch {best[1]} of {HEAD_EPOCHS}"}
+    return dict(warm, seconds=time.perf_counter() - started)
+
+
+def finetune_plan(model, preprocess, splits, cfg, device, log, warm: dict | None = None) -> Plan:
+    """The last stages of the backbone train with the head, on augmented images; `warm`: head_first's epoch 0."""
     names = unfreeze_last(model.backbone, cfg.unfreeze)
     log(f"fine-tuning backbone stages: {', '.join(names) or 'none'}")
     to_channels_last(model)
@@ -131,4 +174,5 @@ def finetune_plan(model, preprocess, splits, cfg, device, log) -> Plan:
                                   num_workers=cfg.num_workers) for split in ("valid", "test") if split in splits}
     return Plan(
         model, train_epoch, lambda: metrics_from_logits(*logits["valid"]()), logits.get("test"),
-        {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}, generator, "torch", logits["valid"])
+        {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}, generator, "torch", logits["valid"],
+        warm=warm)

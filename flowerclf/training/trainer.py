@@ -32,7 +32,7 @@ from flowerclf.evaluation.calibration import calibrate, report_calibration
 from flowerclf.evaluation.html import run_facts, write_html_report
 from flowerclf.evaluation.metrics import classification_report
 from flowerclf.evaluation.reports import write_history, write_report
-from flowerclf.models.checkpoints import atomic_save, first_non_finite, make_checkpoint
+from flowerclf.models.checkpoints import atomic_save, first_non_finite, load_head, make_checkpoint, read_head
 from flowerclf.models.onnx import export_checkpoint
 from flowerclf.models.registry import ModelSpec, build_model, freeze, resolve_weights
 from flowerclf.runtime import ddp
@@ -48,7 +48,7 @@ from flowerclf.training.loops import (
     NonFiniteModel,
     metrics_from_logits,
 )
-from flowerclf.training.plans import Plan, finetune_plan, frozen_plan
+from flowerclf.training.plans import Plan, finetune_plan, frozen_plan, head_first
 from flowerclf.training.preflight import preflight
 from flowerclf.training.resume import ResumeState
 from flowerclf.training.tensorboard import Board
@@ -108,28 +108,34 @@ class Run:
 
 
 def run_epochs(plan: Plan, run: Run) -> tuple[list, dict]:
-    """Train epoch after epoch; save the best to checkpoint.pth and each to checkpoint_last.pth."""
+    """Train epoch after epoch; save the best to checkpoint.pth and each to checkpoint_last.pth.
+
+    A run that starts from a trained head (plan.warm) has an epoch 0, scored and saved as any other,
+    so the run never keeps a model worse than the head it started from. --resume continues after the
+    last finished epoch, epoch 0 included: a resumed fine-tune never trains its head again.
+    """
     cfg, last = run.cfg, run.files.last
-    start, history, best = 1, [], {"epoch": 0, "acc": -1.0, "loss": math.inf, "state": None}
+    start = 0 if plan.warm is not None else 1
+    history, best = [], {"epoch": 0, "acc": -1.0, "loss": math.inf, "state": None}
     if run.resume is not None:
         start, history, best = run.resume.apply(plan.trainable, plan.stateful, plan.generator, last)
         run.log(f"resuming after epoch {start - 1} (best so far: epoch {best['epoch']})")
     synced = drawn = time.monotonic()
     for epoch in range(start, cfg.epochs + 1):
         t0 = time.perf_counter()
-        rate = plan.stateful["optimizer"].param_groups[0]["lr"]
+        rate = plan.stateful["optimizer"].param_groups[0]["lr"] if epoch else plan.warm["lr"]
         try:
-            tr = plan.train_epoch(epoch)
+            tr = plan.train_epoch(epoch) if epoch else plan.warm  # epoch 0: the head the run starts from
             va = plan.validate()
             check_finite_epoch(plan.trainable, va["loss"])
         except NonFiniteModel as e:  # the run stops here; a non-finite model is never kept nor saved
-            kept = f"{run.files.checkpoint} keeps epoch {best['epoch']}, the best so far" if best["epoch"] \
-                else "no checkpoint was saved"
+            kept = f"{run.files.checkpoint} keeps epoch {best['epoch']}, the best so far" \
+                if best["state"] is not None else "no checkpoint was saved"
             raise FlowerclfError(f"{e} (epoch {epoch}); {kept}") from None
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0 + (0.0 if epoch else plan.warm["seconds"])
         history.append({"epoch": epoch, "train_loss": tr["loss"], "valid_loss": va["loss"], "valid_acc": va["acc"],
                         "seconds": seconds, "lr": rate})
-        run.log(format_epoch(epoch, cfg.epochs, tr, va, seconds))
+        run.log(format_epoch(epoch, cfg.epochs, tr, va, seconds) + ("" if epoch else f"  ({plan.warm['note']})"))
         if va["acc"] > best["acc"]:
             best = {"epoch": epoch, "acc": va["acc"], "loss": va["loss"],
                     "state": _cpu_state(plan.trainable.state_dict())}
@@ -154,6 +160,9 @@ def run_epochs(plan: Plan, run: Run) -> tuple[list, dict]:
             run.log(f"stopped early: no better validation accuracy for {cfg.patience} epochs "
                     f"(checkpoint.pth keeps epoch {best['epoch']})")
             break
+    if history and history[0]["epoch"] == 0 and best["epoch"] == 0:  # a resumed run has no plan.warm
+        run.log(f"no epoch beat epoch 0: checkpoint.pth keeps {(plan.warm or {}).get('note', 'the starting head')}"
+                + (" on the pretrained backbone" if cfg.unfreeze else ""))
     return history, best
 
 
@@ -196,8 +205,12 @@ def _train(cfg: TrainConfig, device: torch.device, log: Callable[[str], None], s
     splits, warnings_ = check_splits(splits, full=cfg.skip_bad_images, skip_bad=cfg.skip_bad_images)
     for line in describe(splits) + warnings_ if main else []:  # the same on every rank: said once
         log(line)
+    # a mismatch is refused before any work (a resume has its own state)
+    init = read_head(cfg.init_from, spec, class_to_idx) if cfg.init_from and resume is None else None
     model, preprocess = build_model(spec)
     freeze(model.backbone)
+    if init is not None:
+        load_head(model.head, init, cfg.init_from)
     model.to(device)
     log(f"{cfg.arch} on {device}" + (f" x {ddp.world()} processes" if ddp.world() > 1 else "") + ": "
         + ", ".join(f"{len(s)} {n}" for n, s in splits.items()) + f" images, {len(class_to_idx)} classes")
@@ -212,8 +225,10 @@ def _train(cfg: TrainConfig, device: torch.device, log: Callable[[str], None], s
 def _fit(run: Run, splits: dict, names: dict, device: torch.device) -> dict:
     """The plan, the epochs, the test split, and the files a finished run leaves."""
     cfg, log, main = run.cfg, run.log, ddp.is_main()
-    if cfg.unfreeze:
-        plan = finetune_plan(run.model, run.preprocess, splits, cfg, device, log)
+    if cfg.unfreeze:  # a resumed fine-tune has its head (and epoch 0) in checkpoint_last.pth already
+        warm = head_first(run.model, run.spec, run.preprocess, splits, cfg, device, log) if run.resume is None \
+            else None
+        plan = finetune_plan(run.model, run.preprocess, splits, cfg, device, log, warm)
     else:
         plan = frozen_plan(run.model, run.spec, run.preprocess, splits, cfg, device, log)
     run.cfg = cfg = replace(cfg, engine=plan.engine)  # recorded, so evaluate.py recomputes features the same way
