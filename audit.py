@@ -26,8 +26,8 @@ cleanlab's label issues, and copies by content hash and feature cosine. Writes S
 def build_parser() -> cli.ArgumentParser:
     """The command-line interface of audit.py."""
     p = cli.ArgumentParser("audit.py", __doc__, EXAMPLES)
-    p.add_argument("data_dir", metavar="DATA_DIR", help="folder with train/, valid/ (or --valid_split) and "
-                                                        "optionally test/")
+    p.add_argument("data_dir", metavar="DATA_DIR", help="folder with train/, valid/ (or val/, validation/, or "
+                                                        "--valid_split) and optionally test/, or only class folders")
     p.add_argument("--save_dir", "--save-dir", default=".",
                    help="where audit.json is written (default: current directory)")
     p.add_argument("--arch", default="densenet121",
@@ -38,9 +38,9 @@ def build_parser() -> cli.ArgumentParser:
                         "(default: %(default)s)")
     p.add_argument("--category_names", "--category-names", metavar="JSON",
                    help="JSON mapping class folders to names, e.g. cat_to_name.json, used in audit.json")
-    p.add_argument("--valid_split", "--valid-split", type=float, default=0.0, metavar="FRACTION",
-                   help="no valid/ folder? set aside this fraction of train/ as train.py does (default: 0, "
-                        "valid/ is required)")
+    p.add_argument("--valid_split", "--valid-split", type=float, metavar="FRACTION",
+                   help="no validation folder: this fraction of each class of train/ is the valid split, as "
+                        "train.py takes it (default: 0.2; 0.15 for a DATA_DIR of class folders; 0 refuses)")
     p.add_argument("--seed", type=cli.whole_number, default=0,
                    help="the seed of --valid_split, as train.py's (default: %(default)s)")
     cli.add_device_flags(p)
