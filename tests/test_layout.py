@@ -94,3 +94,17 @@ def test_the_torch_free_modules_import_no_torch():
               "assert not bad, bad\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_inference_only_install_has_what_its_modules_import():
+    """requirements-predict.txt names every package the torch-free modules import when they load."""
+    with open(os.path.join(ROOT, "requirements-predict.txt")) as f:
+        wanted = {line.split(">")[0].split("=")[0].strip().lower() for line in f if line.strip()[:1].isalpha()}
+    modules = _package_modules()
+    for name in TORCH_FREE:
+        path = modules.get(name) or os.path.join(ROOT, f"{name}.py")
+        for node in ast.parse(open(path).read()).body:  # the imports that run when the module loads
+            roots = ({a.name.split(".")[0] for a in node.names} if isinstance(node, ast.Import) else
+                     {node.module.split(".")[0]} if isinstance(node, ast.ImportFrom) and node.level == 0 else set())
+            for root in roots - {"flowerclf", "__future__"} - set(sys.stdlib_module_names):
+                assert {"PIL": "pillow"}.get(root, root).lower() in wanted, f"{name} imports {root}"
