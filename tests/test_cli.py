@@ -28,6 +28,14 @@ def test_train_bad_inputs_fail_in_one_line(tmp_path, capsys):
     assert train.main([str(tmp_path), "--arch", "notanet"]) == 2
 
 
+def test_a_number_that_is_not_finite_is_named_alone(tmp_path, capsys):
+    import audit
+    assert train.main([str(tmp_path), "--dropout", "nan", "--learning_rate", "inf"]) == 2
+    assert capsys.readouterr().err == "error: --dropout and --learning_rate must be finite numbers\n"
+    assert audit.main([str(tmp_path), "--valid_split", "nan"]) == 2  # audit.py has no --dropout to name
+    assert capsys.readouterr().err == "error: --valid_split must be a finite number\n"
+
+
 def test_a_postscript_photo_runs_nothing_from_any_script(tiny_run, tmp_path, fake_gs):
     from flowerclf.serving.predictor import Predictor
     ckpt = str(tiny_run[1] / "checkpoint.pth")

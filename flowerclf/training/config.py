@@ -51,11 +51,13 @@ class TrainConfig:
     def __post_init__(self):
         """Every caller (train.py, tests, benchmarks) gets the same checks, before any work."""
         self.hidden_units = [h for h in self.hidden_units if h != 0]  # "0" means no hidden layer
-        finite = all(math.isfinite(v) for v in (self.dropout, self.learning_rate, self.backbone_lr_ratio,
-                                                  self.warmup_epochs, self.label_smoothing, self.valid_split or 0))
+        numbers = {"--dropout": self.dropout, "--learning_rate": self.learning_rate,
+                   "--backbone_lr_ratio": self.backbone_lr_ratio, "--warmup_epochs": self.warmup_epochs,
+                   "--label_smoothing": self.label_smoothing, "--valid_split": self.valid_split or 0}
+        not_finite = [flag for flag, v in numbers.items() if not math.isfinite(v)]
         problems = [
-            (finite, "--dropout, --learning_rate, --backbone_lr_ratio, --warmup_epochs, --label_smoothing and "
-                     "--valid_split must be finite numbers"),
+            (not not_finite, " and ".join(not_finite) + (" must be finite numbers" if len(not_finite) > 1
+                                                          else " must be a finite number")),
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.batch_size >= 1, "--batch_size must be at least 1"),
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
