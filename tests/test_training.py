@@ -65,7 +65,7 @@ def test_warmup_cosine_schedule():
 
 @pytest.mark.parametrize("bad, message", [
     ({"epochs": 0}, "--epochs must be at least 1"),
-    ({"learning_rate": float("nan")}, "must be finite"),
+    ({"learning_rate": float("nan")}, "--learning_rate must be a finite number"),
     ({"label_smoothing": 5.0}, "--label_smoothing must be in"),
     ({"hidden_units": [10 ** 9]}, "--hidden_units must be"),
     ({"seed": 10 ** 22}, "--seed must be"),
