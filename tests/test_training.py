@@ -1,4 +1,5 @@
-"""None"""
+"""A run from the code users run: plans, epochs, splits, --balance, early stopping, history, TensorBoard."""
+import dataclasses
 import json
 import os
 
@@ -333,6 +334,10 @@ def test_balance_weights_the_loss_by_inverse_class_frequency(tmp_path, monkeypat
     even = scan_data_dir(make_image_folder(tmp_path / "e", per_class={"train": 4, "valid": 1}))
     assert plans.balance_weights("auto", even, print) is None
     assert plans.balance_weights("on", even, print).tolist() == [1.0, 1.0, 1.0]
+    kept = [i for i, label in enumerate(even["train"].labels) if label != 2]  # class 3's photos all left out
+    no_class_3 = dict(even, train=dataclasses.replace(even["train"], files=[even["train"].files[i] for i in kept],
+                                                      labels=[even["train"].labels[i] for i in kept]))
+    assert plans.balance_weights("auto", no_class_3, print) is None  # 4 and 4 photos: no skew
 
     made = []
 

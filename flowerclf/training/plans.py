@@ -53,9 +53,13 @@ class Plan:
 
 
 def balance_weights(balance: str, splits: dict, log) -> torch.Tensor | None:
-    """--balance: the loss's class weights (class_weights), or None; auto turns them on past SKEW."""
+    """--balance: the loss's class weights (class_weights), or None; auto turns them on past SKEW.
+
+    A class with no training photo (all left out as unreadable) is no skew: it has no loss to weigh.
+    """
     counts = class_counts(splits["train"])
-    if balance == "off" or (balance == "auto" and counts.max() <= SKEW * counts.min()):
+    present = counts[counts > 0]
+    if balance == "off" or (balance == "auto" and present.max() <= SKEW * present.min()):
         return None
     weights = class_weights(splits["train"].labels, len(counts))
     log(f"--balance {balance}: the loss weighs class c by N / (C * n_c), from {weights.min():.2f} to "
