@@ -18,8 +18,8 @@ TORCH_FREE = ["flowerclf.base.cli", "flowerclf.base.errors", "flowerclf.base.fil
               "flowerclf.features.store", "flowerclf.features.upkeep",
               "flowerclf.training.config", "flowerclf.training.rundir", "flowerclf.training.preflight",
               "flowerclf.evaluation.metrics", "flowerclf.evaluation.plots", "flowerclf.serving.predictor",
-              "flowerclf.serving.app", "flowerclf.serving.page", "flowerclf.serving.figure", "predict", "serve",
-              "cache"]
+              "flowerclf.serving.app", "flowerclf.serving.table", "flowerclf.serving.page", "flowerclf.serving.figure",
+              "predict", "serve", "cache"]
 MAX_LINES = 350
 
 

@@ -20,6 +20,7 @@ import train
 from flowerclf.base import cli
 from flowerclf.data.images import load_rgb
 from flowerclf.data.transforms import Preprocess, decode_size, preprocess_image
+from flowerclf.serving.table import csv_header
 from flowerclf.serving.predictor import Predictor
 from flowerclf.serving.figure import plot_predictions
 
@@ -519,7 +520,7 @@ def test_csv_never_replaces_a_device_or_a_partial_file_it_did_not_write(tiny_run
         assert "p.csv.partial exists and is not the rows of a stopped predict.py --csv" in line
         assert (tmp_path / "p.csv.partial").read_text() == "someone's notes\n" and not os.path.exists(out)
     os.unlink(tmp_path / "p.csv.partial")
-    (tmp_path / "p.csv.partial").write_text(",".join(predict.csv_header(5)) + "\nhalf a row")  # a stopped run's
+    (tmp_path / "p.csv.partial").write_text(",".join(csv_header(5)) + "\nhalf a row")  # a stopped run's
     code, _, err = _main(predict, [an_image(data), ckpt, "--csv", out])
     assert code == 0, err
     assert len(_csv_rows(out)) == 2 and not os.path.exists(tmp_path / "p.csv.partial")
