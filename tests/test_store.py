@@ -578,3 +578,16 @@ def test_fine_tuning_keeps_working_copies_that_cache_counts_and_clears(tmp_path,
     code, out = _cache_cli("clear")
     assert code == 0 and out.startswith("deleted 2 working copies of large photos")
     assert upkeep.copies_summary() == (0, 0) and not os.path.exists(os.path.join(_cache, "copies"))
+
+
+def test_clearing_the_copies_leaves_what_we_did_not_write(_cache):
+    from flowerclf.features import upkeep
+    ours = _cache / "copies" / "915" / "ab" / ("ab" + "0" * 62 + ".jpg")
+    ours.parent.mkdir(parents=True)
+    ours.write_bytes(b"a copy")
+    theirs = _cache / "copies" / "holiday" / "beach.jpg"  # FLOWERCLF_STORE set to a folder that holds a copies/
+    theirs.parent.mkdir(parents=True)
+    theirs.write_bytes(b"someone's photo")
+    assert upkeep.copies_summary() == (1, len(b"a copy"))
+    assert upkeep.clear_copies() == 1
+    assert not ours.exists() and not ours.parent.exists() and theirs.read_bytes() == b"someone's photo"

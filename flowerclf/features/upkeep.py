@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import os
-import shutil
+import re
 
 from flowerclf.base.files import TEMP_PREFIX
 from flowerclf.features.copies import copies_dir
 from flowerclf.features.store import FeatureStore
+
+COPY_NAME = re.compile(r"[0-9a-f]{64}\.jpg")  # copies.py's: the photo's sha256
 
 
 def summary(store: FeatureStore) -> list[dict]:
@@ -38,21 +40,41 @@ def disk_bytes(store: FeatureStore) -> int:
     """The store's size on disk, write-ahead log included."""
     return sum(os.path.getsize(store.path + s) for s in ("", "-wal") if os.path.exists(store.path + s))
 
+def _copy_files():
+    """(path, is a copy) of what the working copies' writers leave under copies_dir(): the copies, named by a
+    sha256, and a killed writer's temp files. Nothing else there is ours to count or delete."""
+    for root, _, names in os.walk(copies_dir()):
+        for name in names:
+            if COPY_NAME.fullmatch(name) or name.startswith(TEMP_PREFIX):
+                yield os.path.join(root, name), not name.startswith(TEMP_PREFIX)
+
+
 def copies_summary() -> tuple[int, int]:
     """(working copies, their bytes on disk) beside the store."""
     count = size = 0
-    for root, _, names in os.walk(copies_dir()):
-        for name in names:
-            if name.endswith(".jpg") and not name.startswith(TEMP_PREFIX):  # not a killed writer's temp file
-                try:
-                    size += os.path.getsize(os.path.join(root, name))
-                    count += 1
-                except OSError:  # removed meanwhile
-                    pass
+    for path, is_copy in _copy_files():
+        if is_copy:
+            try:
+                size += os.path.getsize(path)
+                count += 1
+            except OSError:  # removed meanwhile
+                pass
     return count, size
 
+
 def clear_copies() -> int:
-    """Remove every working copy (fine-tuning makes them again as it needs them); returns how many there were."""
-    count = copies_summary()[0]
-    shutil.rmtree(copies_dir(), ignore_errors=True)
+    """Remove every working copy and its writers' temp files (fine-tuning makes them again as it needs them), then
+    the folders left empty; a file we did not write stays, and so does its folder. Returns the copies removed."""
+    count = 0
+    for path, is_copy in list(_copy_files()):
+        try:
+            os.unlink(path)
+            count += is_copy
+        except OSError:  # removed meanwhile, or not ours to remove
+            pass
+    for root, _, _ in os.walk(copies_dir(), topdown=False):
+        try:
+            os.rmdir(root)  # only when empty
+        except OSError:
+            pass
     return count
