@@ -11,15 +11,14 @@ feeds no stored vector; the feature passes, validation, evaluate.py and predict.
 themselves (their eval decode is already the DCT's 1/8 scale), so no stored feature changes.
 
 The format was chosen by measurement (benchmarks/bench_photos.py, 1220x915 copies of its phone-size photos,
-on the loaded 2-core CPU): JPEG q95 takes 113 KiB and 10-15 ms to decode, raw uint8 (Ultralytics' cache=disk
-.npy, FFCV's raw mode) 3,271 KiB and 2-3 ms to read. A fine-tuning step costs ~200 ms an image there, so
-raw would save a few percent of an epoch for 29x the disk (330 GB per 100,000 photos). (Those photos are
+on the idle 2-core CPU): JPEG q95 takes 108 KiB and 2.6 ms to decode, raw uint8 (Ultralytics' cache=disk
+.npy, FFCV's raw mode) 3,271 KiB and 0.6 ms to read. A fine-tuning step costs ~18 ms an image there, so
+raw would save a few percent of an epoch for 30x the disk (330 GB per 100,000 photos). (Those photos are
 upscaled thumbnails, smoother than a camera's: real ones make larger JPEG copies, never larger raw ones.)
 Torch-free to import: cache.py counts and clears the copies (features/upkeep.py) without torch.
 """
 from __future__ import annotations
 
-import io
 import os
 import sqlite3
 from typing import Callable, Sequence
@@ -63,18 +62,13 @@ class WorkingCopies:
 
     def _read(self, path: str) -> Image.Image | None:
         """The copy at `path` as RGB, or None when it is missing or does not read back whole at the working size."""
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError:
-            return None
         try:  # written by us, but a cache file can be anything by now: any failure means "make it again"
-            with open_image(io.BytesIO(data)) as img:
+            with open_image(path) as img:
                 if img.format != "JPEG" or img.mode != "RGB" or min(img.size) != self.short or size_problem(*img.size):
                     return None
                 img.load()  # a truncated file raises here
                 return img.copy()
-        except Exception:
+        except Exception:  # missing (OSError) included
             return None
 
     def load(self, i: int) -> Image.Image:
