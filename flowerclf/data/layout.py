@@ -72,6 +72,13 @@ def class_counts(images: ImageSet) -> np.ndarray:
     return np.bincount(np.asarray(images.labels, dtype=np.int64), minlength=len(images.class_to_idx))
 
 
+def skewed(counts: np.ndarray) -> bool:
+    """The largest class holds more than SKEW times the photos of the smallest (a class with none is no skew: it has
+    no photo to weigh, and describe() says so on its own line)."""
+    present = counts[counts > 0]
+    return bool(present.max() > SKEW * present.min())
+
+
 def describe(splits: dict[str, ImageSet]) -> list[str]:
     """What a run says first: the folders it uses; how it split what had no split; classes too small to split;
     skew."""
@@ -102,7 +109,7 @@ def describe(splits: dict[str, ImageSet]) -> list[str]:
     if len(none):
         lines.append(f"no training photo of: {', '.join(repr(names[i]) for i in none[:10])}"
                      f"{' ...' if len(none) > 10 else ''}; the model cannot learn these classes: add photos")
-    elif counts[big] > SKEW * counts[small]:
+    elif skewed(counts):
         lines.append(f"skewed classes: {names[big]!r} has {counts[big]:,} training photos, {names[small]!r} "
                      f"{counts[small]:,} ({counts[big] / counts[small]:.1f}x)")
     return lines

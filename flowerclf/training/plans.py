@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from flowerclf.base.errors import FlowerclfError
-from flowerclf.data.layout import SKEW, class_counts
+from flowerclf.data.layout import class_counts, skewed
 from flowerclf.data.loaders import make_loader
 from flowerclf.data.transforms import create_transform
 from flowerclf.features.copies import working_copies
@@ -53,13 +53,10 @@ class Plan:
 
 
 def balance_weights(balance: str, splits: dict, log) -> torch.Tensor | None:
-    """--balance: the loss's class weights (class_weights), or None; auto turns them on past SKEW.
-
-    A class with no training photo (all left out as unreadable) is no skew: it has no loss to weigh.
-    """
+    """--balance: the loss's class weights (class_weights), or None; auto turns them on where the run says the
+    classes are skewed (data.layout.skewed)."""
     counts = class_counts(splits["train"])
-    present = counts[counts > 0]
-    if balance == "off" or (balance == "auto" and present.max() <= SKEW * present.min()):
+    if balance == "off" or (balance == "auto" and not skewed(counts)):
         return None
     weights = class_weights(splits["train"].labels, len(counts))
     log(f"--balance {balance}: the loss weighs class c by N / (C * n_c), from {weights.min():.2f} to "
