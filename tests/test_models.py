@@ -199,6 +199,7 @@ def test_the_frozen_prefix_is_every_layer_before_the_first_trainable_one(arch, n
     assert frozen and not any(p.requires_grad for layer in prefix.layers for p in layer.parameters())
     # the prefix ends where the trainable parameters start: the rest holds every one of them
     assert {id(p) for p in backbone.parameters() if p.requires_grad}.isdisjoint(frozen)
+    assert any(p.requires_grad for p in backbone.get_submodule(prefix.cut).parameters())
     assert len(frozen) + sum(p.requires_grad for p in backbone.parameters()) <= len(list(backbone.parameters()))
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():

@@ -21,10 +21,12 @@ from flowerclf.models.stages import opened_children
 
 @dataclass
 class Prefix:
-    """The frozen `layers` (a Sequential of the backbone's own modules) and the backbone they were cut from."""
+    """The frozen `layers` (a Sequential of the backbone's own modules), the backbone they were cut from, and the
+    qualified name of the layer the cut is before."""
 
     layers: nn.Sequential
     backbone: nn.Module
+    cut: str
 
     def rest(self, x: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
         """The backbone's output for images `x` whose prefix output is `given`: the frozen layers are skipped."""
@@ -76,7 +78,7 @@ def frozen_prefix(backbone: nn.Module, crop_size: int) -> Prefix | None:
             if not _chain(backbone, layers[:first + 1], example):
                 return None
             prefix = Prefix(nn.Sequential(OrderedDict((name.replace(".", "_"), m) for name, m in layers[:first])),
-                            backbone)
+                            backbone, layers[first][0])
             whole = backbone(example)
             cut = prefix.rest(example, prefix.layers(example))
             # float error only, relative to the output's scale (an untrained backbone's outputs can be 1e-9)
