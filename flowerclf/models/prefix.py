@@ -47,19 +47,16 @@ def _skipped(layers: list[nn.Module], given: torch.Tensor):
             del layer.forward
 
 
-def _chain(backbone: nn.Module, layers: list[tuple[str, nn.Module]], example: torch.Tensor) -> bool:
-    """Whether `layers` run in this order on `example`, once each, each on the tensor the one before gave."""
-    calls: list[tuple] = []  # (layer, its input, its output): the tensors themselves, so no id is reused
+def _chain(backbone: nn.Module, layers: list[nn.Module], example: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """The backbone's output on `example`, and each call of `layers` in it: (which, its input, its output)."""
+    calls: list[tuple] = []  # the tensors themselves, not their ids (which a freed tensor's successor may reuse)
     hooks = [module.register_forward_hook(lambda m, args, out, k=k: calls.append((k, args[0] if args else None, out)))
-             for k, (_, module) in enumerate(layers)]
+             for k, module in enumerate(layers)]
     try:
-        backbone(example)
+        return backbone(example), calls
     finally:
         for hook in hooks:
             hook.remove()
-    if [k for k, _, _ in calls] != list(range(len(layers))) or calls[0][1] is not example:
-        return False
-    return all(calls[k][1] is calls[k - 1][2] for k in range(1, len(calls)))
 
 
 def frozen_prefix(backbone: nn.Module, crop_size: int) -> Prefix | None:
@@ -75,12 +72,14 @@ def frozen_prefix(backbone: nn.Module, crop_size: int) -> Prefix | None:
     try:
         backbone.eval()  # dropout and batch statistics would make two forwards differ
         with torch.no_grad():
-            if not _chain(backbone, layers[:first + 1], example):
+            whole, calls = _chain(backbone, [m for _, m in layers[:first + 1]], example)
+            # a chain: each layer runs once, in order, on what the one before gave (the first on the images)
+            if [k for k, _, _ in calls] != list(range(first + 1)) or calls[0][1] is not example \
+                    or any(calls[k][1] is not calls[k - 1][2] for k in range(1, first + 1)):
                 return None
             prefix = Prefix(nn.Sequential(OrderedDict((name.replace(".", "_"), m) for name, m in layers[:first])),
                             backbone, layers[first][0])
-            whole = backbone(example)
-            cut = prefix.rest(example, prefix.layers(example))
+            cut = prefix.rest(example, calls[first - 1][2])  # the prefix's output, as the chain gave it
             # float error only, relative to the output's scale (an untrained backbone's outputs can be 1e-9)
             return prefix if (cut - whole).abs().max() <= 1e-4 * whole.abs().max() else None
     finally:
