@@ -84,6 +84,15 @@ def test_a_step_with_the_frozen_stages_on_onnxruntime_is_the_torch_step(image_fo
     assert plans.onnx_prefix(model, pp, dataclasses.replace(cfg, engine="torch"), torch.device("cpu"), print) is None
 
 
+def test_the_frozen_stages_stay_in_torch_when_their_export_fails(image_folder, monkeypatch):
+    model, pp = build_model(ModelSpec("mobilenet_v3_small", "none", [8], 0.0, 3), load_pretrained=False)
+    unfreeze_last(model.backbone, 1)
+    monkeypatch.setattr(plans, "onnx_forward", lambda *a: (_ for _ in ()).throw(RuntimeError("no exporter")))
+    lines = []
+    assert plans.onnx_prefix(model, pp, _cfg(image_folder, "."), torch.device("cpu"), lines.append) is None
+    assert lines == ["ONNX Runtime unavailable for the frozen stages (RuntimeError: no exporter); they run in torch"]
+
+
 def test_finetune_run_end_to_end(image_folder, tmp_path):
     result = trainer.train(_cfg(image_folder, tmp_path, unfreeze=1, epochs=2, label_smoothing=0.1),
                           log=lambda s: None)

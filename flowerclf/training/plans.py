@@ -28,7 +28,7 @@ from flowerclf.features.passes import FeaturePass, head_logits
 from flowerclf.models.prefix import Prefix, frozen_prefix
 from flowerclf.models.stages import unfreeze_last
 from flowerclf.runtime import ddp
-from flowerclf.runtime.devices import amp_dtype, to_channels_last
+from flowerclf.runtime.devices import amp_dtype, resolve_feature_batch_size, to_channels_last
 from flowerclf.training.loops import (class_weights, finetune_epoch, metrics_from_logits, split_logits,
                                       train_head_epoch, warmup_cosine, wrap_ddp)
 
@@ -182,7 +182,8 @@ def onnx_prefix(model, preprocess, cfg, device, log) -> OnnxPrefix | None:
         log("the frozen stages run in torch: the backbone does not cut before its first trainable layer")
         return None
     try:
-        runner = OnnxPrefix(model, prefix, cfg.arch, preprocess.crop_size, cfg.feature_batch_size)
+        runner = OnnxPrefix(model, prefix, cfg.arch, preprocess.crop_size,
+                            resolve_feature_batch_size(cfg.feature_batch_size, device))
     except Exception as e:  # exporter and runtime failures are many; every one means "use torch"
         log(f"ONNX Runtime unavailable for the frozen stages ({brief(e, 150)}); they run in torch")
         return None
