@@ -134,9 +134,10 @@ def build_parser() -> cli.ArgumentParser:
                    help="batch size of backbone inference passes (default: 0 = auto: 8 on a CPU, where small "
                         "batches are fastest, 128 on a GPU)")
     g.add_argument("--engine", choices=("auto", "torch", "onnxruntime"), default="auto",
-                   help="runtime of the frozen backbone's feature pass: auto uses ONNX Runtime on a CPU (the "
-                        "backbone is exported once and kept in ~/.cache/flowerclf or $FLOWERCLF_STORE) and "
-                        "torch elsewhere; a failed export falls back to torch (default: %(default)s)")
+                   help="runtime of the frozen backbone's feature pass, and with --unfreeze of its frozen stages: "
+                        "auto uses ONNX Runtime on a CPU (exported once and kept in ~/.cache/flowerclf or "
+                        "$FLOWERCLF_STORE) and torch elsewhere; a failed export falls back to torch "
+                        "(default: %(default)s)")
     g.add_argument("--export", choices=("onnx",),
                    help="also write SAVE_DIR/model.onnx, which predict.py runs without torch")
     g.add_argument("--amp", action="store_true",

@@ -20,7 +20,8 @@ from flowerclf.data.loaders import (
     jpeg_orientation,
     make_loader,
 )
-from flowerclf.data.transforms import Preprocess, create_transform, decode_size, preprocess_image
+from flowerclf.data.transforms import (CROP_RATIO, CROP_SCALE, Preprocess, create_transform, decode_size,
+                                       preprocess_image)
 from flowerclf.features.engines import torch_forward
 from flowerclf.models.registry import (
     build_imagenet_model,
@@ -319,6 +320,46 @@ def test_fine_tuning_reads_a_large_photo_from_its_working_copy_after_the_first_e
     next(iter(batches))  # epoch 2: the large photo comes from its copy, only the small one is decoded
     assert decoded == ["big.jpg", "small.jpg", "small.jpg"]
     assert work.load(0).size == (523, 392)
+
+
+def test_a_working_copy_is_decoded_at_the_scale_its_random_crop_needs(tmp_path, monkeypatch):
+    from torchvision import transforms as T
+
+    copy = _write(tmp_path / "copy.jpg", Image.fromarray(photo(np.random.default_rng(5), 392, 523)), quality=95)
+    augment = create_transform(PP, augment=True)
+    resized, real = [], Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda img, size, resample=None, box=None, **kw: resized.append(
+        (img.size, box)) or real(img, size, resample, box, **kw))
+    scales = set()
+    for seed in range(40):
+        torch.manual_seed(seed)
+        drafted = augment.from_jpeg(Image.open(copy))
+        (size, box), = resized[-1:]
+        torch.manual_seed(seed)
+        top, left, h, w = T.RandomResizedCrop.get_params(load_rgb(copy), CROP_SCALE, CROP_RATIO)
+        scales.add(round(523 / size[0]))
+        k = 1 / round(523 / size[0])
+        assert box == pytest.approx((left * k, top * k, (left + w) * k, (top + h) * k), abs=1 / 8)  # the same box
+        assert min(box[2] - box[0], box[3] - box[1]) >= PP.crop_size  # still >= crop_size pixels a side
+        torch.manual_seed(seed)
+        full = augment(load_rgb(copy))  # the same crop and flip of the whole decode
+        assert np.abs(drafted - full).mean() < 0.05, seed
+    assert scales >= {1, 2}  # large crops came from a smaller decode
+
+
+def test_a_working_copy_found_truncated_as_it_decodes_is_augmented_from_the_photo(tmp_path, monkeypatch):
+    work, decoded = _copies_of(tmp_path, monkeypatch)
+    augment = create_transform(PP, augment=True)
+    assert work.augmented(0, augment).shape == (3, 96, 96) and decoded == ["big.jpg"]  # the copy written
+    with open(work.path(0), "rb") as f:
+        whole = f.read()
+    with open(work.path(0), "wb") as f:
+        f.write(whole[: len(whole) // 2])  # its header still reads as a copy's
+    assert work.augmented(0, augment).shape == (3, 96, 96) and decoded == ["big.jpg", "big.jpg"]
+    with open(work.path(0), "rb") as f:
+        assert f.read() == whole  # rewritten whole
+    work.augmented(0, augment)
+    assert decoded == ["big.jpg", "big.jpg"]
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "other size"])

@@ -28,6 +28,7 @@ from flowerclf.models.registry import (
     pretrained_state,
     resolve_weights,
 )
+from flowerclf.models.prefix import frozen_prefix
 from flowerclf.models.stages import backbone_stages, describe_stages, unfreeze_last
 
 # every architecture torchvision ships, but one per family of same-shaped variants: the 15 regnets are two
@@ -185,3 +186,55 @@ def test_stages_are_blocks_never_a_lone_norm(arch, last):
         assert not all(isinstance(m, norms) for m in holders), stage.name
     lines = describe_stages(model.backbone)
     assert len(lines) == len(stages) and lines[-1].split()[0] == "1" and lines[-1].endswith(last)
+
+
+@pytest.mark.parametrize("arch, n", [("mobilenet_v3_small", 1), ("mobilenet_v3_small", 3), ("resnet18", 1)])
+def test_the_frozen_prefix_is_every_layer_before_the_first_trainable_one(arch, n):
+    torch.manual_seed(0)
+    model, _ = build_model(ModelSpec(arch, "none", [], 0.0, 3), load_pretrained=False)
+    backbone = model.backbone.eval()
+    unfreeze_last(backbone, n)
+    prefix = frozen_prefix(backbone, 64)
+    frozen = {id(p) for layer in prefix.layers for p in layer.parameters()}
+    assert frozen and not any(p.requires_grad for layer in prefix.layers for p in layer.parameters())
+    # the prefix ends where the trainable parameters start: the rest holds every one of them
+    assert {id(p) for p in backbone.parameters() if p.requires_grad}.isdisjoint(frozen)
+    assert any(p.requires_grad for p in backbone.get_submodule(prefix.cut).parameters())
+    assert len(frozen) + sum(p.requires_grad for p in backbone.parameters()) <= len(list(backbone.parameters()))
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        whole = backbone(x)
+        error = [(prefix.rest(x, prefix.layers(images)) - whole).abs().max() / whole.abs().max()
+                 for images in (x, x.flip(0))]
+    assert error[0] < 1e-5 and error[1] > 0.1  # `given` is what counts, not the images
+    assert frozen_prefix(backbone, 64) is not None and all("forward" not in vars(m) for m in backbone.modules())
+
+
+class _Skip(nn.Module):
+    """A chain of layers whose last one also takes the first one's output: no cut before it gives the same."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        first = self.a(x)
+        return (self.c(self.b(first)) + first).mean((2, 3))
+
+
+class _Scaled(_Skip):
+    """A function between two layers: they are no chain."""
+
+    def forward(self, x):
+        return self.c(self.b(self.a(x) * 2)).mean((2, 3))
+
+
+@pytest.mark.parametrize("net", [_Skip, _Scaled])
+def test_no_prefix_where_the_cut_would_change_the_output(net):
+    backbone = net()
+    backbone.a.requires_grad_(False), backbone.b.requires_grad_(False)
+    assert frozen_prefix(backbone, 8) is None
+    backbone.b.requires_grad_(True)
+    assert (frozen_prefix(backbone, 8) is None) == (net is _Scaled)
+    unfreeze_last(backbone, "all")
+    assert frozen_prefix(backbone, 8) is None  # nothing frozen comes first

@@ -1,7 +1,9 @@
 """A run from the code users run: plans, epochs, splits, --balance, early stopping, history, TensorBoard."""
 import dataclasses
+import gc
 import json
 import os
+import weakref
 
 import numpy as np
 import pytest
@@ -47,6 +49,48 @@ def test_unfreeze_trains_only_the_last_stages(image_folder):
         changed = any(not torch.equal(before[k], after[k]) for k in keys)
         assert changed == (name in names), name  # frozen stages: weights and BatchNorm statistics alike
     assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith("head."))
+
+
+def test_a_step_with_the_frozen_stages_on_onnxruntime_is_the_torch_step(image_folder):
+    torch.manual_seed(0)
+    model, pp = build_model(ModelSpec("mobilenet_v3_small", "none", [8], 0.0, 3), load_pretrained=False)
+    images = scan_data_dir(image_folder)["train"]
+    x, y = next(iter(make_loader(images, create_transform(pp, augment=True), 9, 0, torch.device("cpu"))))
+    for m in model.modules():  # BatchNorm statistics of these images, so that activations are not ~1e-9
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 1.0
+    with torch.no_grad():
+        model.train()(x)
+    unfreeze_last(model.backbone, 2)
+    model = model.to(memory_format=torch.channels_last)
+    cfg = _cfg(image_folder, ".", unfreeze=2, feature_batch_size=4)
+    runner = plans.onnx_prefix(model, pp, cfg, torch.device("cpu"), print)
+    loops.set_train_mode(model)
+    steps = []
+    for run in (model, runner):
+        with runner.epoch():
+            torch.manual_seed(1)  # the same dropout masks
+            loss = torch.nn.functional.cross_entropy(run(x.contiguous(memory_format=torch.channels_last)), y)
+            model.zero_grad()
+            loss.backward()
+            session = weakref.ref(runner.forward.session)
+        steps.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    gc.collect()
+    assert session() is None  # the session ends with its epoch: validation runs without it
+    (loss, grads), (onnx_loss, onnx_grads) = steps
+    assert onnx_loss == pytest.approx(loss, rel=1e-4) and grads.keys() == onnx_grads.keys()
+    for name, grad in grads.items():
+        assert (onnx_grads[name] - grad).abs().max() <= 1e-3 * grad.abs().max() + 1e-8, name
+    assert plans.onnx_prefix(model, pp, dataclasses.replace(cfg, engine="torch"), torch.device("cpu"), print) is None
+
+
+def test_the_frozen_stages_stay_in_torch_when_their_export_fails(image_folder, monkeypatch):
+    model, pp = build_model(ModelSpec("mobilenet_v3_small", "none", [8], 0.0, 3), load_pretrained=False)
+    unfreeze_last(model.backbone, 1)
+    monkeypatch.setattr(plans, "onnx_forward", lambda *a: (_ for _ in ()).throw(RuntimeError("no exporter")))
+    lines = []
+    assert plans.onnx_prefix(model, pp, _cfg(image_folder, "."), torch.device("cpu"), lines.append) is None
+    assert lines == ["ONNX Runtime unavailable for the frozen stages (RuntimeError: no exporter); they run in torch"]
 
 
 def test_finetune_run_end_to_end(image_folder, tmp_path):

@@ -32,7 +32,7 @@ class ImageDataset:
     """Map-style dataset of (CHW float32 array, label); works with torch's DataLoader.
 
     Each file is decoded at the transform's `draft_size` (create_transform's transforms all have one), or
-    read through `copies` (features.copies.WorkingCopies: `load(i)`, the image at its working size).
+    read through `copies` (features.copies.WorkingCopies: `augmented(i, transform)`, from its working-size copy).
     """
 
     def __init__(self, files: list[str], labels: list[int], transform, copies=None):
@@ -43,10 +43,8 @@ class ImageDataset:
 
     def __getitem__(self, i: int):
         if self.copies is not None:
-            img = self.copies.load(i)
-        else:
-            img = load_rgb(self.files[i], draft=self.transform.draft_size)
-        return self.transform(img), self.labels[i]
+            return self.copies.augmented(i, self.transform), self.labels[i]
+        return self.transform(load_rgb(self.files[i], draft=self.transform.draft_size)), self.labels[i]
 
 
 def loader(dataset, batch_size: int, num_workers: int, device: torch.device, collate_fn=default_collate,

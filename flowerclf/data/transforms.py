@@ -127,6 +127,21 @@ class AugmentTransform:
     def __call__(self, img: Image.Image) -> np.ndarray:
         return normalize(self.augment(img), self.preprocess)
 
+    def from_jpeg(self, img: Image.Image) -> np.ndarray:
+        """The same augmentation, from the same random draws, of an upright JPEG opened but not yet decoded (a
+        working copy): the crop is drawn from the header's size, the JPEG decoded at the smallest DCT scale that
+        keeps the crop at least crop_size pixels a side (Image.draft), and only the crop resized."""
+        crop, flip = self.augment.transforms
+        top, left, h, w = crop.get_params(img, crop.scale, crop.ratio)  # reads img.size only
+        scale = next((s for s in (8, 4, 2) if min(h, w) >= s * self.preprocess.crop_size), 1)
+        width = img.width
+        drafted = img.draft("RGB", (width // scale, img.height // scale)) if scale > 1 else None
+        # draft maps the whole photo onto (0, 0, W / s, H / s) of the smaller one; None: decoded at full size
+        k = drafted[1][2] / width if drafted else 1.0
+        box = (left * k, top * k, (left + w) * k, (top + h) * k)
+        size = (self.preprocess.crop_size, self.preprocess.crop_size)
+        return normalize(flip(img.resize(size, _RESAMPLE[self.preprocess.interpolation], box=box)), self.preprocess)
+
 
 class StoredView(AugmentTransform):
     """Augmented view `view`: a random crop + flip drawn per image, seeded by (seed, view, the decoded pixels),

@@ -4,7 +4,8 @@ A photo whose shorter side is above the augmentation's decode size (transforms.d
 augment: 915 px for a 224 crop, every random crop still at least the crop size) is decoded once, at
 that size, and kept as STORE/copies/SIZE/ab/<sha256 of the file>.jpg, the content hash the feature
 store keys vectors by (so a moved photo keeps its copy, an edited one gets a new one). Fine-tuning
-epochs after the first, and reruns, read the copy instead of the photo. Photos at or below that
+epochs after the first, and reruns, read the copy instead of the photo, each at the DCT scale its random
+crop allows (transforms.AugmentTransform.from_jpeg: 1/2 or less for most crops). Photos at or below that
 size get no copy. A copy that does not read back whole (truncated, damaged, the wrong size) is
 replaced from the photo. The copies feed only the fine-tuning augmentation, which is random and
 feeds no stored vector; the feature passes, validation, evaluate.py and predict.py decode the photos
@@ -23,6 +24,7 @@ import os
 import sqlite3
 from typing import Callable, Sequence
 
+import numpy as np
 from PIL import Image
 
 from flowerclf.base.files import atomic_write
@@ -60,16 +62,35 @@ class WorkingCopies:
         """Where image i's copy is (or would be)."""
         return os.path.join(self.folder, self.names[i][:2], self.names[i] + ".jpg")
 
+    def _fits(self, img: Image.Image) -> bool:
+        """Whether an opened copy's header is a copy's: an RGB JPEG at the working size."""
+        return img.format == "JPEG" and img.mode == "RGB" and min(img.size) == self.short \
+            and not size_problem(*img.size)
+
     def _read(self, path: str) -> Image.Image | None:
         """The copy at `path` as RGB, or None when it is missing or does not read back whole at the working size."""
         try:  # written by us, but a cache file can be anything by now: any failure means "make it again"
             with open_image(path) as img:
-                if img.format != "JPEG" or img.mode != "RGB" or min(img.size) != self.short or size_problem(*img.size):
+                if not self._fits(img):
                     return None
                 img.load()  # a truncated file raises here
                 return img.copy()
         except Exception:  # missing (OSError) included
             return None
+
+    def augmented(self, i: int, transform) -> np.ndarray:
+        """Image i through the augmentation `transform` (data.transforms.AugmentTransform): its copy through
+        transform.from_jpeg, decoded at the DCT scale the drawn crop allows; else what `load` gives, through transform.
+
+        (A copy that turns out truncated only as it decodes has drawn its crop already: that image gets another one.)
+        """
+        try:  # as in _read: any failure means "make it again"
+            with open_image(self.path(i)) as img:
+                if self._fits(img):
+                    return transform.from_jpeg(img)  # a truncated file raises as it decodes
+        except Exception:  # missing (OSError) included
+            pass
+        return transform(self.load(i))
 
     def load(self, i: int) -> Image.Image:
         """Image i as RGB at the working size: its copy, or the photo decoded (and its copy written when large)."""

@@ -40,8 +40,8 @@ def _is_block(module: nn.Module) -> bool:
         isinstance(m, _CONV) or "Attention" in type(m).__name__ for m in module.modules())
 
 
-def _layers(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The backbone's parameterised children in forward order, wrappers opened.
+def opened_children(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The backbone's children, wrappers opened, by qualified name.
 
     A child holding at least 60% of its parent's parameters is a wrapper (densenet's `features`,
     vit's `encoder.layers`) and is opened into its own children, repeatedly.
@@ -52,9 +52,14 @@ def _layers(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
         big = next((i for i, (_, m) in enumerate(layers)
                     if total and _n_params(m) >= 0.6 * total and any(True for _ in m.children())), None)
         if big is None:
-            return [(n, m) for n, m in layers if _n_params(m) > 0]
+            return layers
         name, module = layers[big]
         layers[big:big + 1] = [(f"{name}.{n}", m) for n, m in module.named_children()]
+
+
+def _layers(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The backbone's parameterised children in forward order, wrappers opened (opened_children)."""
+    return [(n, m) for n, m in opened_children(backbone) if _n_params(m) > 0]
 
 
 def _is_norm(module: nn.Module) -> bool:
