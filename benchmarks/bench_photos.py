@@ -1,13 +1,14 @@
 """Real photos at the backbone's speed: decode floors, the backbone floor and the cold feature pass, old way and new.
 
 usage: python benchmarks/bench_photos.py DATA_DIR [--limit 130] [--arch efficientnet_lite0] [--num_workers auto]
-       python benchmarks/bench_photos.py DATA_DIR --agreement [--checkpoint CKPT] [--limit 130] [--draft_factor 1]
+                                                  [--rule draft2]
+       python benchmarks/bench_photos.py DATA_DIR --agreement [--checkpoint CKPT] [--limit 130] [--rule draft2]
 
 First it makes phone-size copies of N photos of DATA_DIR (spread over its splits and classes):
 each centre-cropped to 4:3, upscaled to 4032x3024 and saved as JPEG q90, every fourth one stored
 turned with EXIF orientation 6 and every fourth+2 with 8 (as phones do), in a temp folder.
 Then, in one run, side by side in img/s, the old way (full decode: Preprocess.decode "full") and
-the new (decode "draft", data.transforms.decode_size):
+the new (`--rule`, new models' "draft2" unless told, data.transforms.decode_size):
 - decode floor: PIL open + exif_transpose + decode + resize and crop, one process;
 - backbone floor: the backbone's forward alone on ONNX Runtime, on tensors decoded beforehand;
 - cold feature pass: a FeaturePass (ONNX Runtime, a fresh store) over the copies;
@@ -198,11 +199,11 @@ def speeds(images: ImageSet, args) -> int:
                                               int(args.num_workers), CPU),
            "exports": os.path.join(store.store_dir(), "onnx")}
     os.makedirs(ctx["exports"], exist_ok=True)
-    rules = {"full": dataclasses.replace(pp, decode="full"), "draft": pp}
-    print(f"{args.arch}, {pp}, draft to {decode_size(pp)} px, batch {ctx['batch_size']}, "
+    rules = {"full": dataclasses.replace(pp, decode="full"), "draft": dataclasses.replace(pp, decode=args.rule)}
+    print(f"{args.arch}, {rules['draft']}, draft to {decode_size(rules['draft'])} px, batch {ctx['batch_size']}, "
           f"{ctx['num_workers']} workers", flush=True)
     cold_pass(ImageSet(images.root, images.files[:1], images.labels[:1]), pp, ctx)  # export once, untimed
-    print(f"{'img/s':34s} {'full decode':>12s} {'draft':>12s} {'draft/full':>11s}")
+    print(f"{'img/s':34s} {'full decode':>12s} {args.rule:>12s} {'new/full':>11s}")
     figures = {}
     for rows, how in ROWS:
         measured = {rule: how(images, p, ctx) for rule, p in rules.items()}
@@ -228,11 +229,14 @@ def agreement(images: ImageSet, args) -> int:
     net = build_imagenet_model(args.arch, weights)
     net.load_state_dict(pretrained_state(args.arch, weights, net))
     _, pp = build_model(ModelSpec(args.arch, "DEFAULT", [8], 0.0, 5), load_pretrained=False)
+    head = None
+    if args.checkpoint:  # with the checkpoint's own resize and crop
+        model, meta = load_model(args.checkpoint)
+        head, pp = torch_forward(model, CPU), Preprocess.from_dict(meta["preprocess"])
     features = []  # the backbone's features are the input of the ImageNet layer that build_model strips
     _final_layer(net)[1].register_forward_hook(lambda module, inputs, out: features.append(inputs[0].float()))
     classify = torch_forward(net, CPU)
-    head = torch_forward(load_model(args.checkpoint)[0], CPU) if args.checkpoint else None
-    draft = decode_size(pp) * args.draft_factor
+    draft = decode_size(dataclasses.replace(pp, decode=args.rule))
     cosine, same, margins, same_head, head_margins = [], 0, [], 0, []
     with torch.inference_mode():
         for f in images.files:  # row 0 the full decode, row 1 the draft
@@ -252,7 +256,7 @@ def agreement(images: ImageSet, args) -> int:
                     top2 = answers[0].softmax(0).topk(2).values
                     head_margins.append(round((top2[0] - top2[1]).item(), 3))
     cosine = np.array(cosine)
-    print(f"{args.arch}, eval transform, draft to {draft} px: features cosine min {cosine.min():.5f}, "
+    print(f"{args.arch}, eval transform, {args.rule}: draft to {draft} px: features cosine min {cosine.min():.5f}, "
           f"1st percentile {np.percentile(cosine, 1):.5f}, median {np.median(cosine):.5f} (target >= 0.99)")
     print(f"ImageNet top-1 agrees on {same}/{len(images)} = {100 * same / len(images):.1f}%"
           + (f"; where it differs, the full decode's top-2 probability gap was {np.median(margins):.3f} "
@@ -273,9 +277,9 @@ def main(argv=None) -> int:
     p.add_argument("--num_workers", default="auto", help="feature pass workers (default: %(default)s)")
     p.add_argument("--agreement", action="store_true", help="compare the features of both decodes instead")
     p.add_argument("--checkpoint", help="with --agreement: also compare this checkpoint's top-1 (default: none)")
-    p.add_argument("--draft_factor", type=int, default=1,
-                   help="with --agreement: draft to this many times the rule's size, to try other rules (default: 1; "
-                        "2 decodes 4032x3024 at the 1/4 DCT scale, whose 4:2:0 chroma still covers the resize)")
+    p.add_argument("--rule", default="draft2", choices=["draft", "draft2"],
+                   help="the decode rule compared with the full decode (default: %(default)s, new models'; draft "
+                        "covers the resize, 1/8 of 4032x3024; draft2 twice the resize, 1/4)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
         images = phone_copies(args.data_dir, args.limit, folder)

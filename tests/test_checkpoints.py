@@ -137,7 +137,7 @@ def test_other_version_is_refused(tmp_path):
 
 def test_a_checkpoint_records_its_decode_rule_and_one_without_reads_as_full(tmp_path):
     _, ckpt = _tiny_checkpoint()
-    assert ckpt["preprocess"]["decode"] == "draft"
+    assert ckpt["preprocess"]["decode"] == "draft2"
     del ckpt["preprocess"]["decode"]  # as every checkpoint made before the rule was
     atomic_save(ckpt, str(tmp_path / "old.pth"))
     _, old = load_model(str(tmp_path / "old.pth"))

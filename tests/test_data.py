@@ -1,4 +1,5 @@
 """Data: scanning ImageFolder splits, checking them, reading images of any mode, the transforms."""
+import dataclasses
 import io
 import json
 import math
@@ -292,9 +293,11 @@ def _smooth_jpeg(path, w, h, orientation=None) -> str:
 
 def test_the_decode_rule_for_eval_augment_and_stored_views():
     pp = Preprocess(256, 224)
-    assert pp.decode == "draft" and decode_size(pp) == 256 and create_transform(pp).draft_size == 256
+    assert pp.decode == "draft2" and decode_size(pp) == 512 and create_transform(pp).draft_size == 512
     assert decode_size(pp, augment=True) == 915 == create_transform(pp, augment=True).draft_size
     assert create_transform(pp, view=1, seed=3).draft_size == 915
+    before = dataclasses.replace(pp, decode="draft")  # a checkpoint of before keeps its rule
+    assert decode_size(before) == 256 and decode_size(before, augment=True) == 915
     full = Preprocess(256, 224, decode="full")
     assert [decode_size(full), create_transform(full, augment=True).draft_size] == [None, None]
     crop = create_transform(pp, augment=True).augment.transforms[0]  # the rule's parameters are the transform's
@@ -307,11 +310,13 @@ def test_the_decode_rule_for_eval_augment_and_stored_views():
     assert min(sides) >= 224
 
 
-def test_a_large_jpeg_is_decoded_smaller_to_the_same_result(tmp_path):
-    pp = Preprocess(128, 112, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+@pytest.mark.parametrize("rule, decoded", [("draft2", (400, 300)), ("draft", (200, 150))])
+def test_a_large_jpeg_is_decoded_smaller_to_the_same_result(tmp_path, rule, decoded):
+    pp = Preprocess(128, 112, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), decode=rule)
     path = _smooth_jpeg(tmp_path / "big.jpg", 1600, 1200)
     drafted, full = load_rgb(path, draft=decode_size(pp)), load_rgb(path)
-    assert drafted.size == (200, 150) and full.size == (1600, 1200)  # 1/8 a side, still over 128
+    # draft2: 1/4 a side, still over twice 128; draft: 1/8, still over 128
+    assert drafted.size == decoded and full.size == (1600, 1200)
     ours, reference = preprocess_image(drafted, pp), preprocess_image(full, pp)
     assert ours.shape == reference.shape == (3, 112, 112)
     assert np.abs(ours - reference).mean() < 0.01 and np.abs(ours - reference).max() < 0.05
@@ -330,7 +335,7 @@ def test_an_exif_rotated_large_jpeg_is_drafted_then_turned(tmp_path, orientation
     pp = Preprocess(128, 112, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     path = _smooth_jpeg(tmp_path / "r.jpg", 1600, 1200, orientation)
     drafted, full = load_rgb(path, draft=decode_size(pp)), load_rgb(path)
-    assert drafted.size == ((150, 200) if turned else (200, 150)) and full.size == tuple(s * 8 for s in drafted.size)
+    assert drafted.size == ((300, 400) if turned else (400, 300)) and full.size == tuple(s * 4 for s in drafted.size)
     assert np.abs(preprocess_image(drafted, pp) - preprocess_image(full, pp)).mean() < 0.01
 
 

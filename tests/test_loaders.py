@@ -263,7 +263,7 @@ def test_the_pil_path_decodes_at_the_transform_draft_size(tmp_path):
     loaders.ImageDataset([path], [0], Recorder())[0]
     assert seen == [(150, 113)]  # 1/8 a side, still over 110
     x, _ = next(iter(make_loader(ImageSet(str(tmp_path), [path], [0]), create_transform(PP), 1, 0, CPU)))
-    np.testing.assert_array_equal(x[0].numpy(), preprocess_image(load_rgb(path, draft=110), PP))
+    np.testing.assert_array_equal(x[0].numpy(), preprocess_image(load_rgb(path, draft=decode_size(PP)), PP))
 
 
 def test_large_jpegs_take_the_draft_path_in_the_worker(tmp_path, monkeypatch):
@@ -273,14 +273,14 @@ def test_large_jpegs_take_the_draft_path_in_the_worker(tmp_path, monkeypatch):
     assert not loaders.draft_in_worker((9000, 3000), 2000)  # the draft would not shrink it 2x a side
     monkeypatch.setattr(loaders, "DRAFT_IN_WORKER_PIXELS", 40_000)  # so test-sized photos cross it
     rng = np.random.default_rng(3)
-    big = _write(tmp_path / "big.jpg", Image.fromarray(photo(rng, 240, 300)), quality=90)  # 72,000 px
+    big = _write(tmp_path / "big.jpg", Image.fromarray(photo(rng, 480, 600)), quality=90)  # 288,000 px
     small = _write(tmp_path / "small.jpg", Image.fromarray(photo(rng, 150, 200)), quality=90)  # 30,000 px
     images = ImageSet(str(tmp_path), [big, small, big], [0, 1, 2])
     items = _jpeg_items(images)
     assert [item[1] is None for item in items] == [True, False, True]  # the big ones decoded in the worker
     x, y = loaders.decode_batch(items, PP, CPU)
-    np.testing.assert_array_equal(x[0].numpy(), preprocess_image(load_rgb(big, draft=110), PP))  # PIL's draft
-    assert load_rgb(big, draft=110).size == (150, 120) and y.tolist() == [0, 1, 2]
+    np.testing.assert_array_equal(x[0].numpy(), preprocess_image(load_rgb(big, draft=220), PP))  # PIL's draft
+    assert decode_size(PP) == 220 and load_rgb(big, draft=220).size == (300, 240) and y.tolist() == [0, 1, 2]
     assert (x[1] - pil_path(ImageSet(str(tmp_path), [small], [1]))[0]).abs().mean() < 0.03  # nvjpeg's
     full = dataclasses.replace(PP, decode="full")
     assert all(item[1] is not None for item in (loaders.JpegBytes(images, full)[i] for i in range(3)))

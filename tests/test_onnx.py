@@ -149,7 +149,7 @@ def tiny_onnx(tmp_path_factory):
 
 def test_model_onnx_carries_the_decode_rule_and_one_without_reads_as_full(exported, tiny_onnx, tmp_path):
     save, _ = exported
-    assert Predictor.from_onnx(str(save / "model.onnx")).preprocess.decode == "draft"  # the checkpoint's
+    assert Predictor.from_onnx(str(save / "model.onnx")).preprocess.decode == "draft2"  # the checkpoint's
     net, meta, _ = tiny_onnx
     meta = json.loads(json.dumps(meta))
     del meta["preprocess"]["decode"]  # a model.onnx exported before the rule

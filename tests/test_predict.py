@@ -349,7 +349,7 @@ def test_predict_decodes_as_the_checkpoint_was_trained(tiny_run, tmp_path):
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(photo, quality=90)
     ckpt = torch.load(save / "checkpoint.pth", weights_only=True)
     pp = Preprocess.from_dict(ckpt["preprocess"])
-    assert pp.decode == "draft" and load_rgb(photo, draft=decode_size(pp)).size == (400, 300)
+    assert pp.decode == "draft2" and load_rgb(photo, draft=decode_size(pp)).size == (800, 600)
     drafted, full = (preprocess_image(load_rgb(photo, draft=draft), pp) for draft in (decode_size(pp), None))
     assert not np.array_equal(drafted, full) and np.abs(drafted - full).mean() < 0.05
     del ckpt["preprocess"]["decode"]  # a checkpoint from before the rule

@@ -15,8 +15,9 @@ CHECKPOINT_VERSION = 1
 RESUME_FORMAT = "flowerclf-resume"  # checkpoint_last.pth: train.py --resume state, not for predict
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 # How a JPEG is decoded before the transform (data.transforms.decode_size): "full" pixels, as every file without
-# the field was; "draft", libjpeg's DCT scaling down to the smallest scale that still covers what the transform uses
-DECODE_RULES = ("full", "draft")
+# the field was; "draft", libjpeg's DCT scaling down to the smallest scale that still covers what the transform uses;
+# "draft2", the same with twice the eval transform's resize (new models: Pillow's own reducing_gap=2.0)
+DECODE_RULES = ("full", "draft", "draft2")
 DEVICES = ("auto", "cpu", "cuda", "mps")  # --device, and TrainConfig.device in a checkpoint's args
 MAX_SIDE = 4096           # pixels: larger resize or crop sizes are damage, not a model
 MAX_HIDDEN_UNITS = 65536
