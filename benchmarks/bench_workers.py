@@ -1,10 +1,13 @@
 """What --num_workers auto should pick on this machine: the frozen feature pass and fine-tuning, per worker count.
 
 usage: python benchmarks/bench_workers.py DATA_DIR [--arch efficientnet_lite0] [--workers 0 1 2] [--images 256]
+                                                   [--phone]
 
 frozen:   the feature pass over the first N training images, on the engine train.py picks
           (ONNX Runtime on a CPU) at its feature batch size, through the input path train.py uses.
 finetune: one epoch of --unfreeze all over the same images (batch 32, AdamW, augmentation).
+--phone: on phone-size copies of the images instead (bench_photos.py's: 4032x3024, q90, some EXIF-turned,
+in a temp folder), where decoding costs more than the backbone.
 The worker counts run interleaved, --repeats times, and the best of each is printed (img/s),
 so a machine that others share penalizes every count alike.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -66,11 +70,21 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="worker counts (default: 0 1 2)")
     p.add_argument("--images", type=int, default=256, help="training images used (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the best counts (default: 2)")
+    p.add_argument("--phone", action="store_true", help="run on phone-size copies of the images (default: off)")
     args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as folder:
+        return run(args, folder)
+
+
+def run(args, folder: str) -> int:
     device = devices.resolve_device("auto")
-    train = scan_split(os.path.join(args.data_dir, "train"))
-    step = max(1, len(train) // args.images)  # every class, not just the first folders
-    images = ImageSet(train.root, train.files[::step][:args.images], train.labels[::step][:args.images])
+    if args.phone:
+        from bench_photos import phone_copies
+        images = phone_copies(args.data_dir, args.images, folder)
+    else:
+        train = scan_split(os.path.join(args.data_dir, "train"))
+        step = max(1, len(train) // args.images)  # every class, not just the first folders
+        images = ImageSet(train.root, train.files[::step][:args.images], train.labels[::step][:args.images])
     print(f"{args.arch} on {device}, {devices.cpu_cores()} cores, {len(images)} images; auto picks "
           f"{devices.resolve_num_workers('auto', device)} workers", flush=True)
     best = {}
