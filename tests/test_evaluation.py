@@ -278,6 +278,15 @@ def test_the_heads_weight_decay_is_the_one_with_the_least_held_out_log_loss(monk
         audit.out_of_fold_probabilities(x, given, 5, weight_decay=result["weight_decay"]), given), abs=1e-4)
 
 
+def test_the_heads_draw_nothing_from_torchs_random_stream():
+    x, given, _ = _planted()
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    audit.chosen_probabilities(x, given, 5)  # in a thread beside a run's epochs: their stream must stay theirs
+    assert torch.equal(torch.rand(3), expected)
+
+
 class _FakeStore:
     """A store whose every photo has its own content hash."""
 

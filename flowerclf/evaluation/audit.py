@@ -8,13 +8,17 @@ ranks the photos whose folder disagrees with them. Copies come from flowerclf.ev
 from __future__ import annotations
 
 import json
+import threading
 import time
+from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from flowerclf.base.errors import FlowerclfError
 from flowerclf.base.files import atomic_write
 from flowerclf.evaluation.duplicates import content_digests, duplicates_report
 from flowerclf.evaluation.html import _e, _photo
@@ -27,21 +31,24 @@ SHOWN = 24          # suspects and copies with a thumbnail in report.html
 WEIGHT_DECAYS = (0.1, 0.3, 1.0)
 
 
-def _linear_head(x: torch.Tensor, y: torch.Tensor, classes: int, weight_decay: float) -> torch.nn.Linear:
-    """A softmax regression on standardized features, fitted full-batch with L-BFGS."""
-    head = torch.nn.Linear(x.shape[1], classes)
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
-    opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=100, line_search_fn="strong_wolfe")
+def _linear_head(x: torch.Tensor, y: torch.Tensor, classes: int, weight_decay: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of a softmax regression on standardized features, from zeros, fitted full-batch with L-BFGS.
+
+    Made as zeros, not as an nn.Linear (whose init draws from torch's random stream): nothing here draws, so the
+    heads can run beside a training run's epochs (audit_in_background) without touching its random stream."""
+    weight = torch.zeros(classes, x.shape[1], requires_grad=True)
+    bias = torch.zeros(classes, requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], lr=1, max_iter=100, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(head(x), y) + weight_decay * head.weight.square().sum()
+        loss = torch.nn.functional.cross_entropy(F.linear(x, weight, bias), y) + weight_decay * weight.square().sum()
         loss.backward()
         return loss
 
     opt.step(closure)
-    return head
+    return weight.detach(), bias.detach()
 
 
 def fold_of(labels: np.ndarray, classes: int, folds: int = FOLDS, seed: int = 0) -> np.ndarray:
@@ -56,12 +63,12 @@ def fold_of(labels: np.ndarray, classes: int, folds: int = FOLDS, seed: int = 0)
 
 @contextmanager
 def _one_thread():
-    """Small full-batch fits: more threads only wait on each other (25 s instead of 1.6); their own random stream."""
+    """Small full-batch fits: more threads only wait on each other (25 s instead of 1.6). In a thread of its own
+    this sets that thread's count (and torch's default for threads started meanwhile), not the main thread's."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with torch.random.fork_rng(devices=[]):
-            yield
+        yield
     finally:
         torch.set_num_threads(threads)
 
@@ -71,9 +78,8 @@ def held_out_probabilities(x: torch.Tensor, y: torch.Tensor, held: np.ndarray, c
     """The class probabilities of the `held` rows from a head fitted on the others."""
     held = torch.as_tensor(held)
     mean, std = x[~held].mean(0), x[~held].std(0) + 1e-6
-    head = _linear_head((x[~held] - mean) / std, y[~held], classes, weight_decay)
-    with torch.no_grad():
-        return head((x[held] - mean) / std).softmax(1).double().numpy()
+    weight, bias = _linear_head((x[~held] - mean) / std, y[~held], classes, weight_decay)
+    return F.linear((x[held] - mean) / std, weight, bias).softmax(1).double().numpy()
 
 
 def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, classes: int, folds: int = FOLDS,
@@ -130,7 +136,11 @@ def chosen_probabilities(features: np.ndarray, labels: np.ndarray, classes: int,
 
 def label_suspects(probs: np.ndarray, labels: np.ndarray) -> list[int]:
     """Rows whose given label looks wrong, most likely first (cleanlab, ranked by self-confidence)."""
-    from cleanlab.filter import find_label_issues
+    try:
+        from cleanlab.filter import find_label_issues
+    except ImportError as e:  # a missing or broken install: the audit's own line, not a traceback
+        raise FlowerclfError(f"the data audit needs cleanlab, which failed to import ({e}): pip install -r "
+                             f"requirements.txt, or pass --no_audit", exit_code=1) from None
 
     if len(np.unique(labels)) < 2:
         return []
@@ -221,6 +231,26 @@ def audit_features(splits: dict, feats: dict, classes: Sequence[str], names: dic
             store.close()
     result["seconds"] = round(time.perf_counter() - started, 2)
     return result
+
+
+def audit_in_background(splits: dict, feats: dict, classes: Sequence[str], names: dict[str, str] | None,
+                        use_store: bool, log: Callable[[str], None]) -> Future:
+    """audit_features() in a daemon thread started now; its result (or its error, raised) is the Future's.
+
+    A frozen run starts it before its epochs, which it needs nothing from: its heads' tensor work runs while
+    the GIL is free, and its imports (cleanlab: pandas, scikit-learn) no longer wait until the run's end.
+    The caller imports first what it will import itself meanwhile, so the two threads never import the same
+    module at once (which Python can only resolve by failing one of the imports)."""
+    done: Future = Future()
+
+    def work():
+        try:
+            done.set_result(audit_features(splits, feats, classes, names, use_store, log))
+        except BaseException as e:  # noqa: BLE001 - the caller's .result() raises it, in the caller's thread
+            done.set_exception(e)
+
+    threading.Thread(target=work, name="flowerclf-audit", daemon=True).start()
+    return done
 
 
 def audit_folder(splits: dict, arch: str, weights: str, names: dict[str, str] | None, device: str = "auto",
