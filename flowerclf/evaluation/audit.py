@@ -147,6 +147,31 @@ def label_suspects(probs: np.ndarray, labels: np.ndarray) -> list[int]:
     return [int(i) for i in find_label_issues(labels, probs, return_indices_ranked_by="self_confidence", n_jobs=1)]
 
 
+def prepared(entries: list[dict], features: np.ndarray, labels: np.ndarray, classes: Sequence[str], store=None,
+             folds: int = FOLDS) -> dict:
+    """What audit() needs before cleanlab: the out-of-fold probabilities of the train and valid rows, the copies."""
+    labels = np.asarray(labels)
+    rows = np.flatnonzero([e["split"] in ("train", "valid") for e in entries])
+    probs, weight_decay, loss = chosen_probabilities(features[rows], labels[rows], len(classes), folds)
+    digests = content_digests([e["path"] for e in entries], store)
+    return {"rows": rows, "probs": probs, "weight_decay": weight_decay, "log_loss": loss,
+            "duplicates": duplicates_report(entries, digests, features)}
+
+
+def finished(ready: dict, entries: list[dict], labels: np.ndarray, classes: Sequence[str],
+             names: dict[str, str] | None = None, folds: int = FOLDS) -> dict:
+    """audit()'s result from prepared()'s: cleanlab's suspects among the rows, with their classes' names."""
+    names, labels, rows, probs = names or {}, np.asarray(labels), ready["rows"], ready["probs"]
+    name = lambda i: names.get(classes[i], classes[i])  # noqa: E731
+    suspects = []
+    for r in label_suspects(probs, labels[rows]):
+        row, likely = rows[r], int(probs[r].argmax())
+        suspects.append({**entries[row], "given": name(labels[row]), "likely": name(likely),
+                         "confidence": float(probs[r, likely]), "given_probability": float(probs[r, labels[row]])})
+    return {"audited": int(len(rows)), "folds": folds, "weight_decay": ready["weight_decay"],
+            "log_loss": round(ready["log_loss"], 4), "suspects": suspects, "duplicates": ready["duplicates"]}
+
+
 def audit(entries: list[dict], features: np.ndarray, labels: np.ndarray, classes: list[str],
           names: dict[str, str] | None = None, store=None, folds: int = FOLDS) -> dict:
     """The audit of a data set's photos.
@@ -154,21 +179,7 @@ def audit(entries: list[dict], features: np.ndarray, labels: np.ndarray, classes
     `entries` are {"path", "split", "class"} for every photo (train, valid, test), `features` and `labels`
     their rows; labels are audited on train and valid, copies looked for among all of them.
     """
-    names = names or {}
-    labels = np.asarray(labels)
-    audited = np.array([e["split"] in ("train", "valid") for e in entries])
-    rows = np.flatnonzero(audited)
-    probs, weight_decay, loss = chosen_probabilities(features[rows], labels[rows], len(classes), folds)
-    name = lambda i: names.get(classes[i], classes[i])  # noqa: E731
-    suspects = []
-    for r in label_suspects(probs, labels[rows]):
-        row, likely = rows[r], int(probs[r].argmax())
-        suspects.append({**entries[row], "given": name(labels[row]), "likely": name(likely),
-                         "confidence": float(probs[r, likely]), "given_probability": float(probs[r, labels[row]])})
-    digests = content_digests([e["path"] for e in entries], store)
-    return {"audited": int(len(rows)), "folds": folds, "weight_decay": weight_decay, "log_loss": round(loss, 4),
-            "suspects": suspects,
-            "duplicates": duplicates_report(entries, digests, features)}
+    return finished(prepared(entries, features, labels, classes, store, folds), entries, labels, classes, names, folds)
 
 
 def summary(result: dict, page: str) -> str:
@@ -215,42 +226,72 @@ def entries_of(splits: dict, classes: Sequence[str]) -> list[dict]:
             for name, images in splits.items() for f, label in zip(images.files, images.labels)]
 
 
-def audit_features(splits: dict, feats: dict, classes: Sequence[str], names: dict[str, str] | None, use_store: bool,
-                   log: Callable[[str], None]) -> dict:
-    """audit() of a frozen run: `feats` are its (features, labels) per split; "SPLIT plain" ones, when training
-    used augmented views instead, are the center-crop features. Digests come from the feature store if used."""
-    started = time.perf_counter()
+def _rows(splits: dict, feats: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(features, labels) of every photo of `splits`, in split order: "SPLIT plain" ones, when training used
+    augmented views instead, are the center-crop features."""
     parts = [feats.get(f"{name} plain", feats[name]) for name in splits]
-    x = np.concatenate([f.numpy() for f, _ in parts])
-    y = np.concatenate([labels.numpy() for _, labels in parts])
+    return np.concatenate([f.numpy() for f, _ in parts]), np.concatenate([labels.numpy() for _, labels in parts])
+
+
+def _prepared_features(splits: dict, feats: dict, classes: Sequence[str], use_store: bool,
+                       log: Callable[[str], None]) -> dict:
+    """prepared() of a frozen run's features, its digests from the feature store if used."""
+    x, y = _rows(splits, feats)
     store = open_store(log) if use_store else None
     try:
-        result = audit(entries_of(splits, classes), x, y, list(classes), names, store)
+        return prepared(entries_of(splits, classes), x, y, list(classes), store)
     finally:
         if store is not None:
             store.close()
+
+
+def audit_features(splits: dict, feats: dict, classes: Sequence[str], names: dict[str, str] | None, use_store: bool,
+                   log: Callable[[str], None]) -> dict:
+    """audit() of a frozen run: `feats` are its (features, labels) per split (see _rows)."""
+    started = time.perf_counter()
+    ready = _prepared_features(splits, feats, classes, use_store, log)
+    result = finished(ready, entries_of(splits, classes), _rows(splits, feats)[1], list(classes), names)
     result["seconds"] = round(time.perf_counter() - started, 2)
     return result
 
 
-def audit_in_background(splits: dict, feats: dict, classes: Sequence[str], names: dict[str, str] | None,
-                        use_store: bool, log: Callable[[str], None]) -> Future:
-    """audit_features() in a daemon thread started now; its result (or its error, raised) is the Future's.
+class BackgroundAudit:
+    """audit_features(), its heads and copies started now in a daemon thread; result() adds cleanlab's suspects.
 
-    A frozen run starts it before its epochs, which it needs nothing from: its heads' tensor work runs while
-    the GIL is free, and its imports (cleanlab: pandas, scikit-learn) no longer wait until the run's end.
-    The caller imports first what it will import itself meanwhile, so the two threads never import the same
-    module at once (which Python can only resolve by failing one of the imports)."""
-    done: Future = Future()
+    A frozen run starts it before its epochs, which it needs nothing from. The thread's work is tensor and
+    faiss calls that free the GIL most of the time, so it runs beside the epochs' own small tensor calls; the
+    import of cleanlab (pandas, scikit-learn: pure Python, GIL-bound) stays in the caller's thread at the end,
+    as in a thread it held the GIL for 5 ms slices between each of the epochs' calls, slowing them ~1.5x.
+    Nothing is imported in the thread (faiss is imported here), so no two threads import the same module at
+    once, which Python can only resolve by failing one of the imports."""
 
-    def work():
+    def __init__(self, splits: dict, feats: dict, classes: Sequence[str], names: dict[str, str] | None,
+                 use_store: bool, log: Callable[[str], None]):
+        import faiss  # noqa: F401 - see above
+        self.splits, self.feats, self.classes, self.names = splits, feats, list(classes), names
+        self.ready, self.seconds = Future(), 0.0
+        # torch's thread count is one for all threads until a thread first asks for it, and then that thread's
+        # own: asking here keeps the caller's count its own while the heads set theirs to one (_one_thread)
+        torch.get_num_threads()
+        threading.Thread(target=self._work, args=(use_store, log), name="flowerclf-audit", daemon=True).start()
+
+    def _work(self, use_store: bool, log: Callable[[str], None]) -> None:
+        started = time.perf_counter()
         try:
-            done.set_result(audit_features(splits, feats, classes, names, use_store, log))
-        except BaseException as e:  # noqa: BLE001 - the caller's .result() raises it, in the caller's thread
-            done.set_exception(e)
+            ready = _prepared_features(self.splits, self.feats, self.classes, use_store, log)
+            self.seconds = time.perf_counter() - started
+            self.ready.set_result(ready)
+        except BaseException as e:  # noqa: BLE001 - result() raises it, in the caller's thread
+            self.ready.set_exception(e)
 
-    threading.Thread(target=work, name="flowerclf-audit", daemon=True).start()
-    return done
+    def result(self) -> dict:
+        """audit_features()'s result: the thread's work (waited for; its error raised here), then the suspects.
+        Its "seconds" are the thread's and this call's, "waited" this call's: what the run waited for it."""
+        started = time.perf_counter()
+        result = finished(self.ready.result(), entries_of(self.splits, self.classes),
+                          _rows(self.splits, self.feats)[1], self.classes, self.names)
+        waited = time.perf_counter() - started
+        return {**result, "seconds": round(self.seconds + waited, 2), "waited": round(waited, 2)}
 
 
 def audit_folder(splits: dict, arch: str, weights: str, names: dict[str, str] | None, device: str = "auto",

@@ -9,7 +9,6 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from concurrent.futures import Future
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Callable
@@ -26,13 +25,12 @@ from flowerclf.data.folders import (
 )
 from flowerclf.data.layout import apply_record, describe, split_label, split_record
 from flowerclf.data.transforms import Preprocess
-from flowerclf.evaluation.audit import audit_in_background, write_audit
+from flowerclf.evaluation.audit import BackgroundAudit, write_audit
 from flowerclf.evaluation.audit import section as audit_section
 from flowerclf.evaluation.audit import summary as audit_summary
 from flowerclf.evaluation.calibration import calibrate, report_calibration
 from flowerclf.evaluation.html import run_facts, write_html_report
 from flowerclf.evaluation.metrics import classification_report
-from flowerclf.evaluation.plots import pyplot
 from flowerclf.evaluation.reports import write_history, write_report
 from flowerclf.models.checkpoints import atomic_save, first_non_finite, load_head, make_checkpoint, read_head
 from flowerclf.models.onnx import export_checkpoint
@@ -224,17 +222,6 @@ def _train(cfg: TrainConfig, device: torch.device, log: Callable[[str], None], s
                     device)
 
 
-def start_audit(plan: Plan, run: Run, splits: dict, names: dict) -> Future | None:
-    """A frozen run's data audit (unless --no_audit), started in the background beside the epochs; or None."""
-    if not run.cfg.audit or plan.features is None:
-        return None
-    # the run's own later imports that the audit's share (calibration's scipy, the figures' matplotlib), done
-    # first: two threads importing one module at once can fail one of them (audit_in_background)
-    import scipy.optimize  # noqa: F401
-    pyplot()
-    return audit_in_background(splits, plan.features, class_names(run.class_to_idx), names, run.cfg.store, run.log)
-
-
 def _fit(run: Run, splits: dict, names: dict, device: torch.device) -> dict:
     """The plan, the epochs, the test split, and the files a finished run leaves."""
     cfg, log, main = run.cfg, run.log, ddp.is_main()
@@ -245,7 +232,8 @@ def _fit(run: Run, splits: dict, names: dict, device: torch.device) -> dict:
     else:
         plan = frozen_plan(run.model, run.spec, run.preprocess, splits, cfg, device, log)
     run.cfg = cfg = replace(cfg, engine=plan.engine)  # recorded, so evaluate.py recomputes features the same way
-    audit = start_audit(plan, run, splits, names) if main else None
+    audit = BackgroundAudit(splits, plan.features, class_names(run.class_to_idx), names, cfg.store, log) \
+        if main and cfg.audit and plan.features is not None else None  # a frozen run's, beside its epochs
     history, best = run_epochs(plan, run)
 
     plan.trainable.load_state_dict(best["state"])
