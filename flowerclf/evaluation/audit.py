@@ -8,15 +8,12 @@ ranks the photos whose folder disagrees with them. Copies come from flowerclf.ev
 from __future__ import annotations
 
 import json
-import threading
 import time
-from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from flowerclf.base.errors import FlowerclfError
 from flowerclf.base.files import atomic_write
@@ -31,24 +28,21 @@ SHOWN = 24          # suspects and copies with a thumbnail in report.html
 WEIGHT_DECAYS = (0.1, 0.3, 1.0)
 
 
-def _linear_head(x: torch.Tensor, y: torch.Tensor, classes: int, weight_decay: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight, bias) of a softmax regression on standardized features, from zeros, fitted full-batch with L-BFGS.
-
-    Made as zeros, not as an nn.Linear (whose init draws from torch's random stream): nothing here draws, so the
-    heads can run beside a training run's epochs (audit_in_background) without touching its random stream."""
-    weight = torch.zeros(classes, x.shape[1], requires_grad=True)
-    bias = torch.zeros(classes, requires_grad=True)
-    opt = torch.optim.LBFGS([weight, bias], lr=1, max_iter=100, line_search_fn="strong_wolfe")
+def _linear_head(x: torch.Tensor, y: torch.Tensor, classes: int, weight_decay: float) -> torch.nn.Linear:
+    """A softmax regression on standardized features, fitted full-batch with L-BFGS."""
+    head = torch.nn.Linear(x.shape[1], classes)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=100, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(F.linear(x, weight, bias), y) + weight_decay * weight.square().sum()
+        loss = torch.nn.functional.cross_entropy(head(x), y) + weight_decay * head.weight.square().sum()
         loss.backward()
         return loss
 
     opt.step(closure)
-    return weight.detach(), bias.detach()
+    return head
 
 
 def fold_of(labels: np.ndarray, classes: int, folds: int = FOLDS, seed: int = 0) -> np.ndarray:
@@ -63,12 +57,12 @@ def fold_of(labels: np.ndarray, classes: int, folds: int = FOLDS, seed: int = 0)
 
 @contextmanager
 def _one_thread():
-    """Small full-batch fits: more threads only wait on each other (25 s instead of 1.6). In a thread of its own
-    this sets that thread's count (and torch's default for threads started meanwhile), not the main thread's."""
+    """Small full-batch fits: more threads only wait on each other (25 s instead of 1.6); their own random stream."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        with torch.random.fork_rng(devices=[]):
+            yield
     finally:
         torch.set_num_threads(threads)
 
@@ -78,8 +72,9 @@ def held_out_probabilities(x: torch.Tensor, y: torch.Tensor, held: np.ndarray, c
     """The class probabilities of the `held` rows from a head fitted on the others."""
     held = torch.as_tensor(held)
     mean, std = x[~held].mean(0), x[~held].std(0) + 1e-6
-    weight, bias = _linear_head((x[~held] - mean) / std, y[~held], classes, weight_decay)
-    return F.linear((x[held] - mean) / std, weight, bias).softmax(1).double().numpy()
+    head = _linear_head((x[~held] - mean) / std, y[~held], classes, weight_decay)
+    with torch.no_grad():
+        return head((x[held] - mean) / std).softmax(1).double().numpy()
 
 
 def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, classes: int, folds: int = FOLDS,
@@ -147,31 +142,6 @@ def label_suspects(probs: np.ndarray, labels: np.ndarray) -> list[int]:
     return [int(i) for i in find_label_issues(labels, probs, return_indices_ranked_by="self_confidence", n_jobs=1)]
 
 
-def prepared(entries: list[dict], features: np.ndarray, labels: np.ndarray, classes: Sequence[str], store=None,
-             folds: int = FOLDS) -> dict:
-    """What audit() needs before cleanlab: the out-of-fold probabilities of the train and valid rows, the copies."""
-    labels = np.asarray(labels)
-    rows = np.flatnonzero([e["split"] in ("train", "valid") for e in entries])
-    probs, weight_decay, loss = chosen_probabilities(features[rows], labels[rows], len(classes), folds)
-    digests = content_digests([e["path"] for e in entries], store)
-    return {"rows": rows, "probs": probs, "weight_decay": weight_decay, "log_loss": loss,
-            "duplicates": duplicates_report(entries, digests, features)}
-
-
-def finished(ready: dict, entries: list[dict], labels: np.ndarray, classes: Sequence[str],
-             names: dict[str, str] | None = None, folds: int = FOLDS) -> dict:
-    """audit()'s result from prepared()'s: cleanlab's suspects among the rows, with their classes' names."""
-    names, labels, rows, probs = names or {}, np.asarray(labels), ready["rows"], ready["probs"]
-    name = lambda i: names.get(classes[i], classes[i])  # noqa: E731
-    suspects = []
-    for r in label_suspects(probs, labels[rows]):
-        row, likely = rows[r], int(probs[r].argmax())
-        suspects.append({**entries[row], "given": name(labels[row]), "likely": name(likely),
-                         "confidence": float(probs[r, likely]), "given_probability": float(probs[r, labels[row]])})
-    return {"audited": int(len(rows)), "folds": folds, "weight_decay": ready["weight_decay"],
-            "log_loss": round(ready["log_loss"], 4), "suspects": suspects, "duplicates": ready["duplicates"]}
-
-
 def audit(entries: list[dict], features: np.ndarray, labels: np.ndarray, classes: list[str],
           names: dict[str, str] | None = None, store=None, folds: int = FOLDS) -> dict:
     """The audit of a data set's photos.
@@ -179,7 +149,21 @@ def audit(entries: list[dict], features: np.ndarray, labels: np.ndarray, classes
     `entries` are {"path", "split", "class"} for every photo (train, valid, test), `features` and `labels`
     their rows; labels are audited on train and valid, copies looked for among all of them.
     """
-    return finished(prepared(entries, features, labels, classes, store, folds), entries, labels, classes, names, folds)
+    names = names or {}
+    labels = np.asarray(labels)
+    audited = np.array([e["split"] in ("train", "valid") for e in entries])
+    rows = np.flatnonzero(audited)
+    probs, weight_decay, loss = chosen_probabilities(features[rows], labels[rows], len(classes), folds)
+    name = lambda i: names.get(classes[i], classes[i])  # noqa: E731
+    suspects = []
+    for r in label_suspects(probs, labels[rows]):
+        row, likely = rows[r], int(probs[r].argmax())
+        suspects.append({**entries[row], "given": name(labels[row]), "likely": name(likely),
+                         "confidence": float(probs[r, likely]), "given_probability": float(probs[r, labels[row]])})
+    digests = content_digests([e["path"] for e in entries], store)
+    return {"audited": int(len(rows)), "folds": folds, "weight_decay": weight_decay, "log_loss": round(loss, 4),
+            "suspects": suspects,
+            "duplicates": duplicates_report(entries, digests, features)}
 
 
 def summary(result: dict, page: str) -> str:
@@ -226,72 +210,22 @@ def entries_of(splits: dict, classes: Sequence[str]) -> list[dict]:
             for name, images in splits.items() for f, label in zip(images.files, images.labels)]
 
 
-def _rows(splits: dict, feats: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(features, labels) of every photo of `splits`, in split order: "SPLIT plain" ones, when training used
-    augmented views instead, are the center-crop features."""
+def audit_features(splits: dict, feats: dict, classes: Sequence[str], names: dict[str, str] | None, use_store: bool,
+                   log: Callable[[str], None]) -> dict:
+    """audit() of a frozen run: `feats` are its (features, labels) per split; "SPLIT plain" ones, when training
+    used augmented views instead, are the center-crop features. Digests come from the feature store if used."""
+    started = time.perf_counter()
     parts = [feats.get(f"{name} plain", feats[name]) for name in splits]
-    return np.concatenate([f.numpy() for f, _ in parts]), np.concatenate([labels.numpy() for _, labels in parts])
-
-
-def _prepared_features(splits: dict, feats: dict, classes: Sequence[str], use_store: bool,
-                       log: Callable[[str], None]) -> dict:
-    """prepared() of a frozen run's features, its digests from the feature store if used."""
-    x, y = _rows(splits, feats)
+    x = np.concatenate([f.numpy() for f, _ in parts])
+    y = np.concatenate([labels.numpy() for _, labels in parts])
     store = open_store(log) if use_store else None
     try:
-        return prepared(entries_of(splits, classes), x, y, list(classes), store)
+        result = audit(entries_of(splits, classes), x, y, list(classes), names, store)
     finally:
         if store is not None:
             store.close()
-
-
-def audit_features(splits: dict, feats: dict, classes: Sequence[str], names: dict[str, str] | None, use_store: bool,
-                   log: Callable[[str], None]) -> dict:
-    """audit() of a frozen run: `feats` are its (features, labels) per split (see _rows)."""
-    started = time.perf_counter()
-    ready = _prepared_features(splits, feats, classes, use_store, log)
-    result = finished(ready, entries_of(splits, classes), _rows(splits, feats)[1], list(classes), names)
     result["seconds"] = round(time.perf_counter() - started, 2)
     return result
-
-
-class BackgroundAudit:
-    """audit_features(), its heads and copies started now in a daemon thread; result() adds cleanlab's suspects.
-
-    A frozen run starts it before its epochs, which it needs nothing from. The thread's work is tensor and
-    faiss calls that free the GIL most of the time, so it runs beside the epochs' own small tensor calls; the
-    import of cleanlab (pandas, scikit-learn: pure Python, GIL-bound) stays in the caller's thread at the end,
-    as in a thread it held the GIL for 5 ms slices between each of the epochs' calls, slowing them ~1.5x.
-    Nothing is imported in the thread (faiss is imported here), so no two threads import the same module at
-    once, which Python can only resolve by failing one of the imports."""
-
-    def __init__(self, splits: dict, feats: dict, classes: Sequence[str], names: dict[str, str] | None,
-                 use_store: bool, log: Callable[[str], None]):
-        import faiss  # noqa: F401 - see above
-        self.splits, self.feats, self.classes, self.names = splits, feats, list(classes), names
-        self.ready, self.seconds = Future(), 0.0
-        # torch's thread count is one for all threads until a thread first asks for it, and then that thread's
-        # own: asking here keeps the caller's count its own while the heads set theirs to one (_one_thread)
-        torch.get_num_threads()
-        threading.Thread(target=self._work, args=(use_store, log), name="flowerclf-audit", daemon=True).start()
-
-    def _work(self, use_store: bool, log: Callable[[str], None]) -> None:
-        started = time.perf_counter()
-        try:
-            ready = _prepared_features(self.splits, self.feats, self.classes, use_store, log)
-            self.seconds = time.perf_counter() - started
-            self.ready.set_result(ready)
-        except BaseException as e:  # noqa: BLE001 - result() raises it, in the caller's thread
-            self.ready.set_exception(e)
-
-    def result(self) -> dict:
-        """audit_features()'s result: the thread's work (waited for; its error raised here), then the suspects.
-        Its "seconds" are the thread's and this call's, "waited" this call's: what the run waited for it."""
-        started = time.perf_counter()
-        result = finished(self.ready.result(), entries_of(self.splits, self.classes),
-                          _rows(self.splits, self.feats)[1], self.classes, self.names)
-        waited = time.perf_counter() - started
-        return {**result, "seconds": round(self.seconds + waited, 2), "waited": round(waited, 2)}
 
 
 def audit_folder(splits: dict, arch: str, weights: str, names: dict[str, str] | None, device: str = "auto",

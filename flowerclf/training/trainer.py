@@ -25,7 +25,7 @@ from flowerclf.data.folders import (
 )
 from flowerclf.data.layout import apply_record, describe, split_label, split_record
 from flowerclf.data.transforms import Preprocess
-from flowerclf.evaluation.audit import BackgroundAudit, write_audit
+from flowerclf.evaluation.audit import audit_features, write_audit
 from flowerclf.evaluation.audit import section as audit_section
 from flowerclf.evaluation.audit import summary as audit_summary
 from flowerclf.evaluation.calibration import calibrate, report_calibration
@@ -232,8 +232,6 @@ def _fit(run: Run, splits: dict, names: dict, device: torch.device) -> dict:
     else:
         plan = frozen_plan(run.model, run.spec, run.preprocess, splits, cfg, device, log)
     run.cfg = cfg = replace(cfg, engine=plan.engine)  # recorded, so evaluate.py recomputes features the same way
-    audit = BackgroundAudit(splits, plan.features, class_names(run.class_to_idx), names, cfg.store, log) \
-        if main and cfg.audit and plan.features is not None else None  # a frozen run's, beside its epochs
     history, best = run_epochs(plan, run)
 
     plan.trainable.load_state_dict(best["state"])
@@ -257,7 +255,8 @@ def _fit(run: Run, splits: dict, names: dict, device: torch.device) -> dict:
         return result
     log(f"saved {files.checkpoint} (epoch {best['epoch']}, valid acc {100 * best['acc']:.2f}%)")
     written = write_history(history, files)
-    audited = audit.result() if audit is not None else None
+    audited = audit_features(splits, plan.features, class_names(run.class_to_idx), names, cfg.store, log) \
+        if cfg.audit and plan.features is not None else None
     if audited is not None:
         written.append(write_audit(audited, files.audit))
     # the report is on test/, or on valid/ when there is none (and says so: valid chose the epoch and the temperature)
