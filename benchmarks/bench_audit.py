@@ -4,8 +4,10 @@ usage: python benchmarks/bench_audit.py DATA_DIR [--arch efficientnet_lite0] [--
 
 1. A copy of DATA_DIR in a temp dir with `--share` of its training photos moved to a wrong class (seed 0);
    `train.py COPY --arch A --epochs 10` on it, `--runs` times with the audit and as many with --no_audit
-   (after one warm-up run that hashes the copy's paths), alternating: the wall times; the planted photos
-   among audit.json's top 2x-planted suspects (recall, precision) and the audit's own seconds.
+   (after one warm-up run that hashes the copy's paths), alternating: the wall times, their medians and the
+   median of each round's difference (the two runs of a round are neighbours in time, so a load that comes and
+   goes moves both); the planted photos among audit.json's top 2x-planted suspects (recall, precision) and the
+   audit's own seconds.
 2. On the stored features of DATA_DIR itself, plantings with seeds 0..`--seeds`-1 (the features do not
    change with a photo's folder, only its label does): recall and precision within the top 2x planted of
    the heads' weight decay chosen by out-of-fold log loss (the audit's) against the fixed 0.1 used before.
@@ -105,8 +107,8 @@ def main(argv=None) -> int:
         save = os.path.join(tmp, "run")
         train_run(copy, save, args.arch, False)  # warm-up: the copy's paths hashed, the ONNX backbone exported
         times, shares = {True: [], False: []}, []
-        for _ in range(args.runs):
-            for audit_on in (True, False):
+        for run in range(args.runs):
+            for audit_on in (True, False) if run % 2 == 0 else (False, True):  # neither always goes first
                 times[audit_on].append(train_run(copy, save + str(int(audit_on)), args.arch, audit_on))
                 if audit_on:
                     result = json.load(open(os.path.join(save + "1", "audit.json")))
@@ -114,11 +116,13 @@ def main(argv=None) -> int:
         ranked = [os.path.realpath(s["path"]) for s in result["suspects"]]
     recall, precision = within_top(ranked, planted)
     with_, without = np.median(times[True]), np.median(times[False])
+    paired = np.median(np.array(times[True]) - np.array(times[False]))
     print(f"planted copy: {len(planted)} of the training photos moved; audit.json: weight decay "
           f"{result['weight_decay']}, {len(ranked)} suspects; top {2 * len(planted)}: recall {100 * recall:.1f}%, "
           f"precision {100 * precision:.1f}%")
     print(f"train.py --epochs 10, medians: {with_:.1f}s with the audit, {without:.1f}s with --no_audit "
-          f"({100 * (with_ / without - 1):+.1f}%); the audit's own seconds: "
+          f"({100 * (with_ / without - 1):+.1f}%; median difference in a round {paired:+.2f}s, "
+          f"{100 * paired / without:+.1f}%); the audit's own seconds: "
           f"{', '.join(f'{100 * s:.1f}%' for s in shares)} of their runs; runs (s) "
           f"{ {k: [round(t, 1) for t in v] for k, v in times.items()} }")
 

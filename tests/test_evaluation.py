@@ -278,6 +278,15 @@ def test_the_heads_weight_decay_is_the_one_with_the_least_held_out_log_loss(monk
         audit.out_of_fold_probabilities(x, given, 5, weight_decay=result["weight_decay"]), given), abs=1e-4)
 
 
+def test_the_heads_leave_torchs_random_stream_as_it_was():
+    x, given, _ = _planted()
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    audit.chosen_probabilities(x, given, 5)  # after a run's epochs: an audit or not, the run draws the same
+    assert torch.equal(torch.rand(3), expected)
+
+
 class _FakeStore:
     """A store whose every photo has its own content hash."""
 

@@ -289,6 +289,15 @@ def test_a_frozen_run_audits_its_data_and_no_audit_turns_it_off(tmp_path):
         (save / "report.html").read_text()
 
 
+def test_a_broken_cleanlab_is_the_audits_one_error_line(image_folder, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cleanlab.filter", None)  # imports as a missing or broken install does
+    code, out, err = _main(train, [image_folder, "--save_dir", str(tmp_path), "--epochs", "1"] + TINY)
+    line = one_error_line(code, err, expected_code=1)
+    assert "the data audit needs cleanlab" in line and "--no_audit" in line
+
+
 def test_patience_stops_early_and_keeps_the_best_checkpoint(image_folder, tmp_path, monkeypatch):
     accs = iter([0.5, 0.7, 0.6, 0.65, 0.9, 0.95])  # no better epoch after the 2nd for 2 epochs: stop after the 4th
     real = plans.metrics_from_logits

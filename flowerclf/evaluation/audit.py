@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from flowerclf.base.errors import FlowerclfError
 from flowerclf.base.files import atomic_write
 from flowerclf.evaluation.duplicates import content_digests, duplicates_report
 from flowerclf.evaluation.html import _e, _photo
@@ -130,7 +131,11 @@ def chosen_probabilities(features: np.ndarray, labels: np.ndarray, classes: int,
 
 def label_suspects(probs: np.ndarray, labels: np.ndarray) -> list[int]:
     """Rows whose given label looks wrong, most likely first (cleanlab, ranked by self-confidence)."""
-    from cleanlab.filter import find_label_issues
+    try:
+        from cleanlab.filter import find_label_issues
+    except ImportError as e:  # a missing or broken install: the audit's own line, not a traceback
+        raise FlowerclfError(f"the data audit needs cleanlab, which failed to import ({e}): pip install -r "
+                             f"requirements.txt, or pass --no_audit", exit_code=1) from None
 
     if len(np.unique(labels)) < 2:
         return []
