@@ -38,7 +38,7 @@ from flowerclf.data.folders import (
     scan_split,
 )
 from flowerclf.data.layout import apply_record, describe
-from flowerclf.data.images import IMAGE_FORMATS, MAX_ASPECT_RATIO, check_image, load_rgb
+from flowerclf.data.images import IMAGE_FORMATS, MAX_ASPECT_RATIO, check_image, load_rgb, typical_pixels
 from flowerclf.data.transforms import Preprocess, preprocess_image
 from flowerclf.data.transforms import (
     CROP_RATIO,
@@ -596,3 +596,15 @@ def test_a_split_linked_to_train_is_refused(tmp_path, name):
     os.symlink("train", os.path.join(root, name))
     with pytest.raises(FlowerclfError, match=f"d/{name}/ is train/ or holds it \\(a link\\?\\)"):
         scan_data_dir(root)
+
+
+def test_typical_pixels_reads_headers_and_skips_what_does_not_open(tmp_path):
+    files = []
+    for i, size in enumerate([(40, 30), (80, 60), (400, 300)]):
+        files.append(str(tmp_path / f"{i}.jpg"))
+        Image.new("RGB", size).save(files[-1])
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    assert typical_pixels(files + [str(tmp_path / "bad.jpg")]) == 80 * 60
+    assert typical_pixels([str(tmp_path / "bad.jpg")]) == 0.0 and typical_pixels([]) == 0.0
+    # a sample spread over the whole list, not its first files
+    assert typical_pixels([files[0]] * 10 + [files[1]] * 10 + [files[2]] * 10, sample=3) == 80 * 60

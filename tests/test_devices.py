@@ -27,6 +27,14 @@ def test_num_workers_auto_follows_device_and_cores(monkeypatch):
         assert devices.resolve_num_workers("auto", torch.device("cuda")) == cuda
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four processes share the node's 64 cores
     assert devices.resolve_num_workers("auto", torch.device("cuda")) == 15
+    # phone photos: a worker a core on a CPU, where decoding them bounds the pass; the GPU's rule stays
+    monkeypatch.setattr(devices, "cpu_cores", lambda: 2)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    big, small = 4032 * 3024, 500 * 375
+    assert [devices.resolve_num_workers("auto", torch.device("cpu"), p) for p in (big, small, 0)] == [2, 0, 0]
+    assert devices.resolve_num_workers("auto", torch.device("cuda"), big) == 1
+    assert devices.resolve_num_workers(0, torch.device("cpu"), big) == 0  # a number is taken as given
+
 
 
 @pytest.mark.parametrize("capability, dtype", [((7, 5), torch.float16), ((8, 0), torch.bfloat16),

@@ -234,6 +234,7 @@ def audit_folder(splits: dict, arch: str, weights: str, names: dict[str, str] | 
     """audit_features() of a data set on its own (audit.py): the center-crop features of every split, from the
     feature store, the missing ones computed (with a progress line) and stored as a frozen train.py run does."""
     from flowerclf.data.folders import class_names
+    from flowerclf.data.images import typical_pixels
     from flowerclf.features.passes import FeaturePass
     from flowerclf.models.registry import ModelSpec, build_model, freeze, resolve_weights
     from flowerclf.runtime.devices import resolve_device, resolve_feature_batch_size, resolve_num_workers
@@ -245,7 +246,8 @@ def audit_folder(splits: dict, arch: str, weights: str, names: dict[str, str] | 
     freeze(model.backbone)
     model.to(dev)
     with FeaturePass(model.backbone, arch, weights, preprocess, engine, dev, False,
-                     resolve_feature_batch_size(feature_batch_size, dev), resolve_num_workers(num_workers, dev),
+                     resolve_feature_batch_size(feature_batch_size, dev),
+                     resolve_num_workers(num_workers, dev, typical_pixels(splits["train"].files)),
                      use_store, log) as passes:
         feats = {name: passes.features(images, name) for name, images in splits.items()}
     return audit_features(splits, feats, classes, names, use_store, log)

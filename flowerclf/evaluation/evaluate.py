@@ -12,6 +12,7 @@ from flowerclf.data.folders import (
     load_category_names,
     scan_split,
 )
+from flowerclf.data.images import typical_pixels
 from flowerclf.data.transforms import Preprocess
 from flowerclf.evaluation.calibration import report_calibration
 from flowerclf.evaluation.html import run_facts, write_html_report
@@ -51,7 +52,7 @@ def evaluate_split(checkpoint: str, split: str, out: str | None = None, category
     stem = os.path.basename(os.path.normpath(split))
     with FeaturePass(model.backbone, ckpt["model"]["arch"], ckpt["model"].get("weights", ""),
                      Preprocess.from_dict(ckpt["preprocess"]), engine, dev, bool(train_args.get("amp")), batch_size,
-                     resolve_num_workers(num_workers, dev), True, log) as passes:
+                     resolve_num_workers(num_workers, dev, typical_pixels(images.files)), True, log) as passes:
         feats, labels = passes.features(images, stem)
     logits = head_logits(model.head, feats, dev).numpy()
     temperature = ckpt.get("calibration", {}).get("temperature", 1.0)  # 1: a checkpoint made before calibration

@@ -78,21 +78,31 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def resolve_num_workers(requested: int | str, device: torch.device) -> int:
-    """--num_workers: a number as given; auto by device and the cores each process of this node gets.
+# Photos of at least this many pixels (the median of a sample, data.images.typical_pixels) are decoded in a worker per
+# core on a CPU: there decoding, not the backbone, bounds the pass
+LARGE_PHOTO_PIXELS = 2_000_000
+
+
+def resolve_num_workers(requested: int | str, device: torch.device, pixels: float = 0.0) -> int:
+    """--num_workers: a number as given; auto by device, the cores each process of this node gets, and `pixels`,
+    the photos' typical size.
 
     CUDA: every core but one (the main process feeds the GPU), at most 16: PIL decoding of 500x667
     JPEGs ran 292 / 1,568 / 2,567 img/s with 0 / 8 / 16 workers on a 16-core H100 machine.
-    CPU: the backbone (ONNX Runtime or torch) already uses every core, so 0 below 8 cores and a quarter
-    of them from 8 on. On 2 idle cores a whole efficientnet_lite0 feature pass over flowers5-dev took
-    15.0 / 14.5 s with 0 workers and 15.2 / 13.8 s with 1: even (on a loaded machine 1-2 workers looked
-    1.2-1.3x faster, but there extra processes only win a larger share of the contended cores).
+    CPU: the backbone (ONNX Runtime or torch) already uses every core, so for small photos 0 below 8 cores
+    and a quarter of them from 8 on: on 2 idle cores a whole efficientnet_lite0 feature pass over
+    flowers5-dev's 128-px photos took 15.0 / 14.5 s with 0 workers and 15.2 / 13.8 s with 1, and 1 worker
+    ran 0.86x 0 on its training photos (benchmarks/bench_workers.py). From LARGE_PHOTO_PIXELS up, one
+    worker a core: a 4032x3024 photo's draft decode takes 12-17 ms of a core, against the backbone's 2.8 ms
+    of both (`bench_workers.py --phone` measures the pass on such photos).
     """
     if requested != "auto":
         return int(requested)
     cores = max(1, cpu_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if device.type == "cuda":
         return max(1, min(16, cores - 1))
+    if pixels >= LARGE_PHOTO_PIXELS:
+        return cores
     return cores // 4 if cores >= 8 else 0
 
 

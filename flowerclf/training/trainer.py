@@ -23,6 +23,7 @@ from flowerclf.data.folders import (
     class_names,
     load_category_names,
 )
+from flowerclf.data.images import typical_pixels
 from flowerclf.data.layout import apply_record, describe, split_label, split_record
 from flowerclf.data.transforms import Preprocess
 from flowerclf.evaluation.audit import audit_features, write_audit
@@ -188,9 +189,9 @@ def _train(cfg: TrainConfig, device: torch.device, log: Callable[[str], None], s
     if not main:  # progress is rank 0's to print; a warning on any rank (a lost store) still reaches the user
         log = ddp.warnings_only(log)
     enable_cudnn_autotune(device)
-    cfg = replace(cfg, feature_batch_size=resolve_feature_batch_size(cfg.feature_batch_size, device),
-                  num_workers=resolve_num_workers(cfg.num_workers, device))
     splits = splits or preflight(cfg)
+    cfg = replace(cfg, feature_batch_size=resolve_feature_batch_size(cfg.feature_batch_size, device),
+                  num_workers=resolve_num_workers(cfg.num_workers, device, typical_pixels(splits["train"].files)))
     names = load_category_names(cfg.category_names)  # fail before training, not after
     class_to_idx = splits["train"].class_to_idx
     spec = ModelSpec(cfg.arch, resolve_weights(cfg.arch, cfg.weights).spec, list(cfg.hidden_units),
