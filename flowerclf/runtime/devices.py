@@ -90,11 +90,11 @@ def resolve_num_workers(requested: int | str, device: torch.device, pixels: floa
     CUDA: every core but one (the main process feeds the GPU), at most 16: PIL decoding of 500x667
     JPEGs ran 292 / 1,568 / 2,567 img/s with 0 / 8 / 16 workers on a 16-core H100 machine.
     CPU: the backbone (ONNX Runtime or torch) already uses every core, so for small photos 0 below 8 cores
-    and a quarter of them from 8 on: on 2 idle cores a whole efficientnet_lite0 feature pass over
-    flowers5-dev's 128-px photos took 15.0 / 14.5 s with 0 workers and 15.2 / 13.8 s with 1, and 1 worker
-    ran 0.86x 0 on its training photos (benchmarks/bench_workers.py). From LARGE_PHOTO_PIXELS up, one
-    worker a core: a 4032x3024 photo's draft decode takes 12-17 ms of a core, against the backbone's 2.8 ms
-    of both (`bench_workers.py --phone` measures the pass on such photos).
+    and a quarter of them from 8 on: on 2 idle cores the feature pass over 256 of flowers5-dev's 128-px
+    photos ran 256.5 / 211.1 / 203.0 img/s with 0 / 1 / 2 workers (benchmarks/bench_workers.py). From
+    LARGE_PHOTO_PIXELS up, a worker a core: a 4032x3024 photo's draft decode takes 12-17 ms of a core
+    against the backbone's 2.8 ms of both, and on 80 such photos the pass ran 62.2 / 56.4 / 76.5 img/s
+    (`bench_workers.py --phone`; bench_photos.py's pass: 58.9 with 0, 82.6-83.8 with 2).
     """
     if requested != "auto":
         return int(requested)
