@@ -1,7 +1,7 @@
 """The feature store at scale: a cold pass, a full hit and 1% new photos, on synthetic folders of growing size.
 
 usage: python benchmarks/bench_store.py [--sizes 1000 4000 16000] [--arch mobilenet_v3_small] [--engine torch]
-       [--scenarios cold]
+       [--scenarios cold] [--no_audit]
 
 For each size N: a folder of N training images (drawn shapes, 32 px, 4 classes) and 100
 validation images; then three `train.py DIR --arch ARCH --weights none --epochs 1 --engine ENGINE`
@@ -34,10 +34,10 @@ VALID_PER_CLASS = 25
 SCENARIOS = ("cold", "full hit", "+1%")
 
 
-def run_train(data: str, save: str, arch: str, engine: str, cache: str) -> dict:
-    """One train.py process: wall seconds, feature seconds, images computed, peak RSS in MiB."""
+def run_train(data: str, save: str, arch: str, engine: str, cache: str, flags: tuple = ()) -> dict:
+    """One train.py process (with `flags` added): wall seconds, feature seconds, images computed, peak RSS in MiB."""
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), data, "--save_dir", save, "--arch", arch,
-           "--weights", "none", "--epochs", "1", "--engine", engine, "--overwrite"]
+           "--weights", "none", "--epochs", "1", "--engine", engine, "--overwrite", *flags]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env=dict(os.environ, FLOWERCLF_STORE=cache))
@@ -68,14 +68,15 @@ def fresh_cache(path: str, exports: str) -> str:
     return path
 
 
-def bench_size(n: int, arch: str, engine: str, scenarios: list[str], work: str, exports: str) -> None:
+def bench_size(n: int, arch: str, engine: str, scenarios: list[str], work: str, exports: str,
+               flags: tuple = ()) -> None:
     """Print the scenarios on a folder of n training images and a fresh store."""
     data, cache = os.path.join(work, f"data{n}"), fresh_cache(os.path.join(work, f"cache{n}"), exports)
     samples.make_demo(data, {"train": n // len(samples.DEMO_SHAPES), "valid": VALID_PER_CLASS}, size=32)
     for scenario in (s for s in SCENARIOS if s in scenarios):
         if scenario == "+1%":
             add_photos(data, n // 100, seed=n)
-        r = run_train(data, os.path.join(work, "run"), arch, engine, cache)
+        r = run_train(data, os.path.join(work, "run"), arch, engine, cache, flags)
         path = os.path.join(cache, store.STORE_NAME)
         mib = sum(os.path.getsize(p) for p in (path, path + "-wal") if os.path.exists(p)) / 2 ** 20
         print(f"{n:7,d} {scenario:9s} {r['wall']:7.1f} {r['features']:10.1f} {r['computed']:9,d} {mib:9.1f} "
@@ -92,7 +93,11 @@ def main(argv=None) -> int:
                    help="train.py --engine (default: %(default)s: ONNX Runtime on a CPU)")
     p.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS),
                    help="which rows per size, in this order (default: all three)")
+    p.add_argument("--no_audit", action="store_true",
+                   help="train.py --no_audit: the run without its data audit, whose memory grows with the photos "
+                        "(default: off)")
     args = p.parse_args(argv)
+    flags = ("--no_audit",) if args.no_audit else ()
     exports = os.path.join(store.store_dir(), "onnx")
     os.makedirs(exports, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
@@ -106,7 +111,7 @@ def main(argv=None) -> int:
         print(f"{'images':>7s} {'scenario':9s} {'wall s':>7s} {'features s':>10s} {'computed':>9s} "
               f"{'store MiB':>9s} {'RSS MiB':>8s}")
         for n in args.sizes:
-            bench_size(n, args.arch, args.engine, args.scenarios, work, exports)
+            bench_size(n, args.arch, args.engine, args.scenarios, work, exports, flags)
     return 0
 
 
