@@ -100,8 +100,9 @@ def probability(value: str) -> float:
 def add_workers_flag(parser: argparse.ArgumentParser) -> None:
     """--num_workers, the same in every script that decodes images (devices.resolve_num_workers decides auto)."""
     parser.add_argument("--num_workers", "--num-workers", type=auto_or_whole, default="auto", metavar="N|auto",
-                        help="image-decoding worker processes; auto: 0 on a CPU with under 8 cores (the backbone "
-                             "uses them all), all cores but one (up to 16) with CUDA (default: %(default)s)")
+                        help="image-decoding worker processes; auto: on a CPU, one a core for photos of 2 MP and up "
+                             "(decoding them outweighs the backbone), else 0 with under 8 cores (the backbone uses "
+                             "them all); all cores but one (up to 16) with CUDA (default: %(default)s)")
 
 
 def add_device_flags(parser: argparse.ArgumentParser, choices: tuple[str, ...] = DEVICES) -> None:
