@@ -93,6 +93,25 @@ def test_the_frozen_stages_stay_in_torch_when_their_export_fails(image_folder, m
     assert lines == ["ONNX Runtime unavailable for the frozen stages (RuntimeError: no exporter); they run in torch"]
 
 
+def test_a_cached_prefix_export_of_other_weights_leaves_the_frozen_stages_in_torch(image_folder, _cache):
+    os.unlink(_cache / "onnx")  # this test's own exports: it replaces one
+    os.mkdir(_cache / "onnx")
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model, pp = build_model(ModelSpec("mobilenet_v3_small", "none", [8], 0.0, 3), load_pretrained=False)
+        unfreeze_last(model.backbone, 1)
+        before = set(os.listdir(_cache / "onnx"))
+        assert plans.onnx_prefix(model, pp, _cfg(image_folder, "."), torch.device("cpu"), print) is not None
+        models.append((model, pp, (set(os.listdir(_cache / "onnx")) - before).pop()))
+    (model, pp, mine), (_, _, other) = models
+    os.replace(_cache / "onnx" / other, _cache / "onnx" / mine)  # a valid ONNX file, of another network
+    lines = []
+    assert plans.onnx_prefix(model, pp, _cfg(image_folder, "."), torch.device("cpu"), lines.append) is None
+    assert len(lines) == 1 and lines[0].startswith(f"warning: {_cache / 'onnx'}: the cached export of the frozen")
+    assert "-*.onnx to export them again; the frozen stages run in torch" in lines[0]
+
+
 def test_finetune_run_end_to_end(image_folder, tmp_path):
     result = trainer.train(_cfg(image_folder, tmp_path, unfreeze=1, epochs=2, label_smoothing=0.1),
                           log=lambda s: None)
