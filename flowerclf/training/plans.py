@@ -150,17 +150,13 @@ class OnnxPrefix:
 
     def __init__(self, model: nn.Sequential, prefix: Prefix, arch: str, crop_size: int, batch_size: int):
         self.model, self.prefix, self.batch_size, self.forward = model, prefix, batch_size, None
-        self.key = (prefix.layers, f"{arch}-prefix{len(prefix.layers)}", crop_size, state_fingerprint(prefix.layers))
-        forward = self._open()  # the export (once per weights, kept beside the pass's), outside epoch 1
-        try:
-            self._check(forward, crop_size)
-        finally:
-            forward.close()
+        self.name, self.crop_size, self.checked = f"{arch}-prefix{len(prefix.layers)}", crop_size, None
+        self._open().close()  # the export (once per weights, kept beside the pass's) and its check, outside epoch 1
 
-    def _check(self, forward, crop_size: int) -> None:
+    def _check(self, forward) -> None:
         """The session gives the frozen layers' own output on an example: a cached file that loads may still be
         another network's (a copy from elsewhere, a damaged store), and would train the rest on wrong inputs."""
-        example = torch.randn(2, 3, crop_size, crop_size, generator=torch.Generator().manual_seed(0))
+        example = torch.randn(2, 3, self.crop_size, self.crop_size, generator=torch.Generator().manual_seed(0))
         modes = {m: m.training for m in self.prefix.layers.modules()}
         try:
             with torch.no_grad():
@@ -173,12 +169,23 @@ class OnnxPrefix:
                 or (got - want).abs().max() > 1e-3 * want.abs().max():
             folder = os.path.join(store_dir(), "onnx")
             raise FlowerclfError(f"{folder}: the cached export of the frozen stages gives other outputs than they do "
-                                 f"(a damaged store); delete {os.path.join(folder, self.key[1])}-*.onnx to export "
+                                 f"(a damaged store); delete {os.path.join(folder, self.name)}-*.onnx to export "
                                  f"them again")
 
     def _open(self):
+        """A session on the frozen layers' weights as they are now (--resume loads its state after the plan is
+        made), checked once per weights."""
+        fingerprint = state_fingerprint(self.prefix.layers)
         with torch.random.fork_rng(devices=[]):  # an export draws random inputs: training keeps its own stream
-            return onnx_forward(*self.key)
+            forward = onnx_forward(self.prefix.layers, self.name, self.crop_size, fingerprint)
+        if fingerprint != self.checked:
+            try:
+                self._check(forward)
+            except BaseException:
+                forward.close()
+                raise
+            self.checked = fingerprint
+        return forward
 
     @contextlib.contextmanager
     def epoch(self):
