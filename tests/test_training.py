@@ -125,7 +125,7 @@ def test_a_cached_prefix_export_of_other_weights_leaves_the_frozen_stages_in_tor
     os.replace(_cache / "onnx" / other, _cache / "onnx" / mine)  # a valid ONNX file, of another network
     lines = []
     assert plans.onnx_prefix(model, pp, _cfg(image_folder, "."), torch.device("cpu"), lines.append) is None
-    assert len(lines) == 1 and lines[0].startswith(f"warning: {_cache / 'onnx'}: the cached export of the frozen")
+    assert len(lines) == 1 and lines[0].startswith(f"warning: {_cache / 'onnx'}: the export of the frozen stages gives")
     assert "-*.onnx to export them again; the frozen stages run in torch" in lines[0]
 
 

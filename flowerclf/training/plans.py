@@ -168,9 +168,9 @@ class OnnxPrefix:
         if got.shape != want.shape or not torch.isfinite(got).all() \
                 or (got - want).abs().max() > 1e-3 * want.abs().max():
             folder = os.path.join(store_dir(), "onnx")
-            raise FlowerclfError(f"{folder}: the cached export of the frozen stages gives other outputs than they do "
-                                 f"(a damaged store); delete {os.path.join(folder, self.name)}-*.onnx to export "
-                                 f"them again")
+            raise FlowerclfError(f"{folder}: the export of the frozen stages gives other outputs than they do (a "
+                                 f"damaged store, or a faulty export); delete {os.path.join(folder, self.name)}-*.onnx "
+                                 f"to export them again")
 
     def _open(self):
         """A session on the frozen layers' weights as they are now (--resume loads its state after the plan is
