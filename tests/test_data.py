@@ -608,3 +608,20 @@ def test_typical_pixels_reads_headers_and_skips_what_does_not_open(tmp_path):
     assert typical_pixels([str(tmp_path / "bad.jpg")]) == 0.0 and typical_pixels([]) == 0.0
     # a sample spread over the whole list, not its first files
     assert typical_pixels([files[0]] * 10 + [files[1]] * 10 + [files[2]] * 10, sample=3) == 80 * 60
+
+
+def test_typical_pixels_counts_a_header_over_the_pixel_limit_without_a_warning(tmp_path):
+    import struct
+    import zlib
+
+    small = str(tmp_path / "small.png")
+    Image.new("RGB", (40, 30)).save(small)
+    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data
+                                + struct.pack(">I", zlib.crc32(kind + data)))
+    bomb = tmp_path / "bomb.png"  # 144 MP, over MAX_IMAGE_PIXELS: Pillow warns as it opens (evaluate.py checks none)
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 12000, 12000, 8, 2, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert typical_pixels([small, str(bomb), str(bomb)]) == 12000 * 12000  # a 108 MP phone photo is as large
+    assert not seen

@@ -362,6 +362,27 @@ def test_a_working_copy_found_truncated_as_it_decodes_is_augmented_from_the_phot
     assert decoded == ["big.jpg", "big.jpg"]
 
 
+class _Blocked(BaseException):  # not an Exception: the copies' fallbacks must not swallow it
+    pass
+
+
+def test_a_fifo_in_place_of_a_working_copy_is_replaced_not_waited_on(tmp_path, monkeypatch):
+    import signal
+
+    work, decoded = _copies_of(tmp_path, monkeypatch)
+    os.makedirs(os.path.dirname(work.path(0)))
+    os.mkfifo(work.path(0))  # opening it to read would block until something writes to it
+    previous = signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(_Blocked()))
+    signal.alarm(60)
+    try:
+        assert work.augmented(0, create_transform(PP, augment=True)).shape == (3, 96, 96)
+        assert work.load(0).size == (523, 392)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert decoded == ["big.jpg"] and os.path.isfile(work.path(0))  # made from the photo once, as a file
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "other size"])
 def test_a_damaged_working_copy_falls_back_to_the_photo_and_is_rewritten(tmp_path, monkeypatch, damage):
     work, decoded = _copies_of(tmp_path, monkeypatch)

@@ -210,6 +210,21 @@ def test_the_frozen_prefix_is_every_layer_before_the_first_trainable_one(arch, n
     assert frozen_prefix(backbone, 64) is not None and all("forward" not in vars(m) for m in backbone.modules())
 
 
+def test_the_cut_puts_back_a_layer_s_own_instance_forward():
+    torch.manual_seed(0)
+    model, _ = build_model(ModelSpec("mobilenet_v3_small", "none", [], 0.0, 3), load_pretrained=False)
+    backbone = model.backbone.eval()
+    unfreeze_last(backbone, 1)
+    first = backbone.features[0]
+    wrapped = first.forward
+    first.forward = own = lambda x: wrapped(x)  # as a library's hook wrapper does
+    prefix = frozen_prefix(backbone, 64)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        prefix.rest(x, prefix.layers(x))
+    assert prefix is not None and vars(first)["forward"] is own
+
+
 class _Skip(nn.Module):
     """A chain of layers whose last one also takes the first one's output: no cut before it gives the same."""
 

@@ -93,6 +93,42 @@ def test_the_frozen_stages_stay_in_torch_when_their_export_fails(image_folder, m
     assert lines == ["ONNX Runtime unavailable for the frozen stages (RuntimeError: no exporter); they run in torch"]
 
 
+def test_the_frozen_stages_on_onnxruntime_follow_weights_loaded_after_the_plan(image_folder):
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model, pp = build_model(ModelSpec("mobilenet_v3_small", "none", [8], 0.0, 3), load_pretrained=False)
+        unfreeze_last(model.backbone, 1)
+        models.append(model.to(memory_format=torch.channels_last))
+    model, other = models
+    runner = plans.onnx_prefix(model, pp, _cfg(image_folder, ".", unfreeze=1), torch.device("cpu"), print)
+    model.load_state_dict(other.state_dict())  # as --resume loads checkpoint_last.pth's state into the plan's model
+    x = torch.randn(3, 3, pp.crop_size, pp.crop_size).contiguous(memory_format=torch.channels_last)
+    prefix = runner.prefix.layers.eval()
+    with torch.no_grad(), runner.epoch():
+        given, want = runner.forward(x.contiguous()), prefix(x)
+    assert (given - want).abs().max() <= 1e-3 * want.abs().max()
+
+
+def test_a_cached_prefix_export_of_other_weights_leaves_the_frozen_stages_in_torch(image_folder, _cache):
+    os.unlink(_cache / "onnx")  # this test's own exports: it replaces one
+    os.mkdir(_cache / "onnx")
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model, pp = build_model(ModelSpec("mobilenet_v3_small", "none", [8], 0.0, 3), load_pretrained=False)
+        unfreeze_last(model.backbone, 1)
+        before = set(os.listdir(_cache / "onnx"))
+        assert plans.onnx_prefix(model, pp, _cfg(image_folder, "."), torch.device("cpu"), print) is not None
+        models.append((model, pp, (set(os.listdir(_cache / "onnx")) - before).pop()))
+    (model, pp, mine), (_, _, other) = models
+    os.replace(_cache / "onnx" / other, _cache / "onnx" / mine)  # a valid ONNX file, of another network
+    lines = []
+    assert plans.onnx_prefix(model, pp, _cfg(image_folder, "."), torch.device("cpu"), lines.append) is None
+    assert len(lines) == 1 and lines[0].startswith(f"warning: {_cache / 'onnx'}: the export of the frozen stages gives")
+    assert "-*.onnx to export them again; the frozen stages run in torch" in lines[0]
+
+
 def test_finetune_run_end_to_end(image_folder, tmp_path):
     result = trainer.train(_cfg(image_folder, tmp_path, unfreeze=1, epochs=2, label_smoothing=0.1),
                           log=lambda s: None)

@@ -67,10 +67,18 @@ class WorkingCopies:
         return img.format == "JPEG" and img.mode == "RGB" and min(img.size) == self.short \
             and not size_problem(*img.size)
 
+    @staticmethod
+    def _open(path: str) -> Image.Image:
+        """The copy at `path` opened lazily; anything but a regular file counts as missing (opening a FIFO to read
+        blocks until something writes to it: an epoch would wait forever)."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(path)
+        return open_image(path)
+
     def _read(self, path: str) -> Image.Image | None:
         """The copy at `path` as RGB, or None when it is missing or does not read back whole at the working size."""
         try:  # written by us, but a cache file can be anything by now: any failure means "make it again"
-            with open_image(path) as img:
+            with self._open(path) as img:
                 if not self._fits(img):
                     return None
                 img.load()  # a truncated file raises here
@@ -85,7 +93,7 @@ class WorkingCopies:
         (A copy that turns out truncated only as it decodes has drawn its crop already: that image gets another one.)
         """
         try:  # as in _read: any failure means "make it again"
-            with open_image(self.path(i)) as img:
+            with self._open(self.path(i)) as img:
                 if self._fits(img):
                     return transform.from_jpeg(img)  # a truncated file raises as it decodes
         except Exception:  # missing (OSError) included

@@ -37,14 +37,19 @@ class Prefix:
 @contextlib.contextmanager
 def _skipped(layers: list[nn.Module], given: torch.Tensor):
     """Each of `layers` returns `given` instead of computing (an instance attribute shadows the class's forward;
-    the module, its weights and its state_dict stay as they are)."""
+    the module, its weights and its state_dict stay as they are; a layer's own instance forward, a wrapper some
+    library set, is put back)."""
+    own = [vars(layer).get("forward") for layer in layers]
     for layer in layers:
         layer.forward = lambda *args, **kwargs: given
     try:
         yield
     finally:
-        for layer in layers:
-            del layer.forward
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
 
 
 def _chain(backbone: nn.Module, layers: list[nn.Module], example: torch.Tensor) -> tuple[torch.Tensor, list]:

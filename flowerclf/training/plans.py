@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -25,6 +26,7 @@ from flowerclf.data.transforms import create_transform
 from flowerclf.features.copies import working_copies
 from flowerclf.features.engines import onnx_forward, state_fingerprint
 from flowerclf.features.passes import FeaturePass, head_logits
+from flowerclf.features.store import store_dir
 from flowerclf.models.prefix import Prefix, frozen_prefix
 from flowerclf.models.stages import unfreeze_last
 from flowerclf.runtime import ddp
@@ -148,12 +150,42 @@ class OnnxPrefix:
 
     def __init__(self, model: nn.Sequential, prefix: Prefix, arch: str, crop_size: int, batch_size: int):
         self.model, self.prefix, self.batch_size, self.forward = model, prefix, batch_size, None
-        self.key = (prefix.layers, f"{arch}-prefix{len(prefix.layers)}", crop_size, state_fingerprint(prefix.layers))
-        self._open().close()  # the export (once per weights, kept beside the pass's), outside epoch 1
+        self.name, self.crop_size, self.checked = f"{arch}-prefix{len(prefix.layers)}", crop_size, None
+        self._open().close()  # the export (once per weights, kept beside the pass's) and its check, outside epoch 1
+
+    def _check(self, forward) -> None:
+        """The session gives the frozen layers' own output on an example: a cached file that loads may still be
+        another network's (a copy from elsewhere, a damaged store), and would train the rest on wrong inputs."""
+        example = torch.randn(2, 3, self.crop_size, self.crop_size, generator=torch.Generator().manual_seed(0))
+        modes = {m: m.training for m in self.prefix.layers.modules()}
+        try:
+            with torch.no_grad():
+                want = self.prefix.layers.eval()(example)
+        finally:
+            for module, training in modes.items():
+                module.train(training)
+        got = forward(example)
+        if got.shape != want.shape or not torch.isfinite(got).all() \
+                or (got - want).abs().max() > 1e-3 * want.abs().max():
+            folder = os.path.join(store_dir(), "onnx")
+            raise FlowerclfError(f"{folder}: the export of the frozen stages gives other outputs than they do (a "
+                                 f"damaged store, or a faulty export); delete {os.path.join(folder, self.name)}-*.onnx "
+                                 f"to export them again")
 
     def _open(self):
+        """A session on the frozen layers' weights as they are now (--resume loads its state after the plan is
+        made), checked once per weights."""
+        fingerprint = state_fingerprint(self.prefix.layers)
         with torch.random.fork_rng(devices=[]):  # an export draws random inputs: training keeps its own stream
-            return onnx_forward(*self.key)
+            forward = onnx_forward(self.prefix.layers, self.name, self.crop_size, fingerprint)
+        if fingerprint != self.checked:
+            try:
+                self._check(forward)
+            except BaseException:
+                forward.close()
+                raise
+            self.checked = fingerprint
+        return forward
 
     @contextlib.contextmanager
     def epoch(self):
@@ -184,6 +216,9 @@ def onnx_prefix(model, preprocess, cfg, device, log) -> OnnxPrefix | None:
     try:
         runner = OnnxPrefix(model, prefix, cfg.arch, preprocess.crop_size,
                             resolve_feature_batch_size(cfg.feature_batch_size, device))
+    except FlowerclfError as e:  # a wrong cached export: its fix, in full
+        log(f"warning: {e}; the frozen stages run in torch")
+        return None
     except Exception as e:  # exporter and runtime failures are many; every one means "use torch"
         log(f"ONNX Runtime unavailable for the frozen stages ({brief(e, 150)}); they run in torch")
         return None
