@@ -100,7 +100,8 @@ MAX_DECODE_PIXELS = 256_000_000
 # draft and the draft shrinks it at least 2x a side): nvjpeg would decode every pixel only to resize most away.
 # UNMEASURED: no GPU was at hand. Chosen conservatively, so only phone-camera photos (8 MP and up) move: on the
 # 2-core CPU a 12 MP photo draft-decodes at ~62 img/s per core (14x its full decode; 60 img/s under draft2's
-# 1/4 scale), while 5 MP ones gained only 1.6x. Measure nvjpeg against it with benchmarks/bench_photos.py on a CUDA machine before lowering it.
+# 1/4 scale), while 5 MP ones gained only 1.6x. Measure nvjpeg against it with benchmarks/bench_photos.py on a
+# CUDA machine before lowering it.
 DRAFT_IN_WORKER_PIXELS = 8_000_000
 _said_pil_for_memory = False  # the PIL fallback for lack of GPU memory is said once a process
 # PIL's ImageOps.exif_transpose, as tensor ops on (C, H, W)
