@@ -1,4 +1,4 @@
-"""Show or clear what runs keep for you: the feature store (backbone features) and fine-tuning's photo copies.
+"""Show or clear what runs keep for you: the feature store (backbone features), photo copies and data audits.
 
 usage: python cache.py info | clear [--arch ARCH]
 """
@@ -14,10 +14,11 @@ from flowerclf.base import cli
 EXAMPLES = """examples:
   python cache.py info                          # entries and size per backbone, and where the store is
   python cache.py clear --arch densenet121      # forget densenet121's features only
-  python cache.py clear                         # forget every feature, remembered file hash and copy
+  python cache.py clear                         # forget every feature, remembered file hash, copy and audit
 
 The store is FLOWERCLF_STORE/features.sqlite (default ~/.cache/flowerclf/features.sqlite), the copies are
-in FLOWERCLF_STORE/copies/. A cleared feature or copy is made again the next time a run needs it.
+in FLOWERCLF_STORE/copies/, the data audits' label suspects (reused by a rerun on the same features and labels)
+in FLOWERCLF_STORE/audit/. A cleared feature, copy or audit is made again the next time a run needs it.
 """
 
 
@@ -25,8 +26,8 @@ def build_parser() -> cli.ArgumentParser:
     """The command-line interface of cache.py."""
     p = cli.ArgumentParser("cache.py", __doc__, EXAMPLES)
     p.add_argument("command", choices=("info", "clear"),
-                   help="info: entries and size per backbone, and the working copies; clear: delete entries "
-                        "and shrink the file, and (without --arch) delete the copies")
+                   help="info: entries and size per backbone, the working copies and the kept audits; clear: "
+                        "delete entries and shrink the file, and (without --arch) delete the copies and audits")
     p.add_argument("--arch", help="only this backbone's entries, e.g. efficientnet_lite0 (default: all)")
     return p
 
@@ -36,6 +37,7 @@ def run(args: argparse.Namespace) -> None:
     import sqlite3
 
     from flowerclf.base.errors import FlowerclfError
+    from flowerclf.evaluation import audit_cache
     from flowerclf.features import store, upkeep
 
     path = store.default_path()
@@ -45,6 +47,11 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "info" and copies:
         print(f"{upkeep.copies_dir()}: {copies:,} working copies of large photos, {size / 2 ** 20:,.1f} MiB on disk "
               f"({size / copies / 2 ** 10:,.0f} KiB each)")
+    audits, audit_bytes = audit_cache.summary()
+    if args.command == "clear" and not args.arch and audits:
+        print(f"deleted {audit_cache.clear():,} kept data audits ({audit_bytes / 2 ** 10:,.1f} KiB)")
+    elif args.command == "info" and audits:
+        print(f"{audit_cache.cache_dir()}: {audits:,} data audits kept for reruns, {audit_bytes / 2 ** 10:,.1f} KiB")
     if not os.path.exists(path):
         print(f"no feature store yet at {path}")
         return

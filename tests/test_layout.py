@@ -15,7 +15,7 @@ LAYERS = ["base", "runtime", "data", "models", "features", "evaluation", "traini
 TORCH_FREE = ["flowerclf.base.cli", "flowerclf.base.errors", "flowerclf.base.files", "flowerclf.base.progress",
               "flowerclf.base.runfiles", "flowerclf.base.schema", "flowerclf.data.folders", "flowerclf.data.layout",
               "flowerclf.data.images", "flowerclf.data.transforms", "flowerclf.models.names", "flowerclf.models.onnx",
-              "flowerclf.features.store", "flowerclf.features.upkeep",
+              "flowerclf.features.store", "flowerclf.features.upkeep", "flowerclf.evaluation.audit_cache",
               "flowerclf.training.config", "flowerclf.training.rundir", "flowerclf.training.preflight",
               "flowerclf.evaluation.metrics", "flowerclf.evaluation.plots", "flowerclf.serving.predictor",
               "flowerclf.serving.app", "flowerclf.serving.table", "flowerclf.serving.page", "flowerclf.serving.figure",

@@ -17,6 +17,7 @@ import torch
 
 from flowerclf.base.errors import FlowerclfError
 from flowerclf.base.files import atomic_write
+from flowerclf.evaluation import audit_cache
 from flowerclf.evaluation.duplicates import content_digests, duplicates_report
 from flowerclf.evaluation.html import _e, _photo
 from flowerclf.features.store import open_store
@@ -142,27 +143,46 @@ def label_suspects(probs: np.ndarray, labels: np.ndarray) -> list[int]:
     return [int(i) for i in find_label_issues(labels, probs, return_indices_ranked_by="self_confidence", n_jobs=1)]
 
 
+def label_audit(features: Sequence[np.ndarray], labels: np.ndarray, classes: int, folds: int = FOLDS) -> dict:
+    """{"weight_decay", "log_loss", "suspects": [[row, likely class, its probability, the given label's], ...]},
+    most likely wrong first: cleanlab on the out-of-fold probabilities of each backbone's features (one array per
+    backbone), averaged over the backbones when there are several (a weight decay chosen for each)."""
+    chosen = [chosen_probabilities(x, labels, classes, folds) for x in features]
+    probs = np.mean([p for p, _, _ in chosen], 0)
+    return {"weight_decay": chosen[0][1] if len(chosen) == 1 else [wd for _, wd, _ in chosen],
+            "log_loss": round(log_loss(probs, labels), 4),
+            "suspects": [[r, int(probs[r].argmax()), float(probs[r].max()), float(probs[r, labels[r]])]
+                         for r in label_suspects(probs, labels)]}
+
+
 def audit(entries: list[dict], features: np.ndarray, labels: np.ndarray, classes: list[str],
-          names: dict[str, str] | None = None, store=None, folds: int = FOLDS) -> dict:
+          names: dict[str, str] | None = None, store=None, folds: int = FOLDS,
+          more_features: Sequence[np.ndarray] = (), warn: Callable[[str], None] = print) -> dict:
     """The audit of a data set's photos.
 
     `entries` are {"path", "split", "class"} for every photo (train, valid, test), `features` and `labels`
-    their rows; labels are audited on train and valid, copies looked for among all of them.
+    their rows, `more_features` other backbones' features of the same rows; labels are audited on train and
+    valid, copies looked for among all of them (by `features`). With a `store`, a label audit of the same
+    features and labels is reused from FLOWERCLF_STORE/audit (audit_cache).
     """
     names = names or {}
     labels = np.asarray(labels)
     audited = np.array([e["split"] in ("train", "valid") for e in entries])
     rows = np.flatnonzero(audited)
-    probs, weight_decay, loss = chosen_probabilities(features[rows], labels[rows], len(classes), folds)
+    views = [x[rows] for x in (features, *more_features)]
+    key = audit_cache.audit_key(views, labels[rows], folds, WEIGHT_DECAYS) if store is not None else None
+    found = audit_cache.load(key, len(rows), len(classes), WEIGHT_DECAYS) if key else None
+    reused = found is not None
+    if not reused:
+        found = label_audit(views, labels[rows], len(classes), folds)
+        if key:
+            audit_cache.save(key, found, warn)
     name = lambda i: names.get(classes[i], classes[i])  # noqa: E731
-    suspects = []
-    for r in label_suspects(probs, labels[rows]):
-        row, likely = rows[r], int(probs[r].argmax())
-        suspects.append({**entries[row], "given": name(labels[row]), "likely": name(likely),
-                         "confidence": float(probs[r, likely]), "given_probability": float(probs[r, labels[row]])})
+    suspects = [{**entries[rows[r]], "given": name(labels[rows[r]]), "likely": name(likely), "confidence": confidence,
+                 "given_probability": given} for r, likely, confidence, given in found["suspects"]]
     digests = content_digests([e["path"] for e in entries], store)
-    return {"audited": int(len(rows)), "folds": folds, "weight_decay": weight_decay, "log_loss": round(loss, 4),
-            "suspects": suspects,
+    return {"audited": int(len(rows)), "folds": folds, "weight_decay": found["weight_decay"],
+            "log_loss": found["log_loss"], "reused": reused, "suspects": suspects,
             "duplicates": duplicates_report(entries, digests, features)}
 
 
@@ -211,16 +231,18 @@ def entries_of(splits: dict, classes: Sequence[str]) -> list[dict]:
 
 
 def audit_features(splits: dict, feats: dict, classes: Sequence[str], names: dict[str, str] | None, use_store: bool,
-                   log: Callable[[str], None]) -> dict:
+                   log: Callable[[str], None], more_feats: Sequence[dict] = ()) -> dict:
     """audit() of a frozen run: `feats` are its (features, labels) per split; "SPLIT plain" ones, when training
-    used augmented views instead, are the center-crop features. Digests come from the feature store if used."""
+    used augmented views instead, are the center-crop features; `more_feats` other backbones' as `feats`.
+    Digests come from the feature store if used."""
     started = time.perf_counter()
-    parts = [feats.get(f"{name} plain", feats[name]) for name in splits]
-    x = np.concatenate([f.numpy() for f, _ in parts])
-    y = np.concatenate([labels.numpy() for _, labels in parts])
+    stacked = [np.concatenate([f.get(f"{name} plain", f[name])[0].numpy() for name in splits])
+               for f in (feats, *more_feats)]
+    y = np.concatenate([feats.get(f"{name} plain", feats[name])[1].numpy() for name in splits])
     store = open_store(log) if use_store else None
     try:
-        result = audit(entries_of(splits, classes), x, y, list(classes), names, store)
+        result = audit(entries_of(splits, classes), stacked[0], y, list(classes), names, store,
+                       more_features=stacked[1:], warn=log)
     finally:
         if store is not None:
             store.close()
@@ -228,11 +250,12 @@ def audit_features(splits: dict, feats: dict, classes: Sequence[str], names: dic
     return result
 
 
-def audit_folder(splits: dict, arch: str, weights: str, names: dict[str, str] | None, device: str = "auto",
+def audit_folder(splits: dict, archs: Sequence[tuple[str, str]], names: dict[str, str] | None, device: str = "auto",
                  gpu: bool = False, engine: str = "auto", feature_batch_size: int = 0, num_workers: int | str = "auto",
                  use_store: bool = True, log: Callable[[str], None] = print) -> dict:
-    """audit_features() of a data set on its own (audit.py): the center-crop features of every split, from the
-    feature store, the missing ones computed (with a progress line) and stored as a frozen train.py run does."""
+    """audit_features() of a data set on its own (audit.py) by each (arch, weights) of `archs`: the center-crop
+    features of every split, from the feature store, the missing ones computed (with a progress line) and stored
+    as a frozen train.py run does; several backbones' out-of-fold probabilities are averaged."""
     from flowerclf.data.folders import class_names
     from flowerclf.data.images import typical_pixels
     from flowerclf.features.passes import FeaturePass
@@ -241,13 +264,14 @@ def audit_folder(splits: dict, arch: str, weights: str, names: dict[str, str] | 
 
     classes = class_names(splits["train"].class_to_idx)
     dev = resolve_device(device, gpu)
-    weights = resolve_weights(arch, weights).spec  # the name train.py keys the store with: its vectors are reused
-    model, preprocess = build_model(ModelSpec(arch, weights, [], 0.0, len(classes)))
-    freeze(model.backbone)
-    model.to(dev)
-    with FeaturePass(model.backbone, arch, weights, preprocess, engine, dev, False,
-                     resolve_feature_batch_size(feature_batch_size, dev),
-                     resolve_num_workers(num_workers, dev, typical_pixels(splits["train"].files)),
-                     use_store, log) as passes:
-        feats = {name: passes.features(images, name) for name, images in splits.items()}
-    return audit_features(splits, feats, classes, names, use_store, log)
+    workers = resolve_num_workers(num_workers, dev, typical_pixels(splits["train"].files))
+    feats = []
+    for arch, weights in archs:
+        weights = resolve_weights(arch, weights).spec  # the name train.py keys the store with: its vectors are reused
+        model, preprocess = build_model(ModelSpec(arch, weights, [], 0.0, len(classes)))
+        freeze(model.backbone)
+        model.to(dev)
+        with FeaturePass(model.backbone, arch, weights, preprocess, engine, dev, False,
+                         resolve_feature_batch_size(feature_batch_size, dev), workers, use_store, log) as passes:
+            feats.append({name: passes.features(images, name) for name, images in splits.items()})
+    return audit_features(splits, feats[0], classes, names, use_store, log, feats[1:])
