@@ -314,9 +314,22 @@ def test_audit_py_audits_a_folder_alone_and_its_bad_flags_are_one_line(tmp_path)
                          f"photos also in train; see {save / 'audit.json'}")
     code, out, err = _main(audit_script, [data, "--save_dir", str(save)] + lite0)  # the store has them all now
     assert code == 0 and "features train: 30 cached, 0 computed" in out.splitlines(), err
-    assert json.loads((save / "audit.json").read_text())["suspects"] == result["suspects"]
+    again = json.loads((save / "audit.json").read_text())
+    assert again["suspects"] == result["suspects"] and again["reused"] and not result["reused"]
+    # two backbones: lite0's stored features and lite2's computed, their heads averaged; copies by lite0's
+    code, out, err = _main(audit_script, [data, "--save_dir", str(save), "--arch", "efficientnet_lite0",
+                                          "efficientnet_lite2", "--weights", "DEFAULT"])
+    assert code == 0, err
+    both = json.loads((save / "audit.json").read_text())
+    assert not both["reused"] and len(both["weight_decay"]) == 2 and both["duplicates"] == result["duplicates"]
+    assert "1_moved.png" in [os.path.basename(s["path"]) for s in both["suspects"]][:4]
+    assert "features train: 30 cached, 0 computed" in out.splitlines()
+    assert "features train: 0 cached, 30 computed" in out.splitlines()
 
     for argv, says in [([data, "--arch", "resnet5"], "unknown --arch 'resnet5'"),
+                       ([data, "--arch", "efficientnet_lite0", "resnet5"], "unknown --arch 'resnet5'"),
+                       ([data, "--arch", "efficientnet_lite0", "efficientnet_lite2", "--weights", "DEFAULT",
+                         "DEFAULT", "none"], "--weights: give one for every --arch (2) or one for all, not 3"),
                        ([str(tmp_path / "none")], "does not exist"),
                        ([data, "--save_dir", os.path.join(data, "train", "x")], "is inside"),
                        ([data, "--valid_split", "2"], "--valid_split must be in [0, 1)"),

