@@ -5,6 +5,7 @@ usage: python train.py DATA_DIR [--arch densenet121] [--epochs 10] [--save_dir D
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -177,12 +178,21 @@ def run(args: argparse.Namespace) -> None:
         print(cli.printable(check_data(cfg)))  # paths and file names are anyone's text
         return
     splits = preflight(cfg)  # a typo or a wrong folder fails here, before torch's seconds of imports
+    # a frozen run's audit (rank 0's): its cleanlab imports in another process while this one imports torch
+    audits = cfg.audit and not cfg.unfreeze and os.environ.get("RANK", "0") == "0"
+    from flowerclf.evaluation.ranker import Ranker
+    with Ranker() if audits else contextlib.nullcontext() as ranker:
+        _train(cfg, splits, ranker)
 
+
+def _train(cfg, splits: dict, ranker) -> None:
+    """trainer.train(), its CUDA out-of-memory error as one line."""
+    from flowerclf.base.errors import FlowerclfError
     import torch
 
     from flowerclf.training.trainer import train
     try:
-        train(cfg, log=lambda line: print(cli.printable(line), flush=True), splits=splits)
+        train(cfg, log=lambda line: print(cli.printable(line), flush=True), splits=splits, ranker=ranker)
     except torch.cuda.OutOfMemoryError:
         raise FlowerclfError(
             f"CUDA out of memory at --batch_size {cfg.batch_size} (feature batch {cfg.feature_batch_size or 'auto'}); "

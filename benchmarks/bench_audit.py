@@ -1,16 +1,23 @@
-"""Planted label errors: how many the audit finds, and what it adds to a frozen run's wall time.
+"""Planted label errors: how many the audit finds, and what it adds to a frozen run's wall time, cold and warm.
 
-usage: python benchmarks/bench_audit.py DATA_DIR [--arch efficientnet_lite0] [--share 0.05] [--seeds 10] [--runs 1]
+usage: python benchmarks/bench_audit.py DATA_DIR [--arch efficientnet_lite0] [--second efficientnet_lite2]
+                                        [--share 0.05] [--seeds 10] [--runs 3] [--cold_runs 2]
 
-1. A copy of DATA_DIR in a temp dir with `--share` of its training photos moved to a wrong class (seed 0);
-   `train.py COPY --arch A --epochs 10` on it, `--runs` times with the audit and as many with --no_audit
-   (after one warm-up run that hashes the copy's paths), alternating: the wall times, their medians and the
-   median of each round's difference (the two runs of a round are neighbours in time, so a load that comes and
-   goes moves both); the planted photos among audit.json's top 2x-planted suspects (recall, precision) and the
-   audit's own seconds.
-2. On the stored features of DATA_DIR itself, plantings with seeds 0..`--seeds`-1 (the features do not
-   change with a photo's folder, only its label does): recall and precision within the top 2x planted of
-   the heads' weight decay chosen by out-of-fold log loss (the audit's) against the fixed 0.1 used before.
+1. A copy of DATA_DIR in a temp dir with `--share` of its training photos moved to a wrong class (seed 0), and a
+   feature store of its own (FLOWERCLF_STORE in the temp dir), so nothing of yours is read or changed:
+   - cold: `train.py COPY --arch A --epochs 10` on an empty store, with the audit and with --no_audit,
+     `--cold_runs` of each (alternating), each in a store of its own (the features computed, the backbone
+     exported): a user's first run;
+   - warm: `--runs` rounds of three runs on the store the cold runs filled, in an order that turns each round:
+     --no_audit, the audit computed (FLOWERCLF_STORE/audit emptied first: a rerun after labels changed), and the
+     audit reused (a rerun on the same photos and labels); the medians, and the median of each round's
+     difference from its --no_audit run (a round's runs are neighbours in time, so a load that comes and goes
+     moves them all);
+   - the planted photos among the top 2x-planted suspects of the run's audit.json (recall, precision), and of
+     `audit.py COPY --arch A SECOND` (two backbones, their heads averaged), with its wall time.
+2. On the store's features of the same photos, plantings with seeds 0..`--seeds`-1 (the features do not change
+   with a photo's folder, only its label does): recall and precision within the top 2x planted of A alone and of
+   A and SECOND averaged, as the audit ranks them.
 """
 from __future__ import annotations
 
@@ -64,16 +71,20 @@ def within_top(ranked: list, planted: set) -> tuple[float, float]:
     return hits / len(planted), hits / max(1, len(top))
 
 
-def train_run(copy: str, save: str, arch: str, audit_on: bool) -> float:
-    """Seconds of one `train.py COPY --arch A --epochs 10` run in a fresh process."""
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), copy, "--arch", arch, "--epochs", "10",
-           "--save_dir", save, "--overwrite"] + ([] if audit_on else ["--no_audit"])
+def timed(cmd: list[str], store: str) -> float:
+    """Seconds of one command in a fresh process with FLOWERCLF_STORE=store."""
     started = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, FLOWERCLF_STORE=store))
     seconds = time.perf_counter() - started
     if done.returncode:
-        sys.exit(f"error: train.py failed: {done.stderr.strip().splitlines()[-1:]}")
+        sys.exit(f"error: {os.path.basename(cmd[1])} failed: {done.stderr.strip().splitlines()[-1:]}")
     return seconds
+
+
+def train_cmd(copy: str, save: str, arch: str, audit_on: bool) -> list[str]:
+    """`train.py COPY --arch A --epochs 10`, with the audit or --no_audit."""
+    return [sys.executable, os.path.join(ROOT, "train.py"), copy, "--arch", arch, "--epochs", "10",
+            "--save_dir", save, "--overwrite"] + ([] if audit_on else ["--no_audit"])
 
 
 def stored_features(data_dir: str, arch: str) -> tuple[np.ndarray, np.ndarray, int]:
@@ -93,61 +104,91 @@ def stored_features(data_dir: str, arch: str) -> tuple[np.ndarray, np.ndarray, i
     return np.concatenate([f.numpy() for f, _ in parts]), np.concatenate([y.numpy() for _, y in parts]), classes
 
 
+def found(save: str, planted: set) -> tuple[float, float, dict]:
+    """(recall, precision, audit.json) of the audit in `save`."""
+    result = json.load(open(os.path.join(save, "audit.json")))
+    return (*within_top([os.path.realpath(s["path"]) for s in result["suspects"]], planted), result)
+
+
+def timings(copy: str, tmp: str, arch: str, runs: int, cold_runs: int) -> tuple[dict, dict]:
+    """Wall times of the cold and warm runs of part 1 by kind, and the audits' own seconds (audit.json's)."""
+    times = {k: [] for k in ("cold audit", "cold --no_audit", "--no_audit", "computed", "reused")}
+    own = {"cold audit": [], "computed": [], "reused": []}
+    for run in range(cold_runs):
+        for kind in ("cold audit", "cold --no_audit")[::1 if run % 2 == 0 else -1]:
+            save = os.path.join(tmp, kind.replace(" ", "_"))
+            times[kind].append(timed(train_cmd(copy, save, arch, kind == "cold audit"), f"{save}_store{run}"))
+            if kind == "cold audit":
+                own[kind].append(json.load(open(os.path.join(save, "audit.json")))["seconds"])
+    store = os.path.join(tmp, "cold_audit_store0")  # features, hashes, export and an audit: as after a first run
+    kinds = ["--no_audit", "computed", "reused"]
+    for run in range(runs):
+        for kind in kinds[run % 3:] + kinds[:run % 3]:
+            if kind == "computed":
+                shutil.rmtree(os.path.join(store, "audit"), ignore_errors=True)
+            elif kind == "reused" and not os.listdir(os.path.join(store, "audit")):
+                sys.exit("error: no audit kept in the warm store to reuse")  # the cold or computed run keeps one
+            times[kind].append(timed(train_cmd(copy, os.path.join(tmp, kind), arch, kind != "--no_audit"), store))
+            if kind in own:
+                own[kind].append(json.load(open(os.path.join(tmp, kind, "audit.json")))["seconds"])
+    return times, own
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("data_dir")
     p.add_argument("--arch", default="efficientnet_lite0")
+    p.add_argument("--second", default="efficientnet_lite2", help="audit.py's second backbone")
     p.add_argument("--share", type=float, default=0.05)
     p.add_argument("--seeds", type=int, default=10)
-    p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--cold_runs", type=int, default=2)
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         copy, planted = planted_copy(args.data_dir, tmp, args.share)
-        save = os.path.join(tmp, "run")
-        train_run(copy, save, args.arch, False)  # warm-up: the copy's paths hashed, the ONNX backbone exported
-        times, shares = {True: [], False: []}, []
-        for run in range(args.runs):
-            for audit_on in (True, False) if run % 2 == 0 else (False, True):  # neither always goes first
-                times[audit_on].append(train_run(copy, save + str(int(audit_on)), args.arch, audit_on))
-                if audit_on:
-                    result = json.load(open(os.path.join(save + "1", "audit.json")))
-                    shares.append(result["seconds"] / times[True][-1])
-        ranked = [os.path.realpath(s["path"]) for s in result["suspects"]]
-    recall, precision = within_top(ranked, planted)
-    with_, without = np.median(times[True]), np.median(times[False])
-    paired = np.median(np.array(times[True]) - np.array(times[False]))
-    print(f"planted copy: {len(planted)} of the training photos moved; audit.json: weight decay "
-          f"{result['weight_decay']}, {len(ranked)} suspects; top {2 * len(planted)}: recall {100 * recall:.1f}%, "
-          f"precision {100 * precision:.1f}%")
-    print(f"train.py --epochs 10, medians: {with_:.1f}s with the audit, {without:.1f}s with --no_audit "
-          f"({100 * (with_ / without - 1):+.1f}%; median difference in a round {paired:+.2f}s, "
-          f"{100 * paired / without:+.1f}%); the audit's own seconds: "
-          f"{', '.join(f'{100 * s:.1f}%' for s in shares)} of their runs; runs (s) "
-          f"{ {k: [round(t, 1) for t in v] for k, v in times.items()} }")
+        times, own = timings(copy, tmp, args.arch, args.runs, args.cold_runs)
+        recall, precision, result = found(os.path.join(tmp, "computed"), planted)
+        store = os.path.join(tmp, "cold_audit_store0")
+        both = [sys.executable, os.path.join(ROOT, "audit.py"), copy, "--arch", args.arch, args.second,
+                "--save_dir", os.path.join(tmp, "both")]
+        both_seconds = timed(both, store)
+        both_recall, both_precision, _ = found(os.path.join(tmp, "both"), planted)
+        os.environ["FLOWERCLF_STORE"] = store  # part 2 reads the same photos' features from this store
+        features = {arch: stored_features(args.data_dir, arch) for arch in (args.arch, args.second)}
 
-    x, labels, classes = stored_features(args.data_dir, args.arch)
+    n = 2 * len(planted)
+    print(f"planted copy: {len(planted)} of the training photos moved; top {n} of the suspects:")
+    print(f"  train.py's audit ({args.arch}): recall {100 * recall:.1f}%, precision {100 * precision:.1f}% "
+          f"({len(result['suspects'])} suspects, weight decay {result['weight_decay']})")
+    print(f"  audit.py --arch {args.arch} {args.second}: recall {100 * both_recall:.1f}%, precision "
+          f"{100 * both_precision:.1f}% ({both_seconds:.1f}s on a store with {args.arch}'s features)")
+    cold_with, cold_without = np.median(times["cold audit"]), np.median(times["cold --no_audit"])
+    print(f"train.py --epochs 10, cold store: median {cold_with:.1f}s with the audit, {cold_without:.1f}s with "
+          f"--no_audit ({100 * (cold_with / cold_without - 1):+.1f}%)")
+    base = np.array(times["--no_audit"])
+    for kind in ("computed", "reused"):
+        t = np.array(times[kind])
+        print(f"train.py --epochs 10, warm store, audit {kind}: median {np.median(t):.2f}s against --no_audit "
+              f"{np.median(base):.2f}s ({100 * (np.median(t) / np.median(base) - 1):+.1f}%; median difference in "
+              f"a round {np.median(t - base):+.2f}s, {100 * np.median(t - base) / np.median(base):+.1f}%)")
+    print(f"runs (s): { {k: [round(t, 2) for t in v] for k, v in times.items()} }; the audits' own seconds: {own}")
+
+    (x, labels, classes), (x2, labels2, _) = features[args.arch], features[args.second]
+    assert (labels == labels2).all()
     n_train = len(scan_data_dir(args.data_dir)["train"])
-    scores = {"fixed 0.1 (before)": [], "chosen by log loss (now)": []}
-    chosen, seconds = [], {"fixed 0.1 (before)": 0.0, "chosen by log loss (now)": 0.0}
+    scores = {args.arch: [], f"{args.arch} + {args.second}": []}
     for seed in range(args.seeds):
         given, moved = plant(labels[:n_train], classes, args.share, seed)
         y = np.concatenate([given, labels[n_train:]])
-        started = time.perf_counter()
-        before = audit.out_of_fold_probabilities(x, y, classes, weight_decay=0.1)
-        seconds["fixed 0.1 (before)"] += time.perf_counter() - started
-        started = time.perf_counter()
-        now, wd, _ = audit.chosen_probabilities(x, y, classes)
-        seconds["chosen by log loss (now)"] += time.perf_counter() - started
-        chosen.append(wd)
-        for name, probs in (("fixed 0.1 (before)", before), ("chosen by log loss (now)", now)):
-            scores[name].append(within_top(audit.label_suspects(probs, y), set(moved.tolist())))
-    for name, found in scores.items():
-        r, pr = np.array(found).T
-        print(f"{name:25s}: recall {100 * r.mean():.1f}% (min {100 * r.min():.1f}, max {100 * r.max():.1f}), "
-              f"precision {100 * pr.mean():.1f}% over seeds 0-{args.seeds - 1}; seed 0 recall {100 * r[0]:.1f}%; "
-              f"heads {seconds[name] / args.seeds:.2f}s a planting")
-    print(f"weight decays chosen: {chosen}")
+        for name, views in zip(scores, ([x], [x, x2])):
+            ranked = [r for r, *_ in audit.label_audit(views, y, classes)["suspects"]]
+            scores[name].append(within_top(ranked, set(moved.tolist())))
+    for name, hits in scores.items():
+        r, pr = np.array(hits).T
+        print(f"stored features, {name:40s}: recall {100 * r.mean():.1f}% (min {100 * r.min():.1f}, max "
+              f"{100 * r.max():.1f}), precision {100 * pr.mean():.1f}% over seeds 0-{args.seeds - 1}; seed 0: "
+              f"recall {100 * r[0]:.1f}%")
     return 0
 
 

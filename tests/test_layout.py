@@ -16,6 +16,7 @@ TORCH_FREE = ["flowerclf.base.cli", "flowerclf.base.errors", "flowerclf.base.fil
               "flowerclf.base.runfiles", "flowerclf.base.schema", "flowerclf.data.folders", "flowerclf.data.layout",
               "flowerclf.data.images", "flowerclf.data.transforms", "flowerclf.models.names", "flowerclf.models.onnx",
               "flowerclf.features.store", "flowerclf.features.upkeep", "flowerclf.evaluation.audit_cache",
+              "flowerclf.evaluation.ranker",
               "flowerclf.training.config", "flowerclf.training.rundir", "flowerclf.training.preflight",
               "flowerclf.evaluation.metrics", "flowerclf.evaluation.plots", "flowerclf.serving.predictor",
               "flowerclf.serving.app", "flowerclf.serving.table", "flowerclf.serving.page", "flowerclf.serving.figure",

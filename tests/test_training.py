@@ -16,6 +16,7 @@ from flowerclf.base.errors import FlowerclfError
 from flowerclf.data.folders import scan_data_dir
 from flowerclf.data.loaders import make_loader
 from flowerclf.data.transforms import create_transform
+from flowerclf.evaluation import audit
 from flowerclf.models.checkpoints import load_model
 from flowerclf.models.registry import ModelSpec, build_model
 from flowerclf.models.stages import backbone_stages, unfreeze_last
@@ -329,9 +330,31 @@ def test_a_broken_cleanlab_is_the_audits_one_error_line(image_folder, tmp_path, 
     import sys
 
     monkeypatch.setitem(sys.modules, "cleanlab.filter", None)  # imports as a missing or broken install does
-    code, out, err = _main(train, [image_folder, "--save_dir", str(tmp_path), "--epochs", "1"] + TINY)
+    broken = tmp_path / "site" / "cleanlab"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('broken on purpose')\n")
+    monkeypatch.setenv("PYTHONPATH", str(broken.parent))  # the same in the ranker's process
+    code, out, err = _main(train, [image_folder, "--save_dir", str(tmp_path / "run"), "--epochs", "1"] + TINY)
     line = one_error_line(code, err, expected_code=1)
     assert "the data audit needs cleanlab" in line and "--no_audit" in line
+
+
+def test_the_ranker_process_ranks_as_cleanlab_does_and_steps_aside_when_it_cannot(tmp_path, monkeypatch):
+    from flowerclf.evaluation.ranker import Ranker
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 200)
+    probs = rng.dirichlet(np.ones(4), 200)
+    expected = audit.label_suspects(probs, labels)  # in this process
+    with Ranker() as ranker:
+        assert ranker.rank(probs, labels) == expected and expected
+    assert ranker.child.poll() is not None  # ended
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    (tmp_path / "cleanlab").mkdir()
+    (tmp_path / "cleanlab" / "__init__.py").write_text("raise ImportError('no')\n")
+    with Ranker() as ranker:  # no cleanlab there: the work is left to this process
+        assert ranker.rank(probs, labels) is None
+        assert audit.label_suspects(probs, labels, ranker) == expected
 
 
 def test_patience_stops_early_and_keeps_the_best_checkpoint(image_folder, tmp_path, monkeypatch):

@@ -130,20 +130,24 @@ def chosen_probabilities(features: np.ndarray, labels: np.ndarray, classes: int,
     return probs, wd, log_loss(probs, labels)
 
 
-def label_suspects(probs: np.ndarray, labels: np.ndarray) -> list[int]:
-    """Rows whose given label looks wrong, most likely first (cleanlab, ranked by self-confidence)."""
+def label_suspects(probs: np.ndarray, labels: np.ndarray, ranker=None) -> list[int]:
+    """Rows whose given label looks wrong, most likely first (cleanlab, ranked by self-confidence): by `ranker`'s
+    process (flowerclf.evaluation.ranker) if it can, else here."""
+    if len(np.unique(labels)) < 2:
+        return []
+    ranked = ranker.rank(probs, labels) if ranker is not None else None
+    if ranked is not None:
+        return ranked
     try:
         from cleanlab.filter import find_label_issues
     except ImportError as e:  # a missing or broken install: the audit's own line, not a traceback
         raise FlowerclfError(f"the data audit needs cleanlab, which failed to import ({e}): pip install -r "
                              f"requirements.txt, or pass --no_audit", exit_code=1) from None
-
-    if len(np.unique(labels)) < 2:
-        return []
     return [int(i) for i in find_label_issues(labels, probs, return_indices_ranked_by="self_confidence", n_jobs=1)]
 
 
-def label_audit(features: Sequence[np.ndarray], labels: np.ndarray, classes: int, folds: int = FOLDS) -> dict:
+def label_audit(features: Sequence[np.ndarray], labels: np.ndarray, classes: int, folds: int = FOLDS,
+                ranker=None) -> dict:
     """{"weight_decay", "log_loss", "suspects": [[row, likely class, its probability, the given label's], ...]},
     most likely wrong first: cleanlab on the out-of-fold probabilities of each backbone's features (one array per
     backbone), averaged over the backbones when there are several (a weight decay chosen for each)."""
@@ -152,18 +156,18 @@ def label_audit(features: Sequence[np.ndarray], labels: np.ndarray, classes: int
     return {"weight_decay": chosen[0][1] if len(chosen) == 1 else [wd for _, wd, _ in chosen],
             "log_loss": round(log_loss(probs, labels), 4),
             "suspects": [[r, int(probs[r].argmax()), float(probs[r].max()), float(probs[r, labels[r]])]
-                         for r in label_suspects(probs, labels)]}
+                         for r in label_suspects(probs, labels, ranker)]}
 
 
 def audit(entries: list[dict], features: np.ndarray, labels: np.ndarray, classes: list[str],
           names: dict[str, str] | None = None, store=None, folds: int = FOLDS,
-          more_features: Sequence[np.ndarray] = (), warn: Callable[[str], None] = print) -> dict:
+          more_features: Sequence[np.ndarray] = (), warn: Callable[[str], None] = print, ranker=None) -> dict:
     """The audit of a data set's photos.
 
     `entries` are {"path", "split", "class"} for every photo (train, valid, test), `features` and `labels`
     their rows, `more_features` other backbones' features of the same rows; labels are audited on train and
     valid, copies looked for among all of them (by `features`). With a `store`, a label audit of the same
-    features and labels is reused from FLOWERCLF_STORE/audit (audit_cache).
+    features and labels is reused from FLOWERCLF_STORE/audit (audit_cache); `ranker` as label_suspects'.
     """
     names = names or {}
     labels = np.asarray(labels)
@@ -174,7 +178,7 @@ def audit(entries: list[dict], features: np.ndarray, labels: np.ndarray, classes
     found = audit_cache.load(key, len(rows), len(classes), WEIGHT_DECAYS) if key else None
     reused = found is not None
     if not reused:
-        found = label_audit(views, labels[rows], len(classes), folds)
+        found = label_audit(views, labels[rows], len(classes), folds, ranker)
         if key:
             audit_cache.save(key, found, warn)
     name = lambda i: names.get(classes[i], classes[i])  # noqa: E731
@@ -231,7 +235,7 @@ def entries_of(splits: dict, classes: Sequence[str]) -> list[dict]:
 
 
 def audit_features(splits: dict, feats: dict, classes: Sequence[str], names: dict[str, str] | None, use_store: bool,
-                   log: Callable[[str], None], more_feats: Sequence[dict] = ()) -> dict:
+                   log: Callable[[str], None], more_feats: Sequence[dict] = (), ranker=None) -> dict:
     """audit() of a frozen run: `feats` are its (features, labels) per split; "SPLIT plain" ones, when training
     used augmented views instead, are the center-crop features; `more_feats` other backbones' as `feats`.
     Digests come from the feature store if used."""
@@ -242,7 +246,7 @@ def audit_features(splits: dict, feats: dict, classes: Sequence[str], names: dic
     store = open_store(log) if use_store else None
     try:
         result = audit(entries_of(splits, classes), stacked[0], y, list(classes), names, store,
-                       more_features=stacked[1:], warn=log)
+                       more_features=stacked[1:], warn=log, ranker=ranker)
     finally:
         if store is not None:
             store.close()

@@ -167,10 +167,11 @@ def run_epochs(plan: Plan, run: Run) -> tuple[list, dict]:
     return history, best
 
 
-def train(cfg: TrainConfig, log: Callable[[str], None] = print, splits: dict | None = None) -> dict:
+def train(cfg: TrainConfig, log: Callable[[str], None] = print, splits: dict | None = None, ranker=None) -> dict:
     """Train a new head (and optionally the last backbone stages), save the best epoch; return the results.
 
-    `splits` are preflight(cfg)'s, when the caller (train.py) checked before importing torch.
+    `splits` are preflight(cfg)'s, when the caller (train.py) checked before importing torch; `ranker` a
+    flowerclf.evaluation.ranker.Ranker it started then, for the audit.
 
     checkpoint.pth is rewritten whenever validation accuracy improves and checkpoint_last.pth
     after every epoch (both atomically), so a crash or Ctrl-C loses at most the running epoch
@@ -180,10 +181,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, splits: dict | N
     torch.manual_seed(cfg.seed)  # the same on every rank: identical initial heads
     device = ddp.join(resolve_device(cfg.device, cfg.gpu), DIST_TIMEOUT_S)
     with ddp.peers_watched():
-        return _train(cfg, device, log, splits)
+        return _train(cfg, device, log, splits, ranker)
 
 
-def _train(cfg: TrainConfig, device: torch.device, log: Callable[[str], None], splits: dict | None) -> dict:
+def _train(cfg: TrainConfig, device: torch.device, log: Callable[[str], None], splits: dict | None,
+           ranker=None) -> dict:
     """train() on this rank's device: the data, the model, the checks, then the run in its save directory."""
     main = ddp.is_main()
     if not main:  # progress is rank 0's to print; a warning on any rank (a lost store) still reaches the user
@@ -220,10 +222,10 @@ def _train(cfg: TrainConfig, device: torch.device, log: Callable[[str], None], s
     board = Board(RunFiles(cfg.save_dir).tensorboard) if main else nullcontext()
     with claim as held, board as events:  # before the feature pass: a locked, unwritable or occupied save dir fails now
         return _fit(Run(model, spec, preprocess, class_to_idx, cfg, log, resume, held, split, events), splits, names,
-                    device)
+                    device, ranker)
 
 
-def _fit(run: Run, splits: dict, names: dict, device: torch.device) -> dict:
+def _fit(run: Run, splits: dict, names: dict, device: torch.device, ranker=None) -> dict:
     """The plan, the epochs, the test split, and the files a finished run leaves."""
     cfg, log, main = run.cfg, run.log, ddp.is_main()
     if cfg.unfreeze:  # a resumed fine-tune has its head (and epoch 0) in checkpoint_last.pth already
@@ -256,8 +258,8 @@ def _fit(run: Run, splits: dict, names: dict, device: torch.device) -> dict:
         return result
     log(f"saved {files.checkpoint} (epoch {best['epoch']}, valid acc {100 * best['acc']:.2f}%)")
     written = write_history(history, files)
-    audited = audit_features(splits, plan.features, class_names(run.class_to_idx), names, cfg.store, log) \
-        if cfg.audit and plan.features is not None else None
+    audited = audit_features(splits, plan.features, class_names(run.class_to_idx), names, cfg.store, log,
+                             ranker=ranker) if cfg.audit and plan.features is not None else None
     if audited is not None:
         written.append(write_audit(audited, files.audit))
     # the report is on test/, or on valid/ when there is none (and says so: valid chose the epoch and the temperature)
