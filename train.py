@@ -52,8 +52,8 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--list_stages", "--list-stages", action="store_true",
                    help="print the backbone stages of --arch, numbered as --unfreeze counts them, then exit")
     p.add_argument("--arch", default="densenet121",
-                   help="any torchvision classification model (e.g. resnet50, vit_b_16) or efficientnet_lite0, "
-                        "whose weights install with pip and work offline (default: %(default)s)")
+                   help="any torchvision classification model (e.g. resnet50, vit_b_16), efficientnet_lite0 or "
+                        "efficientnet_lite2, whose weights install with pip and work offline (default: %(default)s)")
     p.add_argument("--weights", default="DEFAULT",
                    help="DEFAULT (the arch's best ImageNet weights), a torchvision weight name such as "
                         "IMAGENET1K_V1, a path to a local .pth state dict, or none for random init "
