@@ -68,6 +68,9 @@ def run(args: argparse.Namespace) -> None:
     if len(args.weights) not in (1, len(args.arch)):
         raise FlowerclfError(f"--weights: give one for every --arch ({len(args.arch)}) or one for all, not "
                              f"{len(args.weights)} (see audit.py --help)")
+    twice = sorted({a for a in args.arch if args.arch.count(a) > 1})
+    if twice:
+        raise FlowerclfError(f"--arch names {', '.join(twice)} twice: give each backbone once (see audit.py --help)")
     weights = args.weights * len(args.arch) if len(args.weights) == 1 else args.weights
     # train.py's own checks (arch names, save dir outside the data, the splits, the names), before torch loads
     cfgs = [TrainConfig(args.data_dir, args.save_dir, arch, w, device=args.device, gpu=args.gpu, seed=args.seed,

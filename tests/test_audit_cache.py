@@ -87,6 +87,18 @@ def test_a_damaged_or_foreign_audit_file_is_audited_again_and_replaced(counted, 
     assert _audit(entries, x, labels)["reused"]  # replaced by a good one
 
 
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero"])
+def test_an_audit_path_that_is_no_file_is_audited_again_without_hanging(counted, kind):
+    entries, x, labels = _data()
+    _audit(entries, x, labels)
+    (name,) = _files()
+    path = os.path.join(audit_cache.cache_dir(), name)
+    os.remove(path)
+    os.mkfifo(path) if kind == "fifo" else os.symlink("/dev/zero", path)
+    assert not _audit(entries, x, labels)["reused"] and len(counted) == 2
+    assert os.path.isfile(path) and not os.path.islink(path) and _audit(entries, x, labels)["reused"]
+
+
 def test_only_the_most_recently_used_audits_are_kept_and_nothing_else_is_touched(monkeypatch, counted):
     monkeypatch.setattr(audit_cache, "KEEP", 2)
     entries, x, labels = _data()

@@ -328,6 +328,7 @@ def test_audit_py_audits_a_folder_alone_and_its_bad_flags_are_one_line(tmp_path)
 
     for argv, says in [([data, "--arch", "resnet5"], "unknown --arch 'resnet5'"),
                        ([data, "--arch", "efficientnet_lite0", "resnet5"], "unknown --arch 'resnet5'"),
+                       ([data, "--arch", "efficientnet_lite0", "efficientnet_lite0"], "names efficientnet_lite0 twice"),
                        ([data, "--arch", "efficientnet_lite0", "efficientnet_lite2", "--weights", "DEFAULT",
                          "DEFAULT", "none"], "--weights: give one for every --arch (2) or one for all, not 3"),
                        ([str(tmp_path / "none")], "does not exist"),

@@ -349,6 +349,13 @@ def test_the_ranker_process_ranks_as_cleanlab_does_and_steps_aside_when_it_canno
     with Ranker() as ranker:
         assert ranker.rank(probs, labels) == expected and expected
     assert ranker.child.poll() is not None  # ended
+    cwd = tmp_path / "photos"  # a folder of someone else's files: nothing there runs in the child
+    cwd.mkdir()
+    (cwd / "numpy.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    monkeypatch.chdir(cwd)
+    with Ranker() as ranker:
+        assert ranker.rank(probs, labels) == expected
+    assert not (tmp_path / "ran").exists()
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     (tmp_path / "cleanlab").mkdir()
     (tmp_path / "cleanlab" / "__init__.py").write_text("raise ImportError('no')\n")

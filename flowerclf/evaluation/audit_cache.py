@@ -7,11 +7,13 @@ replaced; files whose names are not ours are never read or deleted. The KEEP mos
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import re
+import stat
 from importlib import metadata
 from typing import Callable, Sequence
 
@@ -74,11 +76,13 @@ def _valid(found, rows: int, classes: int, weight_decays: Sequence[float]) -> bo
 def load(key: str, rows: int, classes: int, weight_decays: Sequence[float]) -> dict | None:
     """The stored audit named `key`, or None: none stored, or one that fails its checks."""
     path = os.path.join(cache_dir(), key + ".json")
+    limit = _BYTES_PER_ROW * rows + 4096  # bounded by the audit, never by the file
     try:
-        if os.path.getsize(path) > _BYTES_PER_ROW * rows + 4096:  # bounded by the audit, never by the file
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:  # a FIFO or /dev/zero would never end
             return None
         with open(path, "rb") as f:
-            found = json.loads(f.read())
+            found = json.loads(f.read(limit + 1))
         os.utime(path)  # most recently used: kept longest
     except (OSError, ValueError):  # none, unreadable, not JSON or not UTF-8
         return None
@@ -91,31 +95,36 @@ def save(key: str, found: dict, warn: Callable[[str], None]) -> None:
     try:
         atomic_write(os.path.join(folder, key + ".json"), lambda f: f.write(json.dumps(found).encode()),
                      durable=False)  # a lost file is only an audit done again
-        ours = [e for e in os.scandir(folder) if NAME.fullmatch(e.name) and e.is_file(follow_symlinks=False)]
-        for e in sorted(ours, key=lambda e: e.stat(follow_symlinks=False).st_mtime_ns)[:-KEEP]:
-            os.remove(e.path)
     except OSError as e:
         warn(f"warning: could not keep the audit for reruns in {folder} ({e}); the next run audits again")
+        return
+    used = {}
+    for e in _ours():
+        with contextlib.suppress(FileNotFoundError):  # another run's pruning got there first
+            used[e.path] = e.stat(follow_symlinks=False).st_mtime_ns
+    for path in sorted(used, key=used.get)[:-KEEP]:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def _ours() -> list[os.DirEntry]:
+    """Our audit files in cache_dir() (none if it cannot be read)."""
+    try:
+        return [e for e in os.scandir(cache_dir()) if NAME.fullmatch(e.name) and e.is_file(follow_symlinks=False)]
+    except OSError:
+        return []
 
 
 def summary() -> tuple[int, int]:
     """(audit files, their bytes) in cache_dir()."""
-    try:
-        ours = [e for e in os.scandir(cache_dir()) if NAME.fullmatch(e.name) and e.is_file(follow_symlinks=False)]
-    except OSError:
-        return 0, 0
+    ours = _ours()
     return len(ours), sum(e.stat(follow_symlinks=False).st_size for e in ours)
 
 
 def clear() -> int:
     """Delete our audit files; return how many."""
-    count = 0
-    try:
-        entries = list(os.scandir(cache_dir()))
-    except OSError:
-        return 0
-    for e in entries:
-        if NAME.fullmatch(e.name) and e.is_file(follow_symlinks=False):
+    ours = _ours()
+    for e in ours:
+        with contextlib.suppress(FileNotFoundError):
             os.remove(e.path)
-            count += 1
-    return count
+    return len(ours)

@@ -17,7 +17,9 @@ RANK_WAIT_S = 600
 # the child: "R" once cleanlab imports ("E" and the error if not), then the ranked rows of the labels and
 # probabilities the parent writes to its stdin (an .npz, loaded without pickles), as an .npy on stdout
 _CHILD = r"""
-import io, os, sys
+import sys
+sys.path[:] = [p for p in sys.path if p]  # not the working directory: a numpy.py or cleanlab/ there is not ours
+import io, os
 import numpy as np
 try:
     from cleanlab.filter import find_label_issues
