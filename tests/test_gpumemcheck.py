@@ -78,7 +78,7 @@ def test_bad_arguments(capsys):
 
 
 def test_train_out_of_memory_hint(image_folder, monkeypatch, capsys):
-    def oom(cfg, log=print, splits=None):
+    def oom(cfg, log=print, splits=None, ranker=None):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     monkeypatch.setattr(trainer, "train", oom)
     assert train.main([image_folder, "--arch", "resnet50", "--batch_size", "256", "--unfreeze", "2"]) == 1
