@@ -316,15 +316,6 @@ def test_audit_py_audits_a_folder_alone_and_its_bad_flags_are_one_line(tmp_path)
     assert code == 0 and "features train: 30 cached, 0 computed" in out.splitlines(), err
     again = json.loads((save / "audit.json").read_text())
     assert again["suspects"] == result["suspects"] and again["reused"] and not result["reused"]
-    # two backbones: lite0's stored features and lite2's computed, their heads averaged; copies by lite0's
-    code, out, err = _main(audit_script, [data, "--save_dir", str(save), "--arch", "efficientnet_lite0",
-                                          "efficientnet_lite2", "--weights", "DEFAULT"])
-    assert code == 0, err
-    both = json.loads((save / "audit.json").read_text())
-    assert not both["reused"] and len(both["weight_decay"]) == 2 and both["duplicates"] == result["duplicates"]
-    assert "1_moved.png" in [os.path.basename(s["path"]) for s in both["suspects"]][:4]
-    assert "features train: 30 cached, 0 computed" in out.splitlines()
-    assert "features train: 0 cached, 30 computed" in out.splitlines()
 
     for argv, says in [([data, "--arch", "resnet5"], "unknown --arch 'resnet5'"),
                        ([data, "--arch", "efficientnet_lite0", "resnet5"], "unknown --arch 'resnet5'"),
@@ -338,6 +329,25 @@ def test_audit_py_audits_a_folder_alone_and_its_bad_flags_are_one_line(tmp_path)
         code, out, err = _main(audit_script, argv)
         assert says in one_error_line(code, err), argv
     assert not (tmp_path / "data" / "train" / "x").exists()
+
+
+@pytest.mark.slow
+def test_audit_py_averages_two_backbones_heads(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class={"train": 10, "valid": 4, "test": 3})
+    shutil.move(os.path.join(data, "train", "1", "1_9.png"), os.path.join(data, "train", "2", "1_moved.png"))
+    save, lite0 = tmp_path / "out", ["--arch", "efficientnet_lite0"]
+    assert _main(audit_script, [data, "--save_dir", str(save)] + lite0)[0] == 0
+    one = json.loads((save / "audit.json").read_text())
+    # lite0's features from the store, lite2's computed; their heads averaged, copies looked for by lite0's
+    code, out, err = _main(audit_script, [data, "--save_dir", str(save), "--arch", "efficientnet_lite0",
+                                          "efficientnet_lite2", "--weights", "DEFAULT"])
+    assert code == 0, err
+    both = json.loads((save / "audit.json").read_text())
+    assert not both["reused"] and len(both["weight_decay"]) == 2 and both["duplicates"] == one["duplicates"]
+    assert both["log_loss"] != one["log_loss"]
+    assert "1_moved.png" in [os.path.basename(s["path"]) for s in both["suspects"]][:4]
+    assert "features train: 30 cached, 0 computed" in out.splitlines()
+    assert "features train: 0 cached, 30 computed" in out.splitlines()
 
 
 @pytest.mark.slow
