@@ -12,7 +12,8 @@ import os
 
 from flowerclf.base.errors import FlowerclfError
 
-OURS = ("efficientnet_lite0", "efficientnet_lite2")  # models/lite.py's EXTRA_ARCHS (tests/test_models.py keeps the two equal)
+# models/lite.py's EXTRA_ARCHS (tests/test_models.py keeps the two equal)
+OURS = ("efficientnet_lite0", "efficientnet_lite2")
 
 
 def _registered(path: str) -> list[str]:
