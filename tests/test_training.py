@@ -340,6 +340,8 @@ def test_a_broken_cleanlab_is_the_audits_one_error_line(image_folder, tmp_path, 
 
 
 def test_the_ranker_process_ranks_as_cleanlab_does_and_steps_aside_when_it_cannot(tmp_path, monkeypatch):
+    import sys
+
     from flowerclf.evaluation.ranker import Ranker
 
     rng = np.random.default_rng(0)
@@ -362,6 +364,9 @@ def test_the_ranker_process_ranks_as_cleanlab_does_and_steps_aside_when_it_canno
     with Ranker() as ranker:  # no cleanlab there: the work is left to this process
         assert ranker.rank(probs, labels) is None
         assert audit.label_suspects(probs, labels, ranker) == expected
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python"))
+    with Ranker() as ranker:  # no process to start: the same
+        assert ranker.child is None and audit.label_suspects(probs, labels, ranker) == expected
 
 
 def test_patience_stops_early_and_keeps_the_best_checkpoint(image_folder, tmp_path, monkeypatch):

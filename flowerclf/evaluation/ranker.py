@@ -42,11 +42,16 @@ class Ranker:
     """The child process; a context manager that ends it. rank() -> the ranked rows, or None (do it yourself)."""
 
     def __init__(self):
-        self.child = subprocess.Popen([sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=subprocess.DEVNULL)
+        try:
+            self.child = subprocess.Popen([sys.executable, "-c", _CHILD], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        except OSError:  # no interpreter to start (an embedded Python), no processes left: the run does it
+            self.child = None
 
     def rank(self, probs: np.ndarray, labels: np.ndarray) -> list[int] | None:
         """The rows find_label_issues ranks as label issues, most likely first; None if the child could not."""
+        if self.child is None:
+            return None
         sent = io.BytesIO()
         np.savez(sent, probs=np.asarray(probs, np.float64), labels=np.asarray(labels, np.int64))
         try:
@@ -61,6 +66,8 @@ class Ranker:
         return [int(i) for i in rows]
 
     def close(self) -> None:
+        if self.child is None:
+            return
         if self.child.poll() is None:
             self.child.kill()
         self.child.wait()
