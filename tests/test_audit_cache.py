@@ -138,3 +138,19 @@ def test_cache_py_shows_and_clears_the_kept_audits_only(capsys):
     assert cache.main(["clear"]) == 0
     assert "deleted 2 kept data audits" in capsys.readouterr().out
     assert _files() == ["readme.txt"]
+
+
+def test_large_sets_look_for_copies_after_the_heads_with_the_same_result(monkeypatch):
+    entries, x, labels = _data()
+    side_by_side = audit.audit(entries, x, labels, ["0", "1", "2"], store=_Store())
+    threads = []
+    real = audit.ThreadPoolExecutor.submit
+    monkeypatch.setattr(audit.ThreadPoolExecutor, "submit", lambda self, *a: threads.append(1) or real(self, *a))
+    monkeypatch.setattr(audit, "SIDE_BY_SIDE_BYTES", x.nbytes - 1)
+    audit_cache.clear()
+    after = audit.audit(entries, x, labels, ["0", "1", "2"], store=_Store())
+    assert not threads and not after["reused"]
+    assert {k: v for k, v in after.items() if k != "reused"} == {k: v for k, v in side_by_side.items() if k != "reused"}
+    monkeypatch.setattr(audit, "SIDE_BY_SIDE_BYTES", x.nbytes)
+    audit.audit(entries, x, labels, ["0", "1", "2"], store=_Store())
+    assert threads == [1]

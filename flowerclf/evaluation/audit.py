@@ -31,6 +31,7 @@ WEIGHT_DECAYS = (0.1, 0.3, 1.0)
 # L-BFGS stops when an iteration changes the loss by less (torch's default 1e-9): on 10 plantings in flowers5-dev
 # the same mean recall (64.4% against 64.2%) in 0.30 s of heads instead of 0.54 (bench_audit.py's plantings)
 TOLERANCE = 1e-5
+SIDE_BY_SIDE_BYTES = 2 ** 27  # features up to 128 MiB (26,000 x 1,280 floats): copies and heads side by side
 
 
 def _linear_head(x: torch.Tensor, y: torch.Tensor, classes: int, weight_decay: float) -> torch.nn.Linear:
@@ -184,14 +185,16 @@ def audit(entries: list[dict], features: np.ndarray, labels: np.ndarray, classes
     reused = found is not None
     digests = content_digests([e["path"] for e in entries], store)  # here: the store's connection is this thread's
     # the copies beside the heads: faiss, Pillow's decoder and the heads' tensor ops mostly run without the GIL
-    # (on flowers5-dev both take about 0.25 s)
+    # (on flowers5-dev both take about 0.25 s); on large sets one after the other, as their copies of the vectors
+    # add up (100,000 x 1,280: 52.6 s and a 4.2 GB peak side by side, 63.3 s and 3.1 GB one after the other)
     with ThreadPoolExecutor(1) as pool:
-        copies = pool.submit(duplicates_report, entries, digests, features)
+        copies = pool.submit(duplicates_report, entries, digests, features) \
+            if features.nbytes <= SIDE_BY_SIDE_BYTES else None
         if not reused:
             found = label_audit(views, labels[rows], len(classes), folds, ranker)
             if key:
                 audit_cache.save(key, found, warn)
-        duplicates = copies.result()
+        duplicates = copies.result() if copies else duplicates_report(entries, digests, features)
     name = lambda i: names.get(classes[i], classes[i])  # noqa: E731
     suspects = [{**entries[rows[r]], "given": name(labels[rows[r]]), "likely": name(likely), "confidence": confidence,
                  "given_probability": given} for r, likely, confidence, given in found["suspects"]]
