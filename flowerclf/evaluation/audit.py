@@ -252,9 +252,9 @@ def audit_features(splits: dict, feats: dict, classes: Sequence[str], names: dic
     used augmented views instead, are the center-crop features; `more_feats` other backbones' as `feats`.
     Digests come from the feature store if used."""
     started = time.perf_counter()
-    stacked = [np.concatenate([f.get(f"{name} plain", f[name])[0].numpy() for name in splits])
-               for f in (feats, *more_feats)]
-    y = np.concatenate([feats.get(f"{name} plain", feats[name])[1].numpy() for name in splits])
+    parts = [[f.get(f"{name} plain", f[name]) for name in splits] for f in (feats, *more_feats)]
+    stacked = [np.concatenate([x.numpy() for x, _ in p]) for p in parts]
+    y = np.concatenate([labels.numpy() for _, labels in parts[0]])
     store = open_store(log) if use_store else None
     try:
         result = audit(entries_of(splits, classes), stacked[0], y, list(classes), names, store,
